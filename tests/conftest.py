@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny seeded models and real images from installed packages (no network)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+CPU_PRESETS = ["vq-cpu", "fsq-cpu", "lfq-cpu", "bsq-cpu"]
+GPU_PRESETS = ["vqgan-f16-16k", "lfq-f16-256k", "fsq-f16-64k", "bsq-f16-18bit"]
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # shared 2-core machines: one thread is faster and repeatable
+    yield
+
+
+@pytest.fixture(scope="session")
+def photo_batch() -> torch.Tensor:
+    """Four real 32x32 photographs from scikit-image, [4, 3, 32, 32] in [-1, 1]."""
+    from skimage import data
+    from PIL import Image
+
+    images = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        pil = Image.fromarray(getattr(data, name)()).convert("RGB").resize((32, 32), Image.BICUBIC)
+        images.append(torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1))
+    return torch.stack(images).float() / 127.5 - 1

@@ -1,0 +1,17 @@
+"""vqar: discrete-token image generation. The public API, re-exported; nothing else."""
+
+from .quantizers import CodeStats, QuantizerConfig, QuantizerOutput, build_quantizer
+from .tokenizer import TokenizerConfig, TokenizerOutput, VQTokenizer, list_presets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CodeStats",
+    "QuantizerConfig",
+    "QuantizerOutput",
+    "TokenizerConfig",
+    "TokenizerOutput",
+    "VQTokenizer",
+    "build_quantizer",
+    "list_presets",
+]

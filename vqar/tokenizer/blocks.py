@@ -1,0 +1,158 @@
+"""Convolutional encoder and decoder of the VQGAN tokenizer.
+
+The architecture of taming-transformers (Esser et al. 2021), itself the DDPM U-Net's halves
+without skip connections: residual blocks with GroupNorm and SiLU, self-attention at chosen
+resolutions, strided-conv downsampling and nearest-neighbour upsampling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .configuration import TokenizerConfig
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    # 32 groups as in taming; narrow CPU models fall back to a divisor of their width.
+    return nn.GroupNorm(num_groups=math.gcd(32, channels), num_channels=channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions of a feature map, through SDPA."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three c) h w -> three b 1 (h w) c", three=3)
+        h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, H*W, C]
+        h = rearrange(h, "b 1 (h w) c -> b c h w", h=H, w=W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, as in taming: exact halving
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _level(in_channels: int, out_channels: int, num_blocks: int, attention: bool, dropout: float) -> nn.ModuleList:
+    layers = []
+    for i in range(num_blocks):
+        layers.append(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, dropout))
+        if attention:
+            layers.append(AttnBlock(out_channels))
+    return nn.ModuleList(layers)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, attention: bool, dropout: float):
+        super().__init__()
+        self.block1 = ResnetBlock(channels, channels, dropout)
+        self.attn = AttnBlock(channels) if attention else nn.Identity()
+        self.block2 = ResnetBlock(channels, channels, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block2(self.attn(self.block1(x)))
+
+
+class Encoder(nn.Module):
+    """Pixels [B, 3, H, W] -> latents [B, latent_channels, H/f, W/f]."""
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        widths = [config.channels * m for m in config.channel_multipliers]
+        self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.levels = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        in_width, resolution = widths[0], config.resolution
+        for i, width in enumerate(widths):
+            attention = resolution in config.attn_resolutions
+            self.levels.append(_level(in_width, width, config.num_res_blocks, attention, config.dropout))
+            last = i == len(widths) - 1
+            self.downsamples.append(nn.Identity() if last else Downsample(width))
+            in_width, resolution = width, resolution if last else resolution // 2
+        self.mid = MidBlock(in_width, config.mid_attention, config.dropout)
+        self.norm_out = group_norm(in_width)
+        self.conv_out = nn.Conv2d(in_width, config.latent_channels, 3, padding=1)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        h = self.conv_in(pixels)
+        for level, downsample in zip(self.levels, self.downsamples):
+            for layer in level:
+                h = layer(h)
+            h = downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latents [B, latent_channels, h, w] -> pixels [B, 3, h*f, w*f] (unbounded; ~[-1, 1])."""
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        widths = [config.channels * m for m in config.channel_multipliers]
+        resolution = config.resolution // config.downsample_factor
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)
+        self.mid = MidBlock(widths[-1], config.mid_attention, config.dropout)
+        self.levels = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        in_width = widths[-1]
+        for i, width in reversed(list(enumerate(widths))):
+            attention = resolution in config.attn_resolutions
+            # One block more than the encoder per level, as in taming's decoder.
+            self.levels.append(_level(in_width, width, config.num_res_blocks + 1, attention, config.dropout))
+            first = i == 0
+            self.upsamples.append(nn.Identity() if first else Upsample(width))
+            in_width, resolution = width, resolution if first else resolution * 2
+        self.norm_out = group_norm(in_width)
+        self.conv_out = nn.Conv2d(in_width, 3, 3, padding=1)
+
+    def forward(self, latents: Tensor) -> Tensor:
+        h = self.mid(self.conv_in(latents))
+        for level, upsample in zip(self.levels, self.upsamples):
+            for layer in level:
+                h = layer(h)
+            h = upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """The weight VQGAN's adaptive GAN weight differentiates against."""
+        return self.conv_out.weight

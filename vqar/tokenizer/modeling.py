@@ -1,0 +1,186 @@
+"""The stage-1 tokenizer: images <-> grids of discrete codes, as a Hugging Face model.
+
+`VQTokenizer` is a `PreTrainedModel`: `save_pretrained` writes `config.json` and
+`model.safetensors`, `from_pretrained` reads a local folder or a Hub id, `push_to_hub` uploads.
+Two departures from transformers' defaults keep a reload bit-identical:
+- the model is built eagerly, not on the meta device (vector-quantize-pytorch's FSQ reads its
+  levels back with `.item()` in its constructor, which a meta tensor cannot do), and the
+  quantizer's derived, unsaved buffers are recomputed after loading: transformers refills
+  them with uninitialised memory (transformers issue #48892);
+- loading is strict: a weight file with missing, unexpected or mis-shaped tensors is refused
+  with their names instead of being silently re-initialised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from ..quantizers import CodeStats, build_quantizer
+from .blocks import Decoder, Encoder
+from .configuration import TokenizerConfig
+from .presets import load_preset
+
+PIXEL_RANGE_TOLERANCE = 1e-3  # resampling and float error may overshoot [-1, 1] slightly
+
+
+@dataclass
+class TokenizerOutput(ModelOutput):
+    """What `VQTokenizer.forward` returns."""
+
+    reconstruction: Tensor | None = None  # [B, 3, H, W], ~[-1, 1]
+    indices: Tensor | None = None  # [B, h, w] long in [0, K)
+    bottleneck_loss: Tensor | None = None  # scalar, the quantizer's own weighted loss
+    code_stats: CodeStats | None = None  # per-batch codebook usage and perplexity
+
+
+class VQTokenizer(PreTrainedModel):
+    """VQGAN-style tokenizer: conv encoder -> VQ/FSQ/LFQ/BSQ bottleneck -> conv decoder.
+
+    >>> tokenizer = VQTokenizer.from_preset("fsq-cpu")
+    >>> indices = tokenizer.encode(images)      # [B, 3, H, W] in [-1, 1] -> [B, H/f, W/f]
+    >>> images = tokenizer.decode(indices)      # -> [B, 3, H, W]
+    """
+
+    config_class = TokenizerConfig
+    main_input_name = "pixel_values"
+    base_model_prefix = "tokenizer"
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__(config)
+        self.encoder = Encoder(config)
+        self.quantizer = build_quantizer(config.quantizer_config, dim=config.latent_channels)
+        self.decoder = Decoder(config)
+        self.post_init()
+
+    # -- Hugging Face plumbing --------------------------------------------------------------
+
+    @classmethod
+    def get_init_context(cls, dtype, is_quantized, _is_ds_init_called, allow_all_kernels=None):
+        contexts = super().get_init_context(dtype, is_quantized, _is_ds_init_called, allow_all_kernels)
+        return [c for c in contexts if not (isinstance(c, torch.device) and c.type == "meta")]
+
+    def _init_weights(self, module):
+        # Keep PyTorch's default init, as taming does (transformers' default is N(0, 0.02) for
+        # every conv). Loaded models have their quantizer buffers rebuilt in from_pretrained.
+        pass
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load from a folder or a Hub id, refusing weights that do not match the config."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+        if problems or info.get("error_msgs"):
+            raise ValueError(
+                f"weights in {pretrained_model_name_or_path} do not match its config.json: "
+                f"{problems or info['error_msgs']}"
+            )
+        model.quantizer.reset_derived_buffers()
+        return (model, info) if want_info else model
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> VQTokenizer:
+        """A freshly initialised tokenizer from a named preset in `tokenizers/`; see `list_presets()`."""
+        return cls(TokenizerConfig(**{**load_preset(name), **overrides}))
+
+    # -- sizes ------------------------------------------------------------------------------
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Tokens for one image at the training resolution."""
+        return self.config.grid_size**2
+
+    @property
+    def bits_per_image(self) -> float:
+        """Raw bits of one image's tokens: tokens_per_image * log2(codebook_size)."""
+        return self.tokens_per_image * math.log2(self.codebook_size)
+
+    # -- the model --------------------------------------------------------------------------
+
+    def forward(self, pixel_values: Tensor) -> TokenizerOutput:
+        """Reconstruct pixels [B, 3, H, W] in [-1, 1] through the bottleneck."""
+        self._check_pixels(pixel_values)
+        latents = self.encoder(pixel_values)
+        B, D, h, w = latents.shape
+        out = self.quantizer(rearrange(latents, "b d h w -> b (h w) d"))  # [B, N, D], N = h*w
+        quantized = rearrange(out.quantized, "b (h w) d -> b d h w", h=h, w=w)
+        return TokenizerOutput(
+            reconstruction=self.decoder(quantized.to(latents.dtype)),
+            indices=rearrange(out.indices, "b (h w) -> b h w", h=h, w=w),
+            bottleneck_loss=out.loss,
+            code_stats=out.code_stats,
+        )
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: Tensor) -> Tensor:
+        """Pixels [B, 3, H, W] in [-1, 1] -> indices [B, H/f, W/f] (long, in [0, codebook_size))."""
+        self._check_pixels(pixel_values)
+        latents = self.encoder(pixel_values)
+        B, D, h, w = latents.shape
+        indices = self.quantizer(rearrange(latents, "b d h w -> b (h w) d")).indices
+        return rearrange(indices, "b (h w) -> b h w", h=h, w=w)
+
+    @torch.inference_mode()
+    def decode(self, indices: Tensor) -> Tensor:
+        """Indices [B, h, w] (any integer dtype, in [0, codebook_size)) -> pixels [B, 3, h*f, w*f]."""
+        self._check_indices(indices)
+        B, h, w = indices.shape
+        codes = self.quantizer.indices_to_codes(rearrange(indices.long(), "b h w -> b (h w)"))
+        codes = rearrange(codes, "b (h w) d -> b d h w", h=h, w=w)
+        return self.decoder(codes.to(self.dtype))
+
+    # -- input checks -----------------------------------------------------------------------
+
+    def _check_pixels(self, pixels: Tensor) -> None:
+        if not isinstance(pixels, Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor [B, 3, H, W], got {type(pixels).__name__}")
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixel_values must have shape [B, 3, H, W], got {tuple(pixels.shape)}")
+        if not pixels.is_floating_point():
+            raise TypeError(f"pixel_values must be floats in [-1, 1], got dtype {pixels.dtype}")
+        H, W = pixels.shape[-2:]
+        f = self.downsample_factor
+        if H % f or W % f:
+            raise ValueError(
+                f"pixel_values height and width must be multiples of the downsampling factor {f}, got {H}x{W}"
+            )
+        low, high = torch.aminmax(pixels.detach())
+        if low < -1 - PIXEL_RANGE_TOLERANCE or high > 1 + PIXEL_RANGE_TOLERANCE:
+            raise ValueError(
+                f"pixel_values must lie in [-1, 1], got values in [{low.item():.3g}, {high.item():.3g}]; "
+                "map uint8 images with x / 127.5 - 1"
+            )
+
+    def _check_indices(self, indices: Tensor) -> None:
+        if not isinstance(indices, Tensor):
+            raise TypeError(f"indices must be a torch.Tensor [B, h, w], got {type(indices).__name__}")
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
+        if indices.ndim != 3:
+            raise ValueError(f"indices must have shape [B, h, w], got {tuple(indices.shape)}")
+        if indices.numel() == 0:
+            raise ValueError(f"indices must not be empty, got shape {tuple(indices.shape)}")
+        low, high = torch.aminmax(indices)
+        if low < 0 or high >= self.codebook_size:
+            raise ValueError(
+                f"indices must lie in [0, {self.codebook_size}), got values in [{low.item()}, {high.item()}]"
+            )
+
+
+AutoConfig.register(TokenizerConfig.model_type, TokenizerConfig)
+AutoModel.register(TokenizerConfig, VQTokenizer)
