@@ -1,0 +1,253 @@
+"""The tokenizer trainer: recipes, loss switches, odd data, resume, and multi-process launch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from vqar.data import ImageDataset, ImageTransform, collate_images, load_source
+from vqar.losses import LossConfig, TokenizerLoss, adaptive_weight
+from vqar.training.common import TrainConfig, complete_checkpoints, parse_recipe
+from vqar.training.tokenizer import DataArgs, TokenizerModelArgs, train_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+TYPES = (TokenizerModelArgs, DataArgs, LossConfig, TrainConfig)
+TINY_FSQ = {"channels": 8, "channel_multipliers": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
+            "mid_attention": False, "latent_channels": 4, "quantizer": {"kind": "fsq", "levels": [5, 5, 5, 5]}}  # fmt: skip
+
+
+def tiny_args(output_dir, tokenizer=TINY_FSQ, **overrides) -> list[str]:
+    options = {
+        "data": "digits", "resolution": 16, "tokenizer": json.dumps(tokenizer), "max_steps": 4, "batch_size": 8,
+        "perceptual_weight": 0, "adversarial_weight": 0, "output_dir": str(output_dir), "log_with": "none",
+        "eval_every": 0, "save_every": 0, "eval_fraction": 0.05, "learning_rate": 1e-3, "disc_layers": 2,
+    }  # fmt: skip
+    options.update(overrides)
+    return [f"--{k}={v}" for k, v in options.items()]
+
+
+def run(argv: list[str]) -> dict:
+    return train_tokenizer(*parse_recipe(argv, TYPES))
+
+
+def final_weights(output_dir) -> dict[str, torch.Tensor]:
+    return load_file(Path(output_dir) / "tokenizer" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# -- recipes --------------------------------------------------------------------------------
+
+
+def test_recipe_fields_are_overridden_from_the_command_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("preset: vq-cpu\ndata: photos\nmax_steps: 100\ntokenizer: {channels: 16}\nrandom_flip: true\n")
+    model, data, loss, train = parse_recipe(
+        [str(recipe), "--max_steps", "7", "--data", "digits", "--tokenizer", '{"channels": 8}', "--random_flip", "false"], TYPES
+    )
+    assert (train.max_steps, data.data, model.tokenizer, data.random_flip) == (7, "digits", {"channels": 8}, False)
+    assert model.preset == "vq-cpu"  # from the recipe, not overridden
+    assert loss.regression == "l1"  # the dataclass default
+
+
+def test_recipe_with_unknown_field_is_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("max_step: 100\n")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['max_step'\]"):
+        parse_recipe([str(recipe)], TYPES)
+
+
+def test_run_writes_tokenizer_metrics_samples_and_resolved_recipe(tmp_path):
+    metrics = run(tiny_args(tmp_path, max_steps=3))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("psnr", "ssim", "codebook_usage", "code_perplexity", "steps", "seconds"):
+        assert key in saved and saved[key] == metrics[key]
+    assert saved["steps"] == 3 and 0 < saved["codebook_usage"] <= 1
+    assert saved["lpips"] is None and "LPIPS" in saved["lpips_missing_reason"]
+    assert (tmp_path / "tokenizer" / "config.json").is_file()
+    assert list((tmp_path / "samples").glob("step-000003.png"))
+    assert "max_steps: 3" in (tmp_path / "recipe.yaml").read_text()
+
+
+# -- losses ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    return images, (images + 0.1 * torch.randn_like(images)).clamp(-1, 1)
+
+
+@pytest.mark.parametrize(
+    "weights, present, absent",
+    [
+        (dict(perceptual_weight=0, adversarial_weight=0), {"loss/regression"}, {"loss/perceptual", "loss/generator_gan"}),
+        (dict(perceptual_weight=1, adversarial_weight=0), {"loss/perceptual"}, {"loss/generator_gan"}),
+        (dict(perceptual_weight=0, adversarial_weight=0.1, disc_start=0), {"loss/generator_gan"}, {"loss/perceptual"}),
+    ],
+)
+def test_each_loss_term_switches_on_and_off(pair, weights, present, absent):
+    images, reconstruction = pair
+    loss_fn = TokenizerLoss(LossConfig(perceptual_random_backbone=True, perceptual_net="alex", **weights))
+    reconstruction = reconstruction.clone().requires_grad_()
+    last_layer = torch.nn.Parameter(torch.ones(()))
+    _, logs = loss_fn.generator_loss(images, reconstruction * last_layer, torch.tensor(0.5), 10, last_layer)
+    assert present <= logs.keys() and not (absent & logs.keys())
+
+
+def test_regression_kind_and_bottleneck_weight_change_the_loss(pair):
+    images, reconstruction = pair
+    l1 = TokenizerLoss(LossConfig(perceptual_weight=0, adversarial_weight=0, regression="l1"))
+    l2 = TokenizerLoss(LossConfig(perceptual_weight=0, adversarial_weight=0, regression="l2", bottleneck_weight=0))
+    loss1, _ = l1.generator_loss(images, reconstruction, torch.tensor(0.5), 0, None)
+    loss2, _ = l2.generator_loss(images, reconstruction, torch.tensor(0.5), 0, None)
+    torch.testing.assert_close(loss1, (images - reconstruction).abs().mean() + 0.5)
+    torch.testing.assert_close(loss2, (images - reconstruction).pow(2).mean())
+
+
+def test_discriminator_is_not_applied_before_disc_start(pair):
+    images, reconstruction = pair
+    loss_fn = TokenizerLoss(LossConfig(perceptual_weight=0, adversarial_weight=0.1, disc_start=5))
+    calls = []
+    loss_fn.discriminator.register_forward_hook(lambda *args: calls.append(1))
+    _, logs = loss_fn.generator_loss(images, reconstruction, torch.tensor(0.0), 4, None)
+    assert not calls and "loss/generator_gan" not in logs
+    last_layer = torch.nn.Parameter(torch.ones(()))
+    loss_fn.generator_loss(images, reconstruction.requires_grad_() * last_layer, torch.tensor(0.0), 5, last_layer)
+    assert calls
+
+
+def test_adaptive_weight_is_the_ratio_of_gradient_norms():
+    layer = torch.nn.Parameter(torch.randn(4, 4))
+    rec_loss, gan_loss = (layer * 3).sum(), (layer * 0.5).sum()  # gradients 3 and 0.5 everywhere
+    weight = adaptive_weight(rec_loss, gan_loss, layer)
+    torch.testing.assert_close(weight, torch.tensor(3 / 0.5), rtol=1e-3, atol=0)
+    assert adaptive_weight(rec_loss, 2 * gan_loss, layer) < weight  # a stronger GAN gradient is damped
+
+
+def test_lecam_and_non_saturating_losses_run(pair):
+    images, reconstruction = pair
+    loss_fn = TokenizerLoss(LossConfig(perceptual_weight=0, disc_loss="non_saturating", lecam_weight=0.01))
+    loss, logs = loss_fn.discriminator_loss(images, reconstruction)
+    assert torch.isfinite(loss) and "disc/lecam" in logs
+
+
+def test_disc_start_changes_nothing_in_training_before_it(tmp_path):
+    without = run(tiny_args(tmp_path / "a"))
+    with_disc = run(tiny_args(tmp_path / "b", adversarial_weight=0.5, disc_start=100))
+    assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+    assert without["psnr"] == with_disc["psnr"]
+    gan_on = tiny_args(tmp_path / "c", adversarial_weight=0.5, disc_start=1, adaptive_weight=False)
+    run(gan_on)
+    changed = final_weights(tmp_path / "c")
+    assert any(not torch.equal(changed[k], v) for k, v in final_weights(tmp_path / "a").items())
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def _odd_image_folder(root: Path) -> int:
+    """Twelve readable images in many Pillow modes, and four broken files. Returns the bad count."""
+    rng = np.random.default_rng(0)
+    rgb = lambda: Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))  # noqa: E731
+    (root / "nested" / "deeper").mkdir(parents=True)
+    rgb().save(root / "rgb.png")
+    rgb().convert("L").save(root / "gray.png")
+    rgb().convert("LA").save(root / "gray_alpha.png")
+    rgb().convert("RGBA").save(root / "nested" / "rgba.png")
+    rgb().convert("1").save(root / "binary.png")
+    rgb().convert("CMYK").save(root / "cmyk.jpg")
+    palette = rgb().convert("P")
+    palette.info["transparency"] = 0
+    palette.save(root / "nested" / "palette.png", transparency=0)
+    Image.fromarray(rng.integers(0, 65535, (20, 24), dtype=np.uint16)).save(root / "nested" / "deeper" / "sixteen.png")
+    for i in range(4):
+        rgb().save(root / "nested" / f"extra{i}.jpg")
+    jpeg = (root / "rgb.png").read_bytes()
+    (root / "truncated.png").write_bytes(jpeg[: len(jpeg) // 3])
+    (root / "empty.png").write_bytes(b"")
+    (root / "not_an_image.jpg").write_text("hello")
+    (root / "garbage.webp").write_bytes(os.urandom(300))
+    (root / "notes.txt").write_text("not an image, and not picked up")
+    return 4
+
+
+def test_folder_images_in_every_mode_load_and_broken_ones_are_skipped(tmp_path):
+    bad = _odd_image_folder(tmp_path)
+    source = load_source(str(tmp_path))
+    assert len(source) == 16  # the .txt file is not an image
+    dataset = ImageDataset(source, ImageTransform(16))
+    batch = collate_images([dataset[i] for i in range(len(dataset))])
+    assert batch["skipped"] == bad
+    assert batch["pixels"].shape == (12, 3, 16, 16)
+    assert batch["pixels"].min() >= -1 and batch["pixels"].max() <= 1
+
+
+def test_training_on_a_folder_with_broken_images_finishes_and_counts_them(tmp_path):
+    _odd_image_folder(tmp_path / "images")
+    metrics = run(tiny_args(tmp_path / "out", data=tmp_path / "images", batch_size=4, max_steps=6, eval_fraction=0.2))
+    assert metrics["steps"] == 6 and metrics["skipped_images"] > 0
+
+
+# -- resume ---------------------------------------------------------------------------------
+
+TINY_VQ = {**TINY_FSQ, "quantizer": {"kind": "vq", "codebook_size": 32, "kmeans_init": True, "dead_code_threshold": 0.5}}
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path):
+    options = dict(max_steps=6, save_every=3, adversarial_weight=0.5, disc_start=2, lecam_weight=0.01,
+                   ema_decay=0.9, warmup_steps=2, keep_checkpoints=5)  # fmt: skip
+    run(tiny_args(tmp_path / "full", TINY_VQ, **options))
+    steps = [p.name for p in complete_checkpoints(tmp_path / "full")]
+    assert steps == ["step-000003", "step-000006"]
+
+    # An interrupted run: only the step-3 checkpoint survived, plus a half-written step-6.
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-000003", interrupted / "checkpoints" / "step-000003")
+    (interrupted / "checkpoints" / ".partial-step-000006").mkdir()
+    (interrupted / "checkpoints" / "step-000006").mkdir()  # no trainer_state.json: incomplete
+    run(tiny_args(interrupted, TINY_VQ, resume="latest", **options))
+    assert_same_weights(final_weights(tmp_path / "full"), final_weights(interrupted))
+    discriminator = "checkpoints/step-000006/model_1.safetensors"
+    assert_same_weights(load_file(tmp_path / "full" / discriminator), load_file(interrupted / discriminator))
+
+
+# -- recipes shipped in recipes/ ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("imagenet-*.yaml")))
+def test_gpu_recipes_run_two_tiny_steps(recipe, tmp_path):
+    tiny = {k: v for k, v in TINY_FSQ.items() if k != "quantizer"}  # keep the recipe's quantizer
+    tiny["channel_multipliers"] = [1, 2, 2]  # 32 px (AlexNet's LPIPS needs it) -> 8x8 tokens
+    overrides = tiny_args(tmp_path, tiny, max_steps=2, batch_size=2, disc_start=1, mixed_precision="no", resolution=32,
+                          num_workers=0, perceptual_net="alex", perceptual_random_backbone=True)  # fmt: skip
+    overrides = [o for o in overrides if not o.startswith(("--perceptual_weight", "--adversarial_weight"))]
+    metrics = run([str(REPO / "recipes" / recipe), *overrides])
+    assert metrics["steps"] == 2 and np.isfinite(metrics["psnr"])
+
+
+def test_two_process_cpu_launch_gives_two_ranks_with_identical_weights(tmp_path):
+    launcher = Path(sys.executable).parent / "accelerate"
+    config = REPO / "recipes" / "accelerate" / "cpu-2proc.yaml"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [str(launcher), "launch", "--config_file", str(config), "--main_process_port", "29533",
+               "-m", "vqar", "train-tokenizer", *tiny_args(tmp_path, max_steps=3, save_every=2)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    assert metrics["weights_identical_across_ranks"] is True
+    assert (tmp_path / "checkpoints" / "step-000002" / "random_states_1.pkl").is_file()  # rank 1's RNG

@@ -1,0 +1,5 @@
+"""`python -m vqar ...` and `accelerate launch -m vqar ...`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,267 @@
+"""Image sources and transforms. A source is one string, the same in recipes, `--data` and Python:
+
+- `digits`: scikit-learn's 1,797 labelled 8x8 handwritten digits (bundled, offline);
+- `photos`: scikit-image's sample colour photographs (bundled, offline), cropped at random;
+- a folder of images, searched recursively;
+- a parquet file, or a glob of them;
+- anything else is a Hugging Face Hub dataset id.
+
+Every source becomes a `datasets` dataset whose image column is left undecoded, so that one
+corrupt file is skipped and counted by `ImageDataset` instead of crashing a run in
+`datasets`' own decoder.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+PHOTO_NAMES = (
+    "astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "motorcycle",
+)  # fmt: skip
+IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+class UnreadableImage(ValueError):
+    """An image that Pillow cannot decode; names the file when it has one."""
+
+
+# -- sources --------------------------------------------------------------------------------
+
+
+def _digits() -> datasets.Dataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
+    )
+    return datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target.tolist()}, features=features
+    )
+
+
+def _photo(name: str) -> np.ndarray:
+    from skimage import data
+
+    return data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+
+
+def _photos() -> datasets.Dataset:
+    images = [Image.fromarray(_photo(name)).convert("RGB") for name in PHOTO_NAMES]
+    features = datasets.Features({"image": datasets.Image(), "name": datasets.Value("string")})
+    return datasets.Dataset.from_dict({"image": images, "name": list(PHOTO_NAMES)}, features=features)
+
+
+BUNDLED_SOURCES = {"digits": _digits, "photos": _photos}
+
+
+def _image_folder(root: Path) -> datasets.Dataset:
+    paths = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}, ...) found under {root}")
+    return datasets.Dataset.from_dict({"image": paths})
+
+
+def load_source(
+    source: str,
+    *,
+    split: str = "train",
+    image_column: str | None = None,
+    label_column: str | None = None,
+    streaming: bool = False,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Resolve a source string to a dataset with an `image` column (undecoded) and, if the
+    source has labels, a `label` column."""
+    if source in BUNDLED_SOURCES:
+        dataset = BUNDLED_SOURCES[source]()
+    elif os.path.isdir(source):
+        dataset = _image_folder(Path(source))
+    elif source.endswith(".parquet"):
+        files = sorted(glob.glob(source))
+        if not files:
+            raise FileNotFoundError(f"no parquet files match {source!r}")
+        dataset = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
+    elif os.path.exists(source):
+        raise ValueError(f"data source {source!r} is a file; expected a folder of images or a .parquet file")
+    else:
+        dataset = datasets.load_dataset(source, split=split, streaming=streaming)
+    return _standardise_columns(dataset, source, image_column, label_column)
+
+
+def _standardise_columns(dataset, source: str, image_column: str | None, label_column: str | None):
+    features = dataset.features or {}
+    columns = list(features) or list(dataset.column_names or [])
+    image_column = image_column or next(
+        (c for c in columns if isinstance(features.get(c), datasets.Image)),
+        next((c for c in ("image", "img") if c in columns), None),
+    )
+    if image_column not in columns:
+        raise ValueError(f"data source {source!r} has no image column {image_column!r}; columns: {columns}")
+    if label_column is not None and label_column not in columns:
+        raise ValueError(f"data source {source!r} has no label column {label_column!r}; columns: {columns}")
+    label_column = label_column or ("label" if "label" in columns else None)
+    keep = {image_column: "image", **({label_column: "label"} if label_column else {})}
+    dataset = dataset.select_columns(list(keep))
+    dataset = dataset.rename_columns({k: v for k, v in keep.items() if k != v})
+    if isinstance(features.get(image_column), datasets.Image):
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    return dataset
+
+
+def class_names(dataset) -> list[str] | None:
+    """Names of the label classes when the source has a ClassLabel column."""
+    feature = (dataset.features or {}).get("label")
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def split_holdout(dataset: datasets.Dataset, eval_fraction: float, seed: int = 0):
+    """Deterministic (train, eval) split; the same seed always holds out the same examples."""
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction must lie in (0, 1), got {eval_fraction}")
+    n_eval = max(1, round(len(dataset) * eval_fraction))
+    if n_eval >= len(dataset):
+        raise ValueError(f"a data set of {len(dataset)} images is too small to hold out {n_eval} for evaluation")
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    return dataset.select(np.sort(order[n_eval:])), dataset.select(np.sort(order[:n_eval]))
+
+
+# -- decoding and transforms ----------------------------------------------------------------
+
+
+def decode_image(value) -> Image.Image:
+    """A PIL image from what a dataset holds: a PIL image, a path, bytes, or {'bytes', 'path'}."""
+    if isinstance(value, Image.Image):
+        return value
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, bytes) else None
+    try:
+        image = Image.open(io.BytesIO(data) if data else path)
+        image.load()
+    except Exception as error:  # Pillow raises many types for bad files
+        raise UnreadableImage(f"cannot read image {path or '<bytes>'}: {error}") from error
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode (1, L, LA, P, RGBA, I;16, I, F, CMYK, ...) -> RGB; transparency onto white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+@dataclass
+class ImageTransform:
+    """PIL image -> [3, R, R] float tensor in [-1, 1].
+
+    The shorter side is resized to `resize_to` (default: `resolution`), then a `resolution`
+    square is cropped (centre, or random) and optionally flipped. Random choices come from
+    the generator passed in, so a (seed, epoch, index) always gives the same crop.
+    """
+
+    resolution: int
+    resize_to: int | None = None
+    random_crop: bool = False
+    random_flip: bool = False
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        image = to_rgb(image)
+        short = self.resize_to or self.resolution
+        if short < self.resolution:
+            raise ValueError(f"resize_to ({short}) must be >= resolution ({self.resolution})")
+        w, h = image.size
+        scale = short / min(w, h)
+        size = (max(short, round(w * scale)), max(short, round(h * scale)))
+        image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+        left, top = self._crop_origin(size, generator)
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        if self.random_flip and torch.rand((), generator=generator) < 0.5:
+            pixels = pixels.flip(-1)
+        return pixels.float() / 127.5 - 1
+
+    def _crop_origin(self, size: tuple[int, int], generator: torch.Generator | None) -> tuple[int, int]:
+        w, h = size
+        if not self.random_crop:
+            return (w - self.resolution) // 2, (h - self.resolution) // 2
+        left = int(torch.randint(0, w - self.resolution + 1, (), generator=generator))
+        top = int(torch.randint(0, h - self.resolution + 1, (), generator=generator))
+        return left, top
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """A map-style view of a source for a DataLoader: decoded, transformed, bad images as None.
+
+    `repeats` lists every example several times per epoch (with different random crops), so a
+    handful of photographs still fills batches. `set_epoch` changes the crops of the next epoch.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, transform: ImageTransform, *, repeats: int = 1, seed: int = 0):
+        self.dataset, self.transform, self.repeats, self.seed = dataset, transform, repeats, seed
+        self.has_labels = "label" in dataset.column_names
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.repeats
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict | None:
+        row = self.dataset[index % len(self.dataset)]
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF)
+        try:
+            pixels = self.transform(decode_image(row["image"]), generator)
+        except (UnreadableImage, OSError, ValueError) as error:
+            logger.warning("skipping image %d: %s", index % len(self.dataset), error)
+            return None
+        return {"pixels": pixels, "label": row["label"] if self.has_labels else -1}
+
+
+def collate_images(batch: list[dict | None]) -> dict:
+    """Stack the readable examples; `skipped` counts the unreadable ones in this batch."""
+    good = [example for example in batch if example is not None]
+    pixels = torch.stack([e["pixels"] for e in good]) if good else torch.empty(0, 3, 0, 0)
+    labels = torch.tensor([e["label"] for e in good], dtype=torch.long)
+    return {"pixels": pixels, "labels": labels, "skipped": len(batch) - len(good)}
+
+
+# -- writing images -------------------------------------------------------------------------
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> B RGB PIL images."""
+    array = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in array]
+
+
+def image_grid(rows: list[torch.Tensor], padding: int = 2) -> Image.Image:
+    """One PIL image of several rows of images, each row [N, 3, H, W] in [-1, 1], on white."""
+    n = max(len(row) for row in rows)
+    H, W = rows[0].shape[-2:]
+    grid = Image.new("RGB", (n * (W + padding) + padding, len(rows) * (H + padding) + padding), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(to_pil(row)):
+            grid.paste(image, (padding + c * (W + padding), padding + r * (H + padding)))
+    return grid

@@ -1,0 +1,243 @@
+"""The tokenizer's training losses: regression, LPIPS, PatchGAN adversarial, bottleneck.
+
+- LPIPS: Zhang et al. 2018, through the `lpips` package. Its ImageNet backbone comes from
+  torchvision's cache and is never downloaded here; a missing file stops start-up with the
+  path to put it at. `random_backbone=True` is for plumbing tests only: its value is not LPIPS.
+- PatchGAN discriminator: Isola et al. 2017 (pix2pix), as used by VQGAN (Esser et al. 2021).
+- Hinge and non-saturating GAN losses; VQGAN's adaptive weight (ratio of gradient norms at the
+  decoder's last layer); LeCAM regularisation (Tseng et al. 2021, arXiv 2104.03310).
+
+Losses return `(loss, logs)`: logs are detached scalars; only the training loop logs them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LPIPS_BACKBONE_URLS = {
+    "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
+    "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+}
+
+
+def lpips_backbone_path(net: str) -> Path:
+    """Where torchvision looks for the ImageNet weights of LPIPS's backbone."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(LPIPS_BACKBONE_URLS[net])
+
+
+def lpips_missing_reason(net: str = "vgg") -> str | None:
+    """None when LPIPS can run with real weights here, else why not and how to fix it."""
+    path = lpips_backbone_path(net)
+    if path.is_file():
+        return None
+    return (
+        f"LPIPS needs the ImageNet {net} backbone weights at {path} (torchvision's cache, set by TORCH_HOME); "
+        f"download {LPIPS_BACKBONE_URLS[net]} and place it there, or set the LPIPS weight to 0"
+    )
+
+
+class PerceptualLoss(nn.Module):
+    """LPIPS distance per image. Images [B, 3, H, W] in [-1, 1] -> [B]. Frozen."""
+
+    def __init__(self, net: Literal["vgg", "alex"] = "vgg", random_backbone: bool = False):
+        super().__init__()
+        if net not in LPIPS_BACKBONE_URLS:
+            raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_BACKBONE_URLS)}, got {net!r}")
+        if not random_backbone and (reason := lpips_missing_reason(net)):
+            raise FileNotFoundError(reason)
+        import lpips
+
+        self.net = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False).eval()
+        self.random_backbone = random_backbone
+        self.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # LPIPS's dropout stays off
+
+    def forward(self, reference: Tensor, estimate: Tensor) -> Tensor:
+        return self.net(reference.float(), estimate.float()).flatten()
+
+
+def regression_loss(kind: Literal["l1", "l2"], reference: Tensor, estimate: Tensor) -> Tensor:
+    if kind == "l1":
+        return (reference - estimate).abs().mean()
+    if kind == "l2":
+        return (reference - estimate).pow(2).mean()
+    raise ValueError(f"regression loss must be 'l1' or 'l2', got {kind!r}")
+
+
+def _norm_layer(norm: str, channels: int) -> nn.Module:
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "group":
+        return nn.GroupNorm(min(32, channels), channels)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"discriminator norm must be 'batch', 'group' or 'none', got {norm!r}")
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: images [B, 3, H, W] -> realness logits [B, 1, h, w], one per overlapping patch."""
+
+    def __init__(self, num_layers: int = 3, channels: int = 64, norm: str = "group"):
+        super().__init__()
+        layers = [nn.Conv2d(3, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        width = channels
+        for i in range(1, num_layers + 1):
+            out = channels * min(2**i, 8)
+            stride = 2 if i < num_layers else 1
+            layers += [nn.Conv2d(width, out, 4, stride, padding=1, bias=norm == "none"), _norm_layer(norm, out)]
+            layers.append(nn.LeakyReLU(0.2))
+            width = out
+        layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
+        self.layers = nn.Sequential(*layers)
+        self.num_layers = num_layers
+        self.min_size = 2 ** (num_layers + 2)  # smaller inputs shrink to nothing before the last conv
+
+    def forward(self, images: Tensor) -> Tensor:
+        if min(images.shape[-2:]) < self.min_size:
+            raise ValueError(
+                f"a PatchGAN discriminator with {self.num_layers} layers needs images of at least "
+                f"{self.min_size} px, got {tuple(images.shape[-2:])}; lower disc_layers"
+            )
+        return self.layers(images)
+
+
+def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """Discriminator hinge loss (VQGAN, Esser et al. 2021). Logits: [B, 1, h, w]."""
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def non_saturating_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """Discriminator loss of the original GAN (Goodfellow et al. 2014). Logits: [B, 1, h, w]."""
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+
+def generator_adversarial_loss(kind: str, logits_fake: Tensor) -> Tensor:
+    return -logits_fake.mean() if kind == "hinge" else F.softplus(-logits_fake).mean()
+
+
+D_LOSSES = {"hinge": hinge_d_loss, "non_saturating": non_saturating_d_loss}
+
+
+def adaptive_weight(reconstruction_loss: Tensor, generator_loss: Tensor, last_layer: Tensor) -> Tensor:
+    """VQGAN's balance: ||grad rec|| / ||grad gan|| at the decoder's last layer, clamped to [0, 1e4]."""
+    rec_grad = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(generator_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
+class LeCAM(nn.Module):
+    """LeCAM regulariser: keeps D's outputs near EMAs of its outputs on the other class."""
+
+    def __init__(self, decay: float = 0.99):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("ema_real", torch.zeros(()))
+        self.register_buffer("ema_fake", torch.zeros(()))
+
+    def forward(self, logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+        with torch.no_grad():
+            self.ema_real.lerp_(logits_real.mean().float(), 1 - self.decay)
+            self.ema_fake.lerp_(logits_fake.mean().float(), 1 - self.decay)
+        return F.relu(logits_real - self.ema_fake).pow(2).mean() + F.relu(self.ema_real - logits_fake).pow(2).mean()
+
+
+@dataclass
+class LossConfig:
+    """Weights and switches of the tokenizer loss; a weight of 0 turns its term off."""
+
+    regression: Literal["l1", "l2"] = "l1"
+    regression_weight: float = 1.0
+    perceptual_weight: float = 1.0  # LPIPS, as in VQGAN and LlamaGen
+    perceptual_net: Literal["vgg", "alex"] = "vgg"
+    perceptual_random_backbone: bool = False  # plumbing tests only: the figure is then not LPIPS
+    bottleneck_weight: float = 1.0  # multiplies the quantizer's own (already weighted) loss
+    adversarial_weight: float = 0.1  # LlamaGen / Open-MAGVIT2 use 0.1 to 0.5
+    disc_start: int = 20000  # step from which D is trained and applied (LlamaGen: 20k)
+    disc_loss: Literal["hinge", "non_saturating"] = "hinge"
+    disc_layers: int = 3
+    disc_channels: int = 64
+    disc_norm: Literal["batch", "group", "none"] = "group"
+    disc_learning_rate: float | None = None  # None: the tokenizer's learning rate
+    adaptive_weight: bool = True  # VQGAN's gradient-norm balance of the GAN term
+    lecam_weight: float = 0.0  # 0.001 in MAGVIT-v2; 0 turns it off
+
+    def __post_init__(self):
+        for name in ("regression_weight", "perceptual_weight", "bottleneck_weight", "adversarial_weight", "lecam_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.regression not in ("l1", "l2"):
+            raise ValueError(f"regression must be 'l1' or 'l2', got {self.regression!r}")
+        if self.disc_loss not in D_LOSSES:
+            raise ValueError(f"disc_loss must be one of {sorted(D_LOSSES)}, got {self.disc_loss!r}")
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.adversarial_weight > 0
+
+
+class TokenizerLoss(nn.Module):
+    """The loss triad plus the bottleneck loss. Holds the discriminator and, if on, LPIPS."""
+
+    def __init__(self, config: LossConfig):
+        super().__init__()
+        self.config = config
+        self.perceptual = (
+            PerceptualLoss(config.perceptual_net, config.perceptual_random_backbone)
+            if config.perceptual_weight > 0
+            else None
+        )
+        self.discriminator = (
+            PatchDiscriminator(config.disc_layers, config.disc_channels, config.disc_norm)
+            if config.uses_discriminator
+            else None
+        )
+        self.lecam = None
+        if self.discriminator is not None and config.lecam_weight > 0:
+            # A child of D, so its EMAs are saved, restored and synced with D's state.
+            self.discriminator.lecam = self.lecam = LeCAM()
+
+    def gan_active(self, step: int) -> bool:
+        return self.discriminator is not None and step >= self.config.disc_start
+
+    def generator_loss(
+        self, images: Tensor, reconstruction: Tensor, bottleneck_loss: Tensor, step: int, last_layer: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss for the tokenizer's update. images, reconstruction: [B, 3, H, W] in [-1, 1]."""
+        c = self.config
+        rec = c.regression_weight * regression_loss(c.regression, images, reconstruction)
+        logs = {"loss/regression": rec.detach()}
+        if self.perceptual is not None:
+            perceptual = self.perceptual(images, reconstruction).mean()
+            rec = rec + c.perceptual_weight * perceptual
+            logs["loss/perceptual"] = perceptual.detach()
+        loss = rec + c.bottleneck_weight * bottleneck_loss
+        logs["loss/bottleneck"] = bottleneck_loss.detach()
+        if self.gan_active(step):
+            gan = generator_adversarial_loss(c.disc_loss, self.discriminator(reconstruction))
+            weight = adaptive_weight(rec, gan, last_layer) if c.adaptive_weight else torch.ones(())
+            loss = loss + c.adversarial_weight * weight * gan
+            logs |= {"loss/generator_gan": gan.detach(), "loss/adaptive_weight": weight}
+        logs["loss/total"] = loss.detach()
+        return loss, logs
+
+    def discriminator_loss(self, images: Tensor, reconstruction: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss for D's update; the reconstruction is detached from the tokenizer."""
+        logits_real = self.discriminator(images.detach())
+        logits_fake = self.discriminator(reconstruction.detach())
+        loss = D_LOSSES[self.config.disc_loss](logits_real, logits_fake)
+        logs = {"disc/loss": loss.detach(), "disc/logits_real": logits_real.detach().mean(),
+                "disc/logits_fake": logits_fake.detach().mean()}  # fmt: skip
+        if self.lecam is not None:
+            lecam = self.lecam(logits_real, logits_fake)
+            loss = loss + self.config.lecam_weight * lecam
+            logs["disc/lecam"] = lecam.detach()
+        return loss, logs

@@ -1,0 +1,1 @@
+"""The accelerate training loops (tokenizer; later the prior) and what they share."""

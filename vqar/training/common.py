@@ -1,0 +1,292 @@
+"""What every vqar trainer shares: recipes, the accelerator, schedules, EMA, checkpoints.
+
+A recipe is a YAML file read into dataclasses by `transformers.HfArgumentParser`; any field
+can be overridden on the command line (`--max_steps 10`). Checkpoints are written by
+`accelerator.save_state` into a temporary folder that is renamed into place only once it is
+complete, so a crash mid-write never leaves a checkpoint that looks whole. Resume restores
+models, optimizers, schedulers and RNG states (accelerate), plus our own `trainer_state.json`
+(step, data position) and `ema.safetensors` — nothing of ours is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors.torch import load_file, save_file
+from transformers import HfArgumentParser
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
+TRAINER_STATE = "trainer_state.json"
+EMA_WEIGHTS = "ema.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, checkpointing and logging, the same for every trainer."""
+
+    output_dir: str = "outputs/run"
+    max_steps: int = 1000
+    batch_size: int = 16  # per process
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95  # LlamaGen's betas for both stages
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # the cosine decays to learning_rate * min_lr_ratio
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    ema_decay: float = 0.0  # EMA of the weights (e.g. 0.999); 0 turns it off
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    save_every: int = 500  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
+    eval_every: int = 500  # steps between held-out evaluations; 0: only at the end
+    log_every: int = 10
+    resume: str | None = None  # "latest", or a checkpoint folder
+    log_with: str = "tensorboard"  # an accelerate tracker, or "none"
+    num_workers: int = 0  # DataLoader workers
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+# -- recipes --------------------------------------------------------------------------------
+
+
+def parse_recipe(argv: list[str], dataclass_types: tuple[type, ...]) -> tuple:
+    """`RECIPE.yaml [--field value ...]` -> one instance per dataclass type.
+
+    The YAML's values become the defaults of an HfArgumentParser, so the command line overrides
+    any of them. Dict-valued fields take JSON on the command line.
+    """
+    parser = HfArgumentParser(dataclass_types)
+    for action in parser._actions:  # HfArgumentParser would call dict("...") on a dict field
+        if action.type is dict:
+            action.type = json.loads
+    recipe_args, overrides = _split_recipe(argv)
+    if recipe_args is not None:
+        recipe = yaml.safe_load(Path(recipe_args).read_text()) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(recipe) - known)
+        if unknown:
+            raise ValueError(f"recipe {recipe_args} has unknown field(s) {unknown}; known fields: {sorted(known - {'help'})}")
+        parser.set_defaults(**recipe)
+    return parser.parse_args_into_dataclasses(args=overrides)
+
+
+def _split_recipe(argv: list[str]) -> tuple[str | None, list[str]]:
+    if argv and not argv[0].startswith("-"):
+        if not Path(argv[0]).is_file():
+            raise FileNotFoundError(f"recipe {argv[0]} does not exist")
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def resolved_recipe(*configs) -> dict:
+    """All fields of the recipe dataclasses, merged: what a run actually used."""
+    merged = {}
+    for config in configs:
+        merged.update(dataclasses.asdict(config))
+    return merged
+
+
+def save_resolved_recipe(path: Path, *configs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(resolved_recipe(*configs), sort_keys=False))
+
+
+# -- accelerator, optimiser, schedule -------------------------------------------------------
+
+
+def make_accelerator(train: TrainConfig, project_name: str) -> Accelerator:
+    """An Accelerator for this run; trackers are started by `start_trackers`."""
+    log_with = None if train.log_with in ("none", "") else train.log_with
+    accelerator = Accelerator(
+        mixed_precision=train.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=train.output_dir, logging_dir=f"{train.output_dir}/logs"),
+    )
+    set_seed(train.seed)  # same on every process: models start identical, data shards differ by rank
+    return accelerator
+
+
+def start_trackers(accelerator: Accelerator, project_name: str, recipe: dict) -> None:
+    if accelerator.log_with:
+        # Trackers take scalars only: lists and dicts are logged as their JSON text.
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in recipe.items()}
+        accelerator.init_trackers(project_name, config=flat)
+
+
+def make_optimizer(params, train: TrainConfig, learning_rate: float | None = None) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        params,
+        lr=learning_rate or train.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        weight_decay=train.weight_decay,
+    )
+
+
+def warmup_cosine(train: TrainConfig):
+    """LR multiplier: linear warm-up, then cosine decay to min_lr_ratio at max_steps."""
+
+    def multiplier(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine
+
+    return multiplier
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train))
+
+
+# -- EMA of the weights ---------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        state = model.state_dict()
+        names = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[k] for k in names], [state[k].detach() for k in names], 1 - self.decay)
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        model.load_state_dict(self.shadow, strict=False)
+
+    def save(self, path: Path) -> None:
+        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path))
+
+    def load(self, path: Path) -> None:
+        loaded = load_file(str(path))
+        if loaded.keys() != self.shadow.keys():
+            raise ValueError(f"EMA weights in {path} do not match the model: {sorted(loaded.keys() ^ self.shadow.keys())[:5]}")
+        for k, v in loaded.items():
+            self.shadow[k].copy_(v)
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints, oldest first. Temporary folders of interrupted writes are ignored."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if CHECKPOINT_PATTERN.match(p.name) and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
+    """The checkpoint to resume from: None, the newest complete one ("latest"), or a path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = complete_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"resume: {path} is not a complete checkpoint (no {TRAINER_STATE})")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, train: TrainConfig, state: dict, ema: EMA | None) -> Path:
+    """Write OUTPUT/checkpoints/step-XXXXXX atomically and keep the newest `keep_checkpoints`."""
+    root = checkpoints_dir(train.output_dir)
+    final = root / f"step-{state['step']:06d}"
+    partial = root / f".partial-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.save(partial / EMA_WEIGHTS)
+        (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        for old in complete_checkpoints(train.output_dir)[: -train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMA | None) -> dict:
+    """Restore everything accelerate prepared, the EMA weights, and return trainer_state.json."""
+    accelerator.load_state(str(path))
+    if ema is not None:
+        if not (path / EMA_WEIGHTS).is_file():
+            raise FileNotFoundError(f"checkpoint {path} has no {EMA_WEIGHTS}, but this run keeps an EMA")
+        ema.load(path / EMA_WEIGHTS)
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+# -- data order -----------------------------------------------------------------------------
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation each epoch, from (seed, epoch) alone: resuming needs only the epoch."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+class Throughput:
+    """Images (or tokens) per second over the steps since the last read."""
+
+    def __init__(self):
+        self.start, self.count = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def read(self) -> float:
+        now = time.perf_counter()
+        rate = self.count / max(now - self.start, 1e-9)
+        self.start, self.count = now, 0
+        return rate

@@ -1,0 +1,316 @@
+"""Train the stage-1 tokenizer with accelerate: `vqar train-tokenizer RECIPE.yaml [--field value]`.
+
+The same code runs on one CPU, several CPU processes (gloo), or GPUs; see recipes/accelerate/.
+Three pieces, as in accelerate's examples: build everything (`setup`), one optimisation step
+(`train_step`), and the held-out evaluation (`evaluate`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data import ImageDataset, ImageTransform, collate_images, image_grid, load_source, split_holdout
+from ..losses import LossConfig, PerceptualLoss, TokenizerLoss, lpips_missing_reason
+from ..metrics import code_histogram, code_perplexity, codebook_usage, psnr, ssim
+from ..tokenizer import TokenizerConfig, VQTokenizer, load_preset
+from .common import (
+    EMA,
+    EpochSampler,
+    Throughput,
+    TrainConfig,
+    load_checkpoint,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    parse_recipe,
+    resolve_resume,
+    resolved_recipe,
+    save_checkpoint,
+    save_resolved_recipe,
+    start_trackers,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizerModelArgs:
+    preset: str = "fsq-cpu"  # a name from tokenizers/ (see `vqar presets`)
+    tokenizer: dict = field(default_factory=dict)  # overrides of the preset's config fields
+    init_from: str | None = None  # a trained tokenizer (folder or Hub id) to fine-tune instead
+
+
+@dataclass
+class DataArgs:
+    data: str = "digits"  # digits | photos | image folder | *.parquet | Hub dataset id
+    split: str = "train"
+    image_column: str | None = None
+    label_column: str | None = None
+    resolution: int = 32
+    resize_to: int | None = None  # shorter side before cropping (default: resolution)
+    random_crop: bool = False
+    random_flip: bool = False
+    repeats: int = 1  # times each training image appears per epoch (with fresh crops)
+    eval_fraction: float = 0.1  # held out, deterministically
+    eval_crops: int = 1  # crops per held-out image (>1 takes fixed random crops)
+    eval_batch_size: int = 64
+
+
+# -- setup ----------------------------------------------------------------------------------
+
+
+def build_tokenizer(model: TokenizerModelArgs, data: DataArgs) -> VQTokenizer:
+    if model.init_from:
+        return VQTokenizer.from_pretrained(model.init_from, **({"resolution": data.resolution}))
+    config = {**load_preset(model.preset), "resolution": data.resolution, **model.tokenizer}
+    return VQTokenizer(TokenizerConfig(**config))
+
+
+def build_datasets(data: DataArgs, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    source = load_source(data.data, split=data.split, image_column=data.image_column, label_column=data.label_column)
+    train_split, eval_split = split_holdout(source, data.eval_fraction, seed=0)
+    train_transform = ImageTransform(data.resolution, data.resize_to, data.random_crop, data.random_flip)
+    eval_transform = ImageTransform(data.resolution, data.resize_to, random_crop=data.eval_crops > 1)
+    train = ImageDataset(train_split, train_transform, repeats=data.repeats, seed=seed)
+    held_out = ImageDataset(eval_split, eval_transform, repeats=data.eval_crops, seed=12345)
+    return train, held_out
+
+
+@dataclass
+class Run:
+    """Everything a tokenizer run holds; `setup` builds it."""
+
+    accelerator: object
+    tokenizer: torch.nn.Module
+    loss_fn: TokenizerLoss
+    discriminator: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    d_optimizer: torch.optim.Optimizer | None
+    d_scheduler: object
+    train_data: ImageDataset
+    eval_data: ImageDataset
+    sampler: EpochSampler
+    loader: DataLoader
+    ema: EMA | None
+
+
+def setup(model_args, data_args, loss_config: LossConfig, train: TrainConfig) -> Run:
+    accelerator = make_accelerator(train, "tokenizer")
+    tokenizer = build_tokenizer(model_args, data_args)  # after the accelerator: VQ syncs EMA codebooks in DDP
+    loss_fn = TokenizerLoss(loss_config).to(accelerator.device)
+    train_data, eval_data = build_datasets(data_args, train.seed)
+    if len(train_data) < train.batch_size * accelerator.num_processes:
+        raise ValueError(
+            f"{len(train_data)} training images cannot fill one batch of {train.batch_size} x "
+            f"{accelerator.num_processes} processes; raise `repeats` or lower `batch_size`"
+        )
+    sampler = EpochSampler(len(train_data), train.seed)
+    loader = DataLoader(train_data, train.batch_size, sampler=sampler, collate_fn=collate_images,
+                        drop_last=True, num_workers=train.num_workers)  # fmt: skip
+    optimizer = make_optimizer(tokenizer.parameters(), train)
+    scheduler = make_scheduler(optimizer, train)
+    tokenizer, optimizer, scheduler, loader = accelerator.prepare(tokenizer, optimizer, scheduler, loader)
+    discriminator = d_optimizer = d_scheduler = None
+    if loss_fn.discriminator is not None:
+        d_optimizer = make_optimizer(loss_fn.discriminator.parameters(), train, loss_config.disc_learning_rate)
+        d_scheduler = make_scheduler(d_optimizer, train)
+        discriminator, d_optimizer, d_scheduler = accelerator.prepare(loss_fn.discriminator, d_optimizer, d_scheduler)
+        loss_fn.discriminator = discriminator
+    ema = EMA(accelerator.unwrap_model(tokenizer), train.ema_decay) if train.ema_decay > 0 else None
+    return Run(accelerator, tokenizer, loss_fn, discriminator, optimizer, scheduler, d_optimizer, d_scheduler,
+               train_data, eval_data, sampler, loader, ema)  # fmt: skip
+
+
+# -- one step -------------------------------------------------------------------------------
+
+
+def _clip(accelerator, parameters, max_norm: float) -> None:
+    if max_norm > 0:
+        accelerator.clip_grad_norm_(parameters, max_norm)
+
+
+def train_step(run: Run, pixels: torch.Tensor, step: int, train: TrainConfig) -> dict[str, torch.Tensor]:
+    """One update of the tokenizer and, once the GAN is on, one of the discriminator."""
+    accelerator, tokenizer = run.accelerator, run.tokenizer
+    out = tokenizer(pixels)
+    last_layer = accelerator.unwrap_model(tokenizer).decoder.last_layer
+    loss, logs = run.loss_fn.generator_loss(pixels, out.reconstruction, out.bottleneck_loss, step, last_layer)
+    accelerator.backward(loss)
+    _clip(accelerator, tokenizer.parameters(), train.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.loss_fn.gan_active(step):
+        run.d_optimizer.zero_grad(set_to_none=True)  # drop what the generator's loss left in D
+        d_loss, d_logs = run.loss_fn.discriminator_loss(pixels, out.reconstruction)
+        accelerator.backward(d_loss)
+        _clip(accelerator, run.discriminator.parameters(), train.grad_clip)
+        run.d_optimizer.step()
+        run.d_scheduler.step()
+        run.d_optimizer.zero_grad(set_to_none=True)
+        logs |= d_logs
+    if run.ema is not None:
+        run.ema.update(accelerator.unwrap_model(tokenizer))
+    stats = out.code_stats
+    return logs | {"codes/batch_usage": stats.usage, "codes/batch_perplexity": stats.perplexity,
+                   "lr": torch.tensor(run.scheduler.get_last_lr()[0])}  # fmt: skip
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def evaluate(tokenizer: VQTokenizer, data: ImageDataset, batch_size: int, lpips: PerceptualLoss | None) -> tuple:
+    """Held-out PSNR, SSIM, LPIPS (real weights only), codebook usage, perplexity, dead codes.
+
+    Returns (metrics, (originals [<=8, 3, H, W], reconstructions [<=8, 3, H, W])).
+    """
+    was_training = tokenizer.training
+    tokenizer.eval()
+    device = next(tokenizer.parameters()).device
+    loader = DataLoader(data, batch_size, collate_fn=collate_images)
+    counts = torch.zeros(tokenizer.codebook_size, device=device)
+    sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
+    n, first = 0, None
+    for batch in loader:
+        pixels = batch["pixels"].to(device)
+        if not len(pixels):
+            continue
+        out = tokenizer(pixels)
+        counts += code_histogram(out.indices, tokenizer.codebook_size)
+        sums["psnr"] += psnr(pixels, out.reconstruction).sum().item()
+        sums["ssim"] += ssim(pixels, out.reconstruction).sum().item()
+        if lpips is not None:
+            sums["lpips"] += lpips(pixels, out.reconstruction).sum().item()
+        n += len(pixels)
+        first = first if first is not None else (pixels[:8].cpu(), out.reconstruction[:8].cpu())
+    tokenizer.train(was_training)
+    if n == 0:
+        raise ValueError("no readable held-out images to evaluate on")
+    metrics = {
+        "psnr": sums["psnr"] / n,
+        "ssim": sums["ssim"] / n,
+        "lpips": sums["lpips"] / n if lpips is not None else None,
+        "codebook_usage": codebook_usage(counts).item(),
+        "code_perplexity": code_perplexity(counts).item(),
+        "dead_codes": int((counts == 0).sum().item()),
+        "eval_images": n,
+    }
+    if lpips is None:
+        metrics["lpips_missing_reason"] = lpips_missing_reason() or "LPIPS disabled"
+    return metrics, first
+
+
+def eval_lpips(loss_fn: TokenizerLoss, device) -> PerceptualLoss | None:
+    """The LPIPS to report: the training one if it has real weights, else one built if possible."""
+    if loss_fn.perceptual is not None and not loss_fn.perceptual.random_backbone:
+        return loss_fn.perceptual
+    return PerceptualLoss().to(device) if lpips_missing_reason() is None else None
+
+
+def _evaluate_and_log(run: Run, data_args: DataArgs, train: TrainConfig, step: int, lpips) -> dict:
+    tokenizer = run.accelerator.unwrap_model(run.tokenizer)
+    metrics, (originals, reconstructions) = evaluate(tokenizer, run.eval_data, data_args.eval_batch_size, lpips)
+    samples = Path(train.output_dir) / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    image_grid([originals, reconstructions]).save(samples / f"step-{step:06d}.png")
+    run.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+    return metrics
+
+
+# -- the loop -------------------------------------------------------------------------------
+
+
+def train_tokenizer(model_args, data_args, loss_config: LossConfig, train: TrainConfig) -> dict:
+    """Train, checkpoint, evaluate; save OUTPUT/tokenizer and OUTPUT/metrics.json. Returns the metrics."""
+    started = time.time()
+    run = setup(model_args, data_args, loss_config, train)
+    accelerator, output = run.accelerator, Path(train.output_dir)
+    recipe = resolved_recipe(model_args, data_args, loss_config, train)
+    if accelerator.is_main_process:
+        save_resolved_recipe(output / "recipe.yaml", model_args, data_args, loss_config, train)
+    start_trackers(accelerator, "tokenizer", recipe)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_images": 0}
+    if checkpoint := resolve_resume(train.resume, train.output_dir):
+        state = load_checkpoint(accelerator, checkpoint, run.ema)
+        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    lpips = eval_lpips(run.loss_fn, accelerator.device) if accelerator.is_main_process else None
+
+    progress = tqdm(total=train.max_steps, initial=state["step"], disable=not accelerator.is_main_process)
+    speed, metrics = Throughput(), None
+    while state["step"] < train.max_steps:
+        run.sampler.set_epoch(state["epoch"])
+        run.train_data.set_epoch(state["epoch"])
+        batches = accelerator.skip_first_batches(run.loader, state["batch_in_epoch"]) if state["batch_in_epoch"] else run.loader
+        for batch in batches:
+            state["batch_in_epoch"] += 1
+            state["skipped_images"] += batch["skipped"]
+            if not len(batch["pixels"]):
+                continue
+            logs = train_step(run, batch["pixels"], state["step"], train)
+            state["step"] += 1
+            speed.add(len(batch["pixels"]) * accelerator.num_processes)
+            step = state["step"]
+            if step % train.log_every == 0 or step == train.max_steps:
+                values = {k: v.item() for k, v in logs.items()}
+                values["images_per_s"] = speed.read()
+                accelerator.log(values, step=step)
+                progress.set_postfix(loss=f"{values['loss/total']:.4f}", img_s=f"{values['images_per_s']:.1f}")
+            progress.update(1)
+            if train.eval_every and step % train.eval_every == 0 and step < train.max_steps and accelerator.is_main_process:
+                metrics = _evaluate_and_log(run, data_args, train, step, lpips)
+            if train.save_every and step % train.save_every == 0 and step < train.max_steps:
+                save_checkpoint(accelerator, train, state, run.ema)
+            if step >= train.max_steps:
+                break
+        else:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    progress.close()
+    save_checkpoint(accelerator, train, state, run.ema)
+    return _finish(run, data_args, train, state, lpips, started)
+
+
+def _weights_agree_across_ranks(accelerator, model: torch.nn.Module) -> bool:
+    """DDP keeps every rank's weights equal; compare a fingerprint of each rank's copy."""
+    with torch.no_grad():
+        params = [p.detach().double() for p in model.parameters()]
+        fingerprint = torch.stack([sum(p.sum() for p in params), sum(p.pow(2).sum() for p in params)])
+    gathered = accelerator.gather(fingerprint[None].to(accelerator.device))  # [processes, 2]
+    return bool((gathered == gathered[0]).all())
+
+
+def _finish(run: Run, data_args: DataArgs, train: TrainConfig, state: dict, lpips, started: float) -> dict | None:
+    accelerator = run.accelerator
+    skipped = accelerator.reduce(torch.tensor(state["skipped_images"], device=accelerator.device), "sum").item()
+    agree = _weights_agree_across_ranks(accelerator, accelerator.unwrap_model(run.tokenizer))
+    metrics = None
+    if accelerator.is_main_process:
+        tokenizer = accelerator.unwrap_model(run.tokenizer)
+        if run.ema is not None:
+            run.ema.copy_to(tokenizer)  # the EMA weights are the tokenizer we publish
+        metrics = _evaluate_and_log(run, data_args, train, state["step"], lpips)
+        metrics |= {"steps": state["step"], "seconds": time.time() - started, "skipped_images": int(skipped),
+                    "num_processes": accelerator.num_processes, "weights_identical_across_ranks": agree}  # fmt: skip
+        tokenizer.save_pretrained(Path(train.output_dir) / "tokenizer")
+        (Path(train.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if skipped:
+            logger.warning("skipped %d unreadable images during training", skipped)
+        accelerator.print(json.dumps(metrics, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # also tears down the process group: no collective after it
+    return metrics
+
+
+def main(argv: list[str]) -> dict | None:
+    model_args, data_args, loss_config, train = parse_recipe(argv, (TokenizerModelArgs, DataArgs, LossConfig, TrainConfig))
+    return train_tokenizer(model_args, data_args, loss_config, train)
