@@ -251,3 +251,13 @@ def test_two_process_cpu_launch_gives_two_ranks_with_identical_weights(tmp_path)
     assert metrics["num_processes"] == 2
     assert metrics["weights_identical_across_ranks"] is True
     assert (tmp_path / "checkpoints" / "step-000002" / "random_states_1.pkl").is_file()  # rank 1's RNG
+
+
+def test_parquet_source_streams_into_training(tmp_path):
+    digits = load_source("digits").select(range(200))
+    digits.to_parquet(str(tmp_path / "digits.parquet"))
+    streamed = load_source(str(tmp_path / "digits.parquet"), streaming=True)
+    assert next(iter(streamed))["label"] == digits[0]["label"]
+    metrics = run(tiny_args(tmp_path / "out", data=tmp_path / "digits.parquet", streaming=True, eval_size=20,
+                            max_steps=4, save_every=2))  # fmt: skip
+    assert metrics["steps"] == 4 and metrics["eval_images"] == 20

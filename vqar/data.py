@@ -186,6 +186,10 @@ class ImageTransform:
     random_flip: bool = False
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.augment(self.prepare(image), generator)
+
+    def prepare(self, image: Image.Image) -> Image.Image:
+        """The deterministic part: RGB, shorter side resized to `resize_to`."""
         image = to_rgb(image)
         short = self.resize_to or self.resolution
         if short < self.resolution:
@@ -193,8 +197,11 @@ class ImageTransform:
         w, h = image.size
         scale = short / min(w, h)
         size = (max(short, round(w * scale)), max(short, round(h * scale)))
-        image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
-        left, top = self._crop_origin(size, generator)
+        return image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+
+    def augment(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The random part: crop and flip a prepared image -> [3, R, R] in [-1, 1]."""
+        left, top = self._crop_origin(image.size, generator)
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         if self.random_flip and torch.rand((), generator=generator) < 0.5:
@@ -215,12 +222,17 @@ class ImageDataset(torch.utils.data.Dataset):
 
     `repeats` lists every example several times per epoch (with different random crops), so a
     handful of photographs still fills batches. `set_epoch` changes the crops of the next epoch.
+    Sources of at most `PREPARED_CACHE_LIMIT` images keep their decoded, resized images in
+    memory: the bundled photos are megapixel PNGs, far slower to decode than to train on.
     """
+
+    PREPARED_CACHE_LIMIT = 1024
 
     def __init__(self, dataset: datasets.Dataset, transform: ImageTransform, *, repeats: int = 1, seed: int = 0):
         self.dataset, self.transform, self.repeats, self.seed = dataset, transform, repeats, seed
         self.has_labels = "label" in dataset.column_names
         self.epoch = 0
+        self._prepared: dict[int, Image.Image] | None = {} if len(dataset) <= self.PREPARED_CACHE_LIMIT else None
 
     def __len__(self) -> int:
         return len(self.dataset) * self.repeats
@@ -228,15 +240,60 @@ class ImageDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _prepare(self, row_index: int) -> tuple[Image.Image, int]:
+        if self._prepared is not None and row_index in self._prepared:
+            return self._prepared[row_index]
+        row = self.dataset[row_index]
+        prepared = self.transform.prepare(decode_image(row["image"])), row["label"] if self.has_labels else -1
+        if self._prepared is not None:
+            self._prepared[row_index] = prepared
+        return prepared
+
     def __getitem__(self, index: int) -> dict | None:
-        row = self.dataset[index % len(self.dataset)]
-        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF)
+        row_index = index % len(self.dataset)
         try:
-            pixels = self.transform(decode_image(row["image"]), generator)
+            image, label = self._prepare(row_index)
         except (UnreadableImage, OSError, ValueError) as error:
-            logger.warning("skipping image %d: %s", index % len(self.dataset), error)
+            logger.warning("skipping image %d: %s", row_index, error)
             return None
-        return {"pixels": pixels, "label": row["label"] if self.has_labels else -1}
+        return {"pixels": self.transform.augment(image, _generator(self.seed, self.epoch, index)), "label": label}
+
+
+def _generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    # Tuples of ints hash the same in every process (PYTHONHASHSEED only salts str and bytes).
+    return torch.Generator().manual_seed(hash((seed, epoch, index)) & 0x7FFF_FFFF)
+
+
+class StreamingImageDataset(torch.utils.data.IterableDataset):
+    """An iterable view of a streaming source, shuffled through a buffer; bad images as None."""
+
+    def __init__(self, dataset: datasets.IterableDataset, transform: ImageTransform, *, seed: int = 0,
+                 shuffle_buffer: int = 1000):  # fmt: skip
+        self.dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer else dataset
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        for index, row in enumerate(self.dataset):
+            try:
+                image = self.transform.prepare(decode_image(row["image"]))
+            except (UnreadableImage, OSError, ValueError) as error:
+                logger.warning("skipping streamed image %d: %s", index, error)
+                yield None
+                continue
+            pixels = self.transform.augment(image, _generator(self.seed, self.epoch, index))
+            yield {"pixels": pixels, "label": row.get("label", -1)}
+
+
+def split_stream(dataset: datasets.IterableDataset, eval_size: int):
+    """(train stream, held-out Dataset): the first `eval_size` examples are held out."""
+    held_out = list(dataset.take(eval_size))
+    if not held_out:
+        raise ValueError("the streaming source yielded no examples to hold out")
+    return dataset.skip(eval_size), datasets.Dataset.from_list(held_out, features=dataset.features)
 
 
 def collate_images(batch: list[dict | None]) -> dict:

@@ -19,10 +19,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
@@ -290,3 +291,72 @@ class Throughput:
         rate = self.count / max(now - self.start, 1e-9)
         self.start, self.count = now, 0
         return rate
+
+
+# -- the loop -------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopHooks:
+    """What a trainer plugs into `run_loop`.
+
+    step(batch, step) -> logs (detached scalar tensors), or None when the batch held nothing.
+    count(batch) -> items the batch trained on (images or tokens), for the speed readout.
+    evaluate(step) -> a one-line summary; called on the main process every `eval_every` steps.
+    """
+
+    step: Callable[[dict, int], dict | None]
+    count: Callable[[dict], int]
+    evaluate: Callable[[int], str] | None = None
+    speed_unit: str = "img_s"
+
+
+def start_state() -> dict:
+    return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_images": 0}
+
+
+def run_loop(accelerator: Accelerator, train: TrainConfig, data: dict, state: dict, hooks: LoopHooks, ema: EMA | None) -> dict:
+    """Epochs of batches until `max_steps`, with logging, evaluation and checkpoints.
+
+    `data` holds the prepared `loader`, its `sampler` (or None for a stream) and the
+    `dataset` (for `set_epoch`). The data position lives in `state`, so a resumed run skips
+    exactly the batches it had already trained on. Ends with a checkpoint of the final state.
+    """
+    progress = tqdm(total=train.max_steps, initial=state["step"], disable=not accelerator.is_main_process)
+    speed = Throughput()
+    while state["step"] < train.max_steps:
+        if data["sampler"] is not None:
+            data["sampler"].set_epoch(state["epoch"])
+        data["dataset"].set_epoch(state["epoch"])
+        skip = state["batch_in_epoch"]
+        for batch in accelerator.skip_first_batches(data["loader"], skip) if skip else data["loader"]:
+            state["batch_in_epoch"] += 1
+            state["skipped_images"] += batch.get("skipped", 0)
+            logs = hooks.step(batch, state["step"])
+            if logs is None:
+                continue
+            state["step"] += 1
+            speed.add(hooks.count(batch) * accelerator.num_processes)
+            _after_step(accelerator, train, state, logs, hooks, speed, progress, ema)
+            if state["step"] >= train.max_steps:
+                break
+        else:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    progress.close()
+    save_checkpoint(accelerator, train, state, ema)
+    return state
+
+
+def _after_step(accelerator, train: TrainConfig, state: dict, logs: dict, hooks: LoopHooks, speed, progress, ema) -> None:
+    step, last = state["step"], state["step"] == train.max_steps
+    if step % train.log_every == 0 or last:
+        values = {k: v.item() for k, v in logs.items()}  # one host sync per log, not per step
+        values[hooks.speed_unit] = speed.read()
+        accelerator.log(values, step=step)
+        progress.set_postfix(loss=f"{values.get('loss/total', float('nan')):.4f}", **{hooks.speed_unit: f"{values[hooks.speed_unit]:.1f}"})
+    progress.update(1)
+    if hooks.evaluate and train.eval_every and step % train.eval_every == 0 and not last and accelerator.is_main_process:
+        progress.write(f"step {step}: {hooks.evaluate(step)}")
+    if train.save_every and step % train.save_every == 0 and not last:
+        save_checkpoint(accelerator, train, state, ema)

@@ -13,18 +13,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from ..data import ImageDataset, ImageTransform, collate_images, image_grid, load_source, split_holdout
+from ..data import (
+    ImageDataset,
+    ImageTransform,
+    StreamingImageDataset,
+    collate_images,
+    image_grid,
+    load_source,
+    split_holdout,
+    split_stream,
+)
 from ..losses import LossConfig, PerceptualLoss, TokenizerLoss, lpips_missing_reason
 from ..metrics import code_histogram, code_perplexity, codebook_usage, psnr, ssim
 from ..tokenizer import TokenizerConfig, VQTokenizer, load_preset
 from .common import (
     EMA,
     EpochSampler,
-    Throughput,
+    LoopHooks,
     TrainConfig,
     load_checkpoint,
     make_accelerator,
@@ -33,8 +42,9 @@ from .common import (
     parse_recipe,
     resolve_resume,
     resolved_recipe,
-    save_checkpoint,
+    run_loop,
     save_resolved_recipe,
+    start_state,
     start_trackers,
 )
 
@@ -59,7 +69,9 @@ class DataArgs:
     random_crop: bool = False
     random_flip: bool = False
     repeats: int = 1  # times each training image appears per epoch (with fresh crops)
+    streaming: bool = False  # read the source as a stream (large Hub or parquet data sets)
     eval_fraction: float = 0.1  # held out, deterministically
+    eval_size: int = 256  # images held out from a stream (its length is unknown)
     eval_crops: int = 1  # crops per held-out image (>1 takes fixed random crops)
     eval_batch_size: int = 64
 
@@ -74,14 +86,18 @@ def build_tokenizer(model: TokenizerModelArgs, data: DataArgs) -> VQTokenizer:
     return VQTokenizer(TokenizerConfig(**config))
 
 
-def build_datasets(data: DataArgs, seed: int) -> tuple[ImageDataset, ImageDataset]:
-    source = load_source(data.data, split=data.split, image_column=data.image_column, label_column=data.label_column)
-    train_split, eval_split = split_holdout(source, data.eval_fraction, seed=0)
+def build_datasets(data: DataArgs, seed: int) -> tuple[ImageDataset | StreamingImageDataset, ImageDataset]:
+    source = load_source(data.data, split=data.split, image_column=data.image_column,
+                         label_column=data.label_column, streaming=data.streaming)  # fmt: skip
     train_transform = ImageTransform(data.resolution, data.resize_to, data.random_crop, data.random_flip)
     eval_transform = ImageTransform(data.resolution, data.resize_to, random_crop=data.eval_crops > 1)
-    train = ImageDataset(train_split, train_transform, repeats=data.repeats, seed=seed)
-    held_out = ImageDataset(eval_split, eval_transform, repeats=data.eval_crops, seed=12345)
-    return train, held_out
+    if isinstance(source, datasets.IterableDataset):
+        train_split, eval_split = split_stream(source, data.eval_size)
+        train = StreamingImageDataset(train_split, train_transform, seed=seed)
+    else:
+        train_split, eval_split = split_holdout(source, data.eval_fraction, seed=0)
+        train = ImageDataset(train_split, train_transform, repeats=data.repeats, seed=seed)
+    return train, ImageDataset(eval_split, eval_transform, repeats=data.eval_crops, seed=12345)
 
 
 @dataclass
@@ -96,9 +112,9 @@ class Run:
     scheduler: object
     d_optimizer: torch.optim.Optimizer | None
     d_scheduler: object
-    train_data: ImageDataset
+    train_data: ImageDataset | StreamingImageDataset
     eval_data: ImageDataset
-    sampler: EpochSampler
+    sampler: EpochSampler | None  # None for a stream
     loader: DataLoader
     ema: EMA | None
 
@@ -108,12 +124,14 @@ def setup(model_args, data_args, loss_config: LossConfig, train: TrainConfig) ->
     tokenizer = build_tokenizer(model_args, data_args)  # after the accelerator: VQ syncs EMA codebooks in DDP
     loss_fn = TokenizerLoss(loss_config).to(accelerator.device)
     train_data, eval_data = build_datasets(data_args, train.seed)
-    if len(train_data) < train.batch_size * accelerator.num_processes:
-        raise ValueError(
-            f"{len(train_data)} training images cannot fill one batch of {train.batch_size} x "
-            f"{accelerator.num_processes} processes; raise `repeats` or lower `batch_size`"
-        )
-    sampler = EpochSampler(len(train_data), train.seed)
+    sampler = None
+    if isinstance(train_data, ImageDataset):
+        if len(train_data) < train.batch_size * accelerator.num_processes:
+            raise ValueError(
+                f"{len(train_data)} training images cannot fill one batch of {train.batch_size} x "
+                f"{accelerator.num_processes} processes; raise `repeats` or lower `batch_size`"
+            )
+        sampler = EpochSampler(len(train_data), train.seed)
     loader = DataLoader(train_data, train.batch_size, sampler=sampler, collate_fn=collate_images,
                         drop_last=True, num_workers=train.num_workers)  # fmt: skip
     optimizer = make_optimizer(tokenizer.parameters(), train)
@@ -239,44 +257,22 @@ def train_tokenizer(model_args, data_args, loss_config: LossConfig, train: Train
     if accelerator.is_main_process:
         save_resolved_recipe(output / "recipe.yaml", model_args, data_args, loss_config, train)
     start_trackers(accelerator, "tokenizer", recipe)
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_images": 0}
+    state = start_state()
     if checkpoint := resolve_resume(train.resume, train.output_dir):
         state = load_checkpoint(accelerator, checkpoint, run.ema)
         accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
     lpips = eval_lpips(run.loss_fn, accelerator.device) if accelerator.is_main_process else None
 
-    progress = tqdm(total=train.max_steps, initial=state["step"], disable=not accelerator.is_main_process)
-    speed, metrics = Throughput(), None
-    while state["step"] < train.max_steps:
-        run.sampler.set_epoch(state["epoch"])
-        run.train_data.set_epoch(state["epoch"])
-        batches = accelerator.skip_first_batches(run.loader, state["batch_in_epoch"]) if state["batch_in_epoch"] else run.loader
-        for batch in batches:
-            state["batch_in_epoch"] += 1
-            state["skipped_images"] += batch["skipped"]
-            if not len(batch["pixels"]):
-                continue
-            logs = train_step(run, batch["pixels"], state["step"], train)
-            state["step"] += 1
-            speed.add(len(batch["pixels"]) * accelerator.num_processes)
-            step = state["step"]
-            if step % train.log_every == 0 or step == train.max_steps:
-                values = {k: v.item() for k, v in logs.items()}
-                values["images_per_s"] = speed.read()
-                accelerator.log(values, step=step)
-                progress.set_postfix(loss=f"{values['loss/total']:.4f}", img_s=f"{values['images_per_s']:.1f}")
-            progress.update(1)
-            if train.eval_every and step % train.eval_every == 0 and step < train.max_steps and accelerator.is_main_process:
-                metrics = _evaluate_and_log(run, data_args, train, step, lpips)
-            if train.save_every and step % train.save_every == 0 and step < train.max_steps:
-                save_checkpoint(accelerator, train, state, run.ema)
-            if step >= train.max_steps:
-                break
-        else:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-    progress.close()
-    save_checkpoint(accelerator, train, state, run.ema)
+    def step(batch: dict, step: int) -> dict | None:
+        return train_step(run, batch["pixels"], step, train) if len(batch["pixels"]) else None
+
+    def evaluate_now(step: int) -> str:
+        m = _evaluate_and_log(run, data_args, train, step, lpips)
+        return f"held-out PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, codebook usage {m['codebook_usage']:.1%}"
+
+    hooks = LoopHooks(step=step, count=lambda batch: len(batch["pixels"]), evaluate=evaluate_now)
+    data = {"loader": run.loader, "sampler": run.sampler, "dataset": run.train_data}
+    state = run_loop(accelerator, train, data, state, hooks, run.ema)
     return _finish(run, data_args, train, state, lpips, started)
 
 

@@ -1,0 +1,197 @@
+"""Stage 2's view of the world: the vocabulary layout, and a stock causal LM sized for it.
+
+The AR model sees integer ids only. `VocabLayout` owns the id space of DESIGN.md:
+
+    [0, K)              image codes of the tokenizer (K = codebook size)
+    [K, K+M)            visual-BPE merged tokens (M = 0 without BPE)
+    K+M .. K+M+3        begin-of-image, end-of-image, pad, null class (the CFG "no class")
+    K+M+4 ..            one token per class
+
+A training sequence is `[condition, BOI, code_1 .. code_N]`: the condition is a class token,
+or the null class for unconditional models and for CFG's label dropout. The layout is saved
+inside the AR model's config.json (key `vqar_vocab`), so a checkpoint describes itself and
+`AutoModelForCausalLM.from_pretrained` loads it without vqar.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+CONFIG_KEY = "vqar_vocab"
+PROMPT_LENGTH = 2  # condition, BOI
+
+
+@dataclass
+class VocabLayout:
+    codebook_size: int
+    tokens_per_image: int
+    grid: list[int] | None = None  # [h, w] for grid tokenizers; None for 1D sequences
+    num_bpe_tokens: int = 0
+    class_names: list[str] = field(default_factory=list)  # empty: unconditional
+    tokenizer: str = ""  # path or Hub id of the tokenizer the model was trained on
+
+    def __post_init__(self):
+        if self.codebook_size < 2 or self.tokens_per_image < 1:
+            raise ValueError(f"bad layout: codebook_size={self.codebook_size}, tokens_per_image={self.tokens_per_image}")
+        if self.grid is not None and math.prod(self.grid) != self.tokens_per_image:
+            raise ValueError(f"grid {self.grid} does not hold tokens_per_image={self.tokens_per_image}")
+
+    # -- ids --------------------------------------------------------------------------------
+
+    @property
+    def image_vocab_size(self) -> int:
+        """Ids that may appear inside an image: codes, then BPE tokens."""
+        return self.codebook_size + self.num_bpe_tokens
+
+    @property
+    def boi(self) -> int:
+        return self.image_vocab_size
+
+    @property
+    def eoi(self) -> int:
+        return self.image_vocab_size + 1
+
+    @property
+    def pad(self) -> int:
+        return self.image_vocab_size + 2
+
+    @property
+    def null_class(self) -> int:
+        return self.image_vocab_size + 3
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.image_vocab_size + 4 + self.num_classes
+
+    @property
+    def sequence_length(self) -> int:
+        return PROMPT_LENGTH + self.tokens_per_image
+
+    def class_token(self, classes: Tensor | list[int] | int) -> Tensor:
+        """Class indices [B] (or one int) -> their condition token ids [B]."""
+        classes = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
+        if self.num_classes == 0:
+            raise ValueError("this model is unconditional: it has no class tokens")
+        if classes.numel() and (classes.min() < 0 or classes.max() >= self.num_classes):
+            raise ValueError(f"class index must lie in [0, {self.num_classes}), got {classes.tolist()}")
+        return self.image_vocab_size + 4 + classes
+
+    def class_index(self, name_or_index: str | int) -> int:
+        """A class by name (as in the dataset's labels) or index -> its index, checked."""
+        if isinstance(name_or_index, str) and not name_or_index.lstrip("-").isdigit():
+            if name_or_index not in self.class_names:
+                raise ValueError(f"unknown class {name_or_index!r}; classes: {self.class_names}")
+            return self.class_names.index(name_or_index)
+        index = int(name_or_index)
+        if not 0 <= index < self.num_classes:
+            raise ValueError(f"class index must lie in [0, {self.num_classes}), got {index}")
+        return index
+
+    # -- sequences ----------------------------------------------------------------------------
+
+    def conditions(self, labels: Tensor | None, batch_size: int) -> Tensor:
+        """Condition ids [B]: class tokens for labels >= 0, the null class for None or -1."""
+        if labels is None or self.num_classes == 0:
+            return torch.full((batch_size,), self.null_class, dtype=torch.long)
+        labels = labels.long()
+        null = labels < 0
+        tokens = self.class_token(labels.clamp_min(0))
+        return torch.where(null, torch.full_like(tokens, self.null_class), tokens)
+
+    def prompt(self, conditions: Tensor) -> Tensor:
+        """Condition ids [B] -> the prompt [B, 2]: condition, BOI."""
+        return torch.stack([conditions, torch.full_like(conditions, self.boi)], dim=1)
+
+    def to_sequence(self, labels: Tensor | None, image_ids: Tensor) -> Tensor:
+        """(labels [B] or None, image ids [B, N] or [B, h, w]) -> AR input ids [B, 2 + N]."""
+        ids = image_ids.reshape(image_ids.shape[0], -1).long()
+        self.check_image_ids(ids)
+        return torch.cat([self.prompt(self.conditions(labels, ids.shape[0]).to(ids.device)), ids], dim=1)
+
+    def from_sequence(self, sequences: Tensor) -> tuple[Tensor, Tensor]:
+        """AR ids [B, 2 + N] -> (condition ids [B], image ids [B, N], as a grid when there is one)."""
+        if sequences.ndim != 2 or sequences.shape[1] != self.sequence_length:
+            raise ValueError(f"sequences must be [B, {self.sequence_length}], got {tuple(sequences.shape)}")
+        images = sequences[:, PROMPT_LENGTH:]
+        self.check_image_ids(images)
+        return sequences[:, 0], self.to_grid(images)
+
+    def to_grid(self, image_ids: Tensor) -> Tensor:
+        """[B, N] -> [B, h, w] for grid tokenizers; unchanged for 1D ones."""
+        return image_ids.reshape(image_ids.shape[0], *self.grid) if self.grid else image_ids
+
+    def check_image_ids(self, ids: Tensor) -> None:
+        if ids.is_floating_point():
+            raise TypeError(f"image ids must be integers, got dtype {ids.dtype}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.image_vocab_size):
+            raise ValueError(
+                f"image ids must lie in [0, {self.image_vocab_size}), got values in [{ids.min().item()}, {ids.max().item()}]"
+            )
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_model_config(cls, config) -> VocabLayout:
+        data = getattr(config, CONFIG_KEY, None)
+        if data is None:
+            raise ValueError(f"this model's config has no `{CONFIG_KEY}`: it was not trained by vqar")
+        return cls(**data)
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Refuse a tokenizer whose codes do not mean what the model was trained on."""
+        expected = (self.codebook_size, self.tokens_per_image)
+        got = (tokenizer.codebook_size, tokenizer.tokens_per_image)
+        if got != expected:
+            raise ValueError(
+                f"tokenizer does not match the prior: the prior was trained on {self.tokenizer or 'a tokenizer'} with "
+                f"codebook_size={expected[0]}, tokens_per_image={expected[1]}; got codebook_size={got[0]}, "
+                f"tokens_per_image={got[1]}"
+            )
+
+
+# -- the causal LM ----------------------------------------------------------------------------
+
+PRIOR_SIZES = {
+    # Llama shapes; "S"/"B" follow LlamaGen's GPT-B/L widths scaled down for CPUs.
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=172),
+    "cpu": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, intermediate_size=512),
+    "S": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376),
+    "B": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=2048),
+    "L": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=2816),
+}
+
+
+def build_prior(layout: VocabLayout, model_type: str = "llama", size: str = "cpu", **overrides) -> PreTrainedModel:
+    """A freshly initialised `AutoModelForCausalLM` whose vocabulary and context fit `layout`."""
+    if size not in PRIOR_SIZES:
+        raise ValueError(f"unknown prior size {size!r}; sizes: {sorted(PRIOR_SIZES)}")
+    options = {**PRIOR_SIZES[size], **overrides}
+    context = options.pop("max_position_embeddings", layout.sequence_length)
+    if context < layout.sequence_length:
+        raise ValueError(
+            f"max_position_embeddings={context} is shorter than one image's sequence ({layout.sequence_length} = "
+            f"{PROMPT_LENGTH} prompt tokens + {layout.tokens_per_image} image tokens)"
+        )
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=layout.vocab_size,
+        max_position_embeddings=context,
+        bos_token_id=layout.boi,
+        eos_token_id=layout.eoi,
+        pad_token_id=layout.pad,
+        **options,
+    )
+    setattr(config, CONFIG_KEY, layout.to_dict())
+    return AutoModelForCausalLM.from_config(config)
