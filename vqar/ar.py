@@ -195,3 +195,9 @@ def build_prior(layout: VocabLayout, model_type: str = "llama", size: str = "cpu
     )
     setattr(config, CONFIG_KEY, layout.to_dict())
     return AutoModelForCausalLM.from_config(config)
+
+
+def load_prior(path: str, **kwargs) -> tuple[PreTrainedModel, VocabLayout]:
+    """A prior saved by `vqar train-ar` (folder or Hub id) and its vocabulary layout."""
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model.eval(), VocabLayout.from_model_config(model.config)

@@ -1,6 +1,9 @@
 """The `vqar` command. Thin: it parses arguments and calls the library.
 
     vqar train-tokenizer RECIPE.yaml [--field value ...]
+    vqar tokenize --tokenizer DIR --data SOURCE --output DIR
+    vqar train-ar RECIPE.yaml [--field value ...]
+    vqar generate --prior DIR [--class C ...] [--prefix-image PNG --prefix-rows R] --output DIR
     vqar presets
     vqar demo [--output DIR]
 """
@@ -16,6 +19,64 @@ def _train_tokenizer(argv: list[str]) -> None:
     from .training.tokenizer import main
 
     main(argv)
+
+
+def _train_ar(argv: list[str]) -> None:
+    from .training.prior import main
+
+    main(argv)
+
+
+def _tokenize(argv: list[str]) -> None:
+    from .training.tokenize import TokenizeArgs, tokenize_dataset
+
+    parser = argparse.ArgumentParser(prog="vqar tokenize", description="Encode a dataset with a frozen tokenizer.")
+    parser.add_argument("--tokenizer", required=True, help="trained tokenizer folder or Hub id")
+    parser.add_argument("--data", required=True, help="digits | photos | folder | *.parquet | Hub id")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--image-column")
+    parser.add_argument("--label-column")
+    parser.add_argument("--eval-fraction", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = TokenizeArgs(**vars(parser.parse_args(argv)))
+    manifest = tokenize_dataset(args)
+    print(f"{manifest['num_images']} images, {manifest['tokens_per_image']} tokens each, in {args.output}")
+
+
+def _generate(argv: list[str]) -> None:
+    import torch
+
+    from .ar import load_prior
+    from .generation import SamplingConfig, build_prompts, generate_images, prefix_from_image, save_images
+    from .tokenizer import VQTokenizer
+
+    parser = argparse.ArgumentParser(prog="vqar generate", description="Sample images from a trained prior.")
+    parser.add_argument("--prior", required=True, help="folder written by train-ar (OUTPUT/prior) or Hub id")
+    parser.add_argument("--tokenizer", help="defaults to the tokenizer the prior was trained on")
+    parser.add_argument("--class", dest="classes", action="append", help="class index or name; repeatable")
+    parser.add_argument("--num-images", type=int, help="images per class, or in all when unconditional")
+    parser.add_argument("--prefix-image", help="complete this image from its first token rows")
+    parser.add_argument("--prefix-rows", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--cfg-scale", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args(argv)
+
+    prior, layout = load_prior(args.prior)
+    tokenizer = VQTokenizer.from_pretrained(args.tokenizer or layout.tokenizer).eval()
+    layout.check_tokenizer(tokenizer)
+    prefix = prefix_from_image(tokenizer, args.prefix_image, args.prefix_rows) if args.prefix_image else None
+    per_class = args.num_images or (1 if args.classes else 8)
+    classes = [c for c in args.classes for _ in range(per_class)] if args.classes else None
+    prompts = build_prompts(layout, classes=classes, num_images=None if classes else per_class, prefix=prefix)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg_scale, args.seed)
+    images = generate_images(prior, tokenizer, layout, prompts, sampling)
+    save_images(images, args.output, rows=len(args.classes) if args.classes else 1)
+    print(f"wrote {len(images)} images and grid.png to {args.output}")
 
 
 def _presets(argv: list[str]) -> None:
@@ -39,6 +100,9 @@ def _demo(argv: list[str]) -> None:
 
 COMMANDS = {
     "train-tokenizer": (_train_tokenizer, "train a tokenizer from a YAML recipe"),
+    "tokenize": (_tokenize, "encode a dataset with a trained tokenizer"),
+    "train-ar": (_train_ar, "train the autoregressive prior from a YAML recipe"),
+    "generate": (_generate, "sample images from a trained prior"),
     "presets": (_presets, "list the tokenizer presets"),
     "demo": (_demo, "the quickstart on bundled data"),
 }

@@ -256,7 +256,8 @@ class ImageDataset(torch.utils.data.Dataset):
         except (UnreadableImage, OSError, ValueError) as error:
             logger.warning("skipping image %d: %s", row_index, error)
             return None
-        return {"pixels": self.transform.augment(image, _generator(self.seed, self.epoch, index)), "label": label}
+        pixels = self.transform.augment(image, _generator(self.seed, self.epoch, index))
+        return {"pixels": pixels, "label": label, "index": index}
 
 
 def _generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -285,7 +286,7 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
                 yield None
                 continue
             pixels = self.transform.augment(image, _generator(self.seed, self.epoch, index))
-            yield {"pixels": pixels, "label": row.get("label", -1)}
+            yield {"pixels": pixels, "label": row.get("label", -1), "index": index}
 
 
 def split_stream(dataset: datasets.IterableDataset, eval_size: int):
@@ -297,11 +298,16 @@ def split_stream(dataset: datasets.IterableDataset, eval_size: int):
 
 
 def collate_images(batch: list[dict | None]) -> dict:
-    """Stack the readable examples; `skipped` counts the unreadable ones in this batch."""
+    """Stack the readable examples; `skipped` counts the unreadable ones in this batch.
+
+    Returns pixels [B, 3, R, R], labels [B] (-1 without labels), indices [B] (positions in
+    the dataset) and skipped (an int).
+    """
     good = [example for example in batch if example is not None]
     pixels = torch.stack([e["pixels"] for e in good]) if good else torch.empty(0, 3, 0, 0)
     labels = torch.tensor([e["label"] for e in good], dtype=torch.long)
-    return {"pixels": pixels, "labels": labels, "skipped": len(batch) - len(good)}
+    indices = torch.tensor([e["index"] for e in good], dtype=torch.long)
+    return {"pixels": pixels, "labels": labels, "indices": indices, "skipped": len(batch) - len(good)}
 
 
 # -- writing images -------------------------------------------------------------------------
@@ -322,3 +328,18 @@ def image_grid(rows: list[torch.Tensor], padding: int = 2) -> Image.Image:
         for c, image in enumerate(to_pil(row)):
             grid.paste(image, (padding + c * (W + padding), padding + r * (H + padding)))
     return grid
+
+
+def make_loader(dataset, batch_size: int, *, collate_fn, sampler=None, drop_last: bool = False,
+                num_workers: int = 0) -> torch.utils.data.DataLoader:  # fmt: skip
+    """A DataLoader that never draws from the global RNG.
+
+    Each new DataLoader iterator draws a seed from its generator, by default the global one. A
+    resumed run creates its iterator after restoring the RNG states, an uninterrupted one before
+    saving them, so that draw would shift every random number after a resume. Data randomness
+    here comes from (seed, epoch, index) alone, so a private generator changes nothing else.
+    """
+    return torch.utils.data.DataLoader(
+        dataset, batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last,
+        num_workers=num_workers, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip

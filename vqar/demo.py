@@ -1,8 +1,11 @@
-"""`vqar demo` (and `make demo`): the main job on bundled data, sized for 2 CPU cores.
+"""`vqar demo` (and `make demo`): the whole main job on bundled digits, sized for 2 CPU cores.
 
-Trains a tokenizer on scikit-image's photographs with recipes/photos-cpu.yaml, reloads the
-saved tokenizer, round-trips the held-out photographs through it, writes a PNG of originals
-above reconstructions and prints the PSNR.
+1. train a tokenizer on scikit-learn's digits (recipes/quickstart-digits.yaml);
+2. tokenize the digits with it;
+3. train a class-conditional prior on the tokens (recipes/digits-prior-cpu.yaml);
+4. generate a grid with one row per digit class, with classifier-free guidance;
+5. report: reconstruction PSNR, held-out bits per image, and how often a logistic regression
+   trained on real digits recognises each generated digit as the class it was asked for.
 """
 
 from __future__ import annotations
@@ -10,47 +13,89 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .data import collate_images, image_grid
+from .ar import load_prior
+from .data import ImageDataset, ImageTransform, collate_images, load_source, split_holdout
+from .generation import SamplingConfig, build_prompts, generate_images, save_images
 from .losses import LossConfig
-from .metrics import psnr
 from .tokenizer import VQTokenizer
 from .training.common import TrainConfig, parse_recipe
-from .training.tokenizer import DataArgs, TokenizerModelArgs, build_datasets, train_tokenizer
+from .training.prior import PriorArgs, train_prior
+from .training.tokenize import TokenizeArgs, tokenize_dataset
+from .training.tokenizer import DataArgs, TokenizerModelArgs, train_tokenizer
 
-RECIPE_TYPES = (TokenizerModelArgs, DataArgs, LossConfig, TrainConfig)
+TOKENIZER_RECIPE = "quickstart-digits.yaml"
+PRIOR_RECIPE = "digits-prior-cpu.yaml"
+SAMPLES_PER_CLASS = 20
+DEMO_SAMPLING = SamplingConfig(temperature=1.0, cfg_scale=2.0, seed=0)
 
 
-@torch.inference_mode()
-def round_trip(tokenizer: VQTokenizer, images: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Encode and decode images [B, 3, H, W] in [-1, 1]; returns reconstructions and mean PSNR."""
-    reconstructions = tokenizer.decode(tokenizer.encode(images)).clamp(-1, 1)
-    return reconstructions, psnr(images, reconstructions).mean().item()
+def digit_features(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> [B, 64] in scikit-learn's digits scale (8x8, 0..16)."""
+    gray = images.float().mean(dim=1, keepdim=True)
+    small = F.adaptive_avg_pool2d(gray, 8)
+    return ((small + 1) * 8).clamp(0, 16).flatten(1).cpu().numpy()
+
+
+def real_digits(resolution: int) -> tuple[dict, dict]:
+    """The digits as the tokenizer saw them, split like every vqar stage: (train, held-out)."""
+    train, held_out = split_holdout(load_source("digits"), eval_fraction=0.1, seed=0)
+    transform = ImageTransform(resolution)
+    return tuple(collate_images([ImageDataset(s, transform)[i] for i in range(len(s))]) for s in (train, held_out))
+
+
+def fit_digit_classifier(resolution: int):
+    """Logistic regression on real training digits; returns (classifier, accuracy on held-out real digits)."""
+    from sklearn.linear_model import LogisticRegression
+
+    train, held_out = real_digits(resolution)
+    classifier = LogisticRegression(max_iter=2000).fit(digit_features(train["pixels"]), train["labels"].numpy())
+    accuracy = classifier.score(digit_features(held_out["pixels"]), held_out["labels"].numpy())
+    return classifier, float(accuracy)
+
+
+def _recipe(recipes: Path, name: str, types: tuple, *overrides: str):
+    path = recipes / name
+    if not path.is_file():
+        raise FileNotFoundError(f"demo recipe {path} not found; run from the repository root or pass --recipes")
+    return parse_recipe([str(path), *overrides, "--log_with", "none"], types)
 
 
 def run_demo(output: str, recipes: str = "recipes") -> dict:
-    recipe = Path(recipes) / "photos-cpu.yaml"
-    if not recipe.is_file():
-        raise FileNotFoundError(f"demo recipe {recipe} not found; run from the repository root or pass --recipes")
-    output_dir = Path(output)
-    run_dir = output_dir / "photos-tokenizer"
-    args = parse_recipe([str(recipe), "--output_dir", str(run_dir), "--log_with", "none"], RECIPE_TYPES)
-    train_tokenizer(*args)
+    output_dir, recipes = Path(output), Path(recipes)
+    tokenizer_run, tokens, prior_run = output_dir / "tokenizer-run", output_dir / "tokens", output_dir / "prior-run"
 
-    tokenizer = VQTokenizer.from_pretrained(run_dir / "tokenizer").eval()
-    _, held_out = build_datasets(args[1], seed=args[3].seed)
-    images = collate_images([held_out[i] for i in range(len(held_out))])["pixels"]
-    reconstructions, mean_psnr = round_trip(tokenizer, images)
-    image_grid([images[:8], reconstructions[:8]]).save(output_dir / "roundtrip.png")
+    tokenizer_metrics = train_tokenizer(*_recipe(recipes, TOKENIZER_RECIPE, (TokenizerModelArgs, DataArgs, LossConfig,
+                                        TrainConfig), "--output_dir", str(tokenizer_run)))  # fmt: skip
+    tokenize_dataset(TokenizeArgs(tokenizer=str(tokenizer_run / "tokenizer"), data="digits", output=str(tokens)))
+    prior_metrics = train_prior(*_recipe(recipes, PRIOR_RECIPE, (PriorArgs, TrainConfig),
+                                         "--tokens", str(tokens), "--output_dir", str(prior_run)))  # fmt: skip
+
+    tokenizer = VQTokenizer.from_pretrained(tokenizer_run / "tokenizer").eval()
+    prior, layout = load_prior(str(prior_run / "prior"))
+    classes = [c for c in range(layout.num_classes) for _ in range(SAMPLES_PER_CLASS)]
+    images = generate_images(prior, tokenizer, layout, build_prompts(layout, classes=classes), DEMO_SAMPLING)
+    save_images(images, output_dir / "samples", rows=layout.num_classes)
+
+    classifier, accuracy_on_real = fit_digit_classifier(tokenizer.config.resolution)
+    predicted = classifier.predict(digit_features(images))
     report = {
-        "recon_psnr": mean_psnr,
-        "held_out_images": len(images),
-        "tokens_per_image": tokenizer.tokens_per_image,
-        "bits_per_image": tokenizer.bits_per_image,
+        "recon_psnr": tokenizer_metrics["psnr"],
+        "bits_per_image": prior_metrics["bits_per_image"],
+        "class_agreement": float(np.mean(predicted == np.array(classes))),
+        "classifier_accuracy_on_real": accuracy_on_real,
+        "codebook_usage": tokenizer_metrics["codebook_usage"],
+        "raw_bits_per_image": tokenizer.bits_per_image,
+        "samples": str(output_dir / "samples" / "grid.png"),
     }
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"\nheld-out photos: {len(images)} crops of {tokenizer.config.resolution} px")
-    print(f"reconstruction PSNR: {mean_psnr:.2f} dB at {tokenizer.bits_per_image:.0f} bits per image")
-    print(f"originals over reconstructions: {output_dir / 'roundtrip.png'}")
+    print("\nvqar demo — digits")
+    print(f"  reconstruction PSNR (held-out)      {report['recon_psnr']:.2f} dB")
+    print(f"  prior, held-out bits per image       {report['bits_per_image']:.1f} (raw: {report['raw_bits_per_image']:.0f})")
+    print(f"  generated digits of the asked class  {report['class_agreement']:.1%}")
+    print(f"  classifier accuracy on real digits   {report['classifier_accuracy_on_real']:.1%}")
+    print(f"  samples (one row per class)          {report['samples']}")
     return report

@@ -319,7 +319,7 @@ def run_loop(accelerator: Accelerator, train: TrainConfig, data: dict, state: di
     """Epochs of batches until `max_steps`, with logging, evaluation and checkpoints.
 
     `data` holds the prepared `loader`, its `sampler` (or None for a stream) and the
-    `dataset` (for `set_epoch`). The data position lives in `state`, so a resumed run skips
+    `dataset` (for `set_epoch`, or None). The data position lives in `state`, so a resumed run skips
     exactly the batches it had already trained on. Ends with a checkpoint of the final state.
     """
     progress = tqdm(total=train.max_steps, initial=state["step"], disable=not accelerator.is_main_process)
@@ -327,7 +327,8 @@ def run_loop(accelerator: Accelerator, train: TrainConfig, data: dict, state: di
     while state["step"] < train.max_steps:
         if data["sampler"] is not None:
             data["sampler"].set_epoch(state["epoch"])
-        data["dataset"].set_epoch(state["epoch"])
+        if data.get("dataset") is not None:  # random crops change with the epoch
+            data["dataset"].set_epoch(state["epoch"])
         skip = state["batch_in_epoch"]
         for batch in accelerator.skip_first_batches(data["loader"], skip) if skip else data["loader"]:
             state["batch_in_epoch"] += 1

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import datasets
 import torch
-from torch.utils.data import DataLoader
 
 from ..data import (
     ImageDataset,
@@ -24,6 +23,7 @@ from ..data import (
     collate_images,
     image_grid,
     load_source,
+    make_loader,
     split_holdout,
     split_stream,
 )
@@ -115,7 +115,7 @@ class Run:
     train_data: ImageDataset | StreamingImageDataset
     eval_data: ImageDataset
     sampler: EpochSampler | None  # None for a stream
-    loader: DataLoader
+    loader: torch.utils.data.DataLoader
     ema: EMA | None
 
 
@@ -132,8 +132,8 @@ def setup(model_args, data_args, loss_config: LossConfig, train: TrainConfig) ->
                 f"{accelerator.num_processes} processes; raise `repeats` or lower `batch_size`"
             )
         sampler = EpochSampler(len(train_data), train.seed)
-    loader = DataLoader(train_data, train.batch_size, sampler=sampler, collate_fn=collate_images,
-                        drop_last=True, num_workers=train.num_workers)  # fmt: skip
+    loader = make_loader(train_data, train.batch_size, sampler=sampler, collate_fn=collate_images,
+                         drop_last=True, num_workers=train.num_workers)  # fmt: skip
     optimizer = make_optimizer(tokenizer.parameters(), train)
     scheduler = make_scheduler(optimizer, train)
     tokenizer, optimizer, scheduler, loader = accelerator.prepare(tokenizer, optimizer, scheduler, loader)
@@ -195,7 +195,7 @@ def evaluate(tokenizer: VQTokenizer, data: ImageDataset, batch_size: int, lpips:
     was_training = tokenizer.training
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
-    loader = DataLoader(data, batch_size, collate_fn=collate_images)
+    loader = make_loader(data, batch_size, collate_fn=collate_images)
     counts = torch.zeros(tokenizer.codebook_size, device=device)
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     n, first = 0, None

@@ -1,0 +1,96 @@
+"""Tokenizing a dataset and training the prior: outputs, reuse, resume, plain-transformers loading."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vqar import TokenizerConfig, VQTokenizer
+from vqar.training.common import TrainConfig, complete_checkpoints, parse_recipe
+from vqar.training.prior import PriorArgs, train_prior
+from vqar.training.tokenize import TokenizeArgs, load_tokens, tokenize_dataset
+
+TINY_F2 = dict(resolution=16, channels=8, channel_multipliers=[1, 2], num_res_blocks=1, attn_resolutions=[],
+               mid_attention=False, latent_channels=2, quantizer={"kind": "fsq", "levels": [5, 5]})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokens_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prior")
+    torch.manual_seed(0)
+    VQTokenizer(TokenizerConfig(**TINY_F2)).save_pretrained(root / "tokenizer")
+    tokenize_dataset(TokenizeArgs(tokenizer=str(root / "tokenizer"), data="digits", output=str(root / "tokens")))
+    return root / "tokens"
+
+
+def test_tokenized_dataset_has_tokens_labels_and_a_manifest(tokens_dir):
+    dataset, manifest = load_tokens(tokens_dir)
+    assert manifest["num_images"] == {"train": 1617, "eval": 180}
+    assert manifest["tokens_per_image"] == 64 and manifest["codebook_size"] == 25 and manifest["grid"] == [8, 8]
+    assert manifest["class_names"] == [str(d) for d in range(10)]
+    row = dataset["train"][0]
+    assert len(row["tokens"]) == 64 and 0 <= min(row["tokens"]) and max(row["tokens"]) < 25
+    assert sorted(set(dataset["eval"]["label"])) == list(range(10))
+
+
+def test_tokenize_reuses_what_is_written_and_redoes_it_for_another_tokenizer(tokens_dir, tmp_path):
+    tokenizer = str(tokens_dir.parent / "tokenizer")
+    before = (tokens_dir / "train").stat().st_mtime_ns
+    args = TokenizeArgs(tokenizer=tokenizer, data="digits", output=str(tokens_dir))
+    assert tokenize_dataset(args) == json.loads((tokens_dir / "vqar_tokens.json").read_text())
+    assert (tokens_dir / "train").stat().st_mtime_ns == before
+    other = VQTokenizer.from_pretrained(tokenizer)
+    torch.nn.init.normal_(other.decoder.conv_out.bias)
+    other.save_pretrained(tmp_path / "other")
+    copy = tmp_path / "tokens"
+    shutil.copytree(tokens_dir, copy)
+    manifest = tokenize_dataset(TokenizeArgs(tokenizer=str(tmp_path / "other"), data="digits", output=str(copy)))
+    assert manifest["fingerprint"] != json.loads((tokens_dir / "vqar_tokens.json").read_text())["fingerprint"]
+
+
+def prior_args(tokens_dir, output_dir, **overrides) -> list[str]:
+    options = {"tokens": tokens_dir, "size": "tiny", "output_dir": output_dir, "max_steps": 4, "batch_size": 16,
+               "log_with": "none", "eval_every": 0, "save_every": 0, "learning_rate": 3e-3, **overrides}  # fmt: skip
+    return [f"--{k}={v}" for k, v in options.items()]
+
+
+def run(argv):
+    return train_prior(*parse_recipe(argv, (PriorArgs, TrainConfig)))
+
+
+def test_train_ar_reports_bits_and_saves_a_self_describing_prior(tokens_dir, tmp_path):
+    metrics = run(prior_args(tokens_dir, tmp_path, max_steps=3))
+    assert metrics["steps"] == 3 and 0 < metrics["bits_per_token"] < 10
+    assert metrics["bits_per_image"] == pytest.approx(metrics["bits_per_token"] * 64)
+    config = json.loads((tmp_path / "prior" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["vocab_size"] == 25 + 4 + 10
+    assert config["vqar_vocab"]["tokenizer"] == str((tokens_dir.parent / "tokenizer").resolve())
+
+
+def test_unconditional_prior_has_no_class_tokens(tokens_dir, tmp_path):
+    run(prior_args(tokens_dir, tmp_path, max_steps=1, conditional=False))
+    config = json.loads((tmp_path / "prior" / "config.json").read_text())
+    assert config["vocab_size"] == 25 + 4 and config["vqar_vocab"]["class_names"] == []
+
+
+def test_prior_resume_is_bit_identical(tokens_dir, tmp_path):
+    options = dict(max_steps=6, save_every=3, keep_checkpoints=3, ema_decay=0.9, warmup_steps=2)
+    run(prior_args(tokens_dir, tmp_path / "full", **options))
+    assert [p.name for p in complete_checkpoints(tmp_path / "full")] == ["step-000003", "step-000006"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-000003", resumed / "checkpoints" / "step-000003")
+    run(prior_args(tokens_dir, resumed, resume="latest", **options))
+    a, b = (load_file(d / "prior" / "model.safetensors") for d in (tmp_path / "full", resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_context_shorter_than_an_image_is_refused(tokens_dir, tmp_path):
+    with pytest.raises(ValueError, match="max_position_embeddings=32 is shorter than one image's sequence \\(66"):
+        run(prior_args(tokens_dir, tmp_path, prior='{"max_position_embeddings": 32}'))
+
+
+def test_missing_tokens_folder_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `vqar tokenize` first"):
+        run(prior_args(tmp_path / "nothing", tmp_path / "out"))

@@ -1,0 +1,222 @@
+"""Prompts -> ids -> images: sampling from the prior through `generate()` with its KV cache.
+
+Sampling happens inside a logits processor (`ImageTokenSampler`) and `generate()` runs
+greedily over the one token it leaves possible. That is what lets classifier-free guidance
+(Ho & Salimans 2022) run batched: the conditional and unconditional rows sit in one batch,
+one forward pass per step, and both take the same sampled token — transformers' own
+`guidance_scale` runs a second, sequential forward pass per step instead. The processor also
+masks every id that is not an image id, so every generated sequence decodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
+
+from .ar import PROMPT_LENGTH, VocabLayout
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    cfg_scale: float = 1.0  # 1: no guidance; LlamaGen samples class-conditional ImageNet at 1.5-2.0
+    seed: int | None = None  # same seed, same images
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale != 1.0
+
+
+def sample_tokens(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> Tensor:
+    """Logits [B, V] -> token ids [B], after temperature, top-k and top-p (nucleus) filtering."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs > sampling.top_p  # keeps the token that crosses top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def guide(scores: Tensor, cfg_scale: float) -> Tensor:
+    """Batched CFG: rows [cond; uncond] -> uncond + s * (cond - uncond), [B, V] from [2B, V]."""
+    cond, uncond = scores.chunk(2, dim=0)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+class ImageTokenSampler(LogitsProcessor):
+    """Samples the next image token itself and returns scores where only that token is finite."""
+
+    def __init__(self, legal_ids: int, sampling: SamplingConfig, generator: torch.Generator | None):
+        self.legal_ids, self.sampling, self.generator = legal_ids, sampling, generator
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        logits = scores[:, : self.legal_ids].float()  # only image ids may be sampled
+        if self.sampling.uses_cfg:
+            tokens = sample_tokens(guide(logits, self.sampling.cfg_scale), self.sampling, self.generator).repeat(2)
+        else:
+            tokens = sample_tokens(logits, self.sampling, self.generator)
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter_(1, tokens[:, None], 0.0)
+
+
+# -- prompts --------------------------------------------------------------------------------
+
+
+def build_prompts(
+    layout: VocabLayout,
+    *,
+    classes: list[int | str] | Tensor | None = None,
+    num_images: int | None = None,
+    prefix: Tensor | None = None,
+    prompt_ids: Tensor | None = None,
+) -> Tensor:
+    """The prompt ids [B, 2 + P]: condition, BOI, then P prefix image ids.
+
+    - classes: class indices or names (one image each); None for unconditional images;
+    - num_images: how many, when no classes are given (or to repeat a single class);
+    - prefix: image ids [B, P] or grid rows [B, r, w] the model must continue;
+    - prompt_ids: raw ids [B, 2 + P], checked and used as they are.
+    """
+    if prompt_ids is not None:
+        return _check_prompt_ids(layout, prompt_ids)
+    conditions = _conditions(layout, classes, num_images)
+    prompts = layout.prompt(conditions)
+    if prefix is None:
+        return prompts
+    prefix = _check_prefix(layout, prefix, len(conditions))
+    return torch.cat([prompts, prefix.expand(len(conditions), -1)], dim=1)
+
+
+def _conditions(layout: VocabLayout, classes, num_images: int | None) -> Tensor:
+    if classes is None:
+        if not num_images or num_images < 1:
+            raise ValueError(f"give classes or num_images >= 1, got num_images={num_images!r}")
+        return torch.full((num_images,), layout.null_class, dtype=torch.long)
+    if isinstance(classes, Tensor):
+        classes = classes.tolist()
+    indices = [layout.class_index(c) for c in classes]
+    if num_images and len(indices) == 1:
+        indices = indices * num_images
+    return layout.class_token(indices)
+
+
+def _check_prefix(layout: VocabLayout, prefix: Tensor, batch: int) -> Tensor:
+    if prefix.ndim == 3:
+        if layout.grid is None or prefix.shape[2] != layout.grid[1]:
+            raise ValueError(f"prefix rows must be [B, r, {layout.grid and layout.grid[1]}], got {tuple(prefix.shape)}")
+        prefix = prefix.reshape(prefix.shape[0], -1)
+    if prefix.ndim != 2 or prefix.shape[0] not in (1, batch):
+        raise ValueError(f"prefix must be [{batch} or 1, P] image ids, got {tuple(prefix.shape)}")
+    if prefix.shape[1] >= layout.tokens_per_image:
+        raise ValueError(
+            f"prefix of {prefix.shape[1]} tokens leaves nothing to generate: an image has {layout.tokens_per_image}"
+        )
+    layout.check_image_ids(prefix)
+    return prefix.long()
+
+
+def _check_prompt_ids(layout: VocabLayout, prompt_ids: Tensor) -> Tensor:
+    if prompt_ids.ndim != 2 or prompt_ids.shape[1] < PROMPT_LENGTH:
+        raise ValueError(f"prompt_ids must be [B, >= {PROMPT_LENGTH}] (condition, BOI, ...), got {tuple(prompt_ids.shape)}")
+    prompt_ids = prompt_ids.long()
+    if prompt_ids.min() < 0 or prompt_ids.max() >= layout.vocab_size:
+        raise ValueError(f"prompt ids must lie in [0, {layout.vocab_size}), got values in "
+                         f"[{prompt_ids.min().item()}, {prompt_ids.max().item()}]")  # fmt: skip
+    conditions = prompt_ids[:, 0]
+    if ((conditions != layout.null_class) & (conditions < layout.null_class + 1)).any():
+        raise ValueError(f"prompt_ids[:, 0] must be a class token or the null class ({layout.null_class}), "
+                         f"got {conditions.tolist()}")  # fmt: skip
+    if (prompt_ids[:, 1] != layout.boi).any():
+        raise ValueError(f"prompt_ids[:, 1] must be begin-of-image ({layout.boi}), got {prompt_ids[:, 1].tolist()}")
+    _check_prefix(layout, prompt_ids[:, PROMPT_LENGTH:], len(prompt_ids))
+    return prompt_ids
+
+
+# -- generation -----------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def generate_ids(
+    prior: PreTrainedModel, layout: VocabLayout, prompts: Tensor, sampling: SamplingConfig = SamplingConfig(),
+    use_cache: bool = True,
+) -> Tensor:  # fmt: skip
+    """Complete prompts [B, 2 + P] to full images: image ids [B, N] (a grid [B, h, w] if any)."""
+    device = prior.device
+    prompts = prompts.to(device)
+    batch = prompts
+    if sampling.uses_cfg:
+        unconditional = prompts.clone()
+        unconditional[:, 0] = layout.null_class  # swap only the condition; the image prefix stays
+        batch = torch.cat([prompts, unconditional])
+    generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    new_tokens = layout.sequence_length - prompts.shape[1]
+    out = prior.generate(
+        input_ids=batch,
+        attention_mask=torch.ones_like(batch),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([ImageTokenSampler(layout.image_vocab_size, sampling, generator)]),
+        use_cache=use_cache,
+        pad_token_id=layout.pad,
+        eos_token_id=None,
+    )
+    return layout.from_sequence(out[: len(prompts)])[1]
+
+
+def generate_images(prior, tokenizer, layout: VocabLayout, prompts: Tensor, sampling: SamplingConfig = SamplingConfig()) -> Tensor:
+    """Prompts -> pixels [B, 3, H, W] in [-1, 1], decoded by the (matching) tokenizer."""
+    layout.check_tokenizer(tokenizer)
+    ids = generate_ids(prior, layout, prompts, sampling)
+    return tokenizer.decode(ids.to(tokenizer.device)).clamp(-1, 1)
+
+
+def prefix_from_image(tokenizer, image_path: str, rows: int) -> Tensor:
+    """The first `rows` token rows [1, rows, w] of an image file, encoded at the tokenizer's resolution."""
+    from .data import ImageTransform, decode_image
+
+    pixels = ImageTransform(tokenizer.config.resolution)(decode_image(image_path))[None].to(tokenizer.device)
+    grid = tokenizer.encode(pixels)
+    if not 1 <= rows < grid.shape[1]:
+        raise ValueError(f"prefix rows must lie in [1, {grid.shape[1]}) for a {grid.shape[1]}-row token grid, got {rows}")
+    return grid[:, :rows]
+
+
+def save_images(images: Tensor, output: str, rows: int = 1) -> list[str]:
+    """Write images [B, 3, H, W] in [-1, 1] as PNGs plus `grid.png` with `rows` rows; returns the paths."""
+    from pathlib import Path
+
+    from .data import image_grid
+
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(folder / f"{i:04d}.png"))
+        image_grid([image[None]], padding=0).save(paths[-1])
+    per_row = -(-len(images) // rows)
+    image_grid(list(images.split(per_row))).save(folder / "grid.png")
+    return paths

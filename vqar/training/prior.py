@@ -1,0 +1,166 @@
+"""Train the stage-2 prior: `vqar train-ar RECIPE.yaml [--field value ...]`.
+
+A stock `transformers` causal LM over the sequences of `VocabLayout` (`[condition, BOI,
+codes]`), trained on a dataset written by `vqar tokenize`, with the checkpoint, resume,
+logging and progress machinery of `training.common`. Class-conditional models replace a
+fraction of labels by the null class, so that one model also gives the unconditional
+predictions classifier-free guidance needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..ar import PROMPT_LENGTH, VocabLayout, build_prior
+from ..data import make_loader
+from .common import (
+    EMA,
+    EpochSampler,
+    LoopHooks,
+    TrainConfig,
+    load_checkpoint,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    parse_recipe,
+    resolve_resume,
+    resolved_recipe,
+    run_loop,
+    save_resolved_recipe,
+    start_state,
+    start_trackers,
+)
+from .tokenize import load_tokens
+
+
+@dataclass
+class PriorArgs:
+    tokens: str = "outputs/tokens"  # a dataset written by `vqar tokenize`
+    model_type: str = "llama"  # any AutoModelForCausalLM config type
+    size: str = "cpu"  # a name of vqar.ar.PRIOR_SIZES
+    prior: dict = field(default_factory=dict)  # overrides of the model config (hidden_size, ...)
+    conditional: bool = True  # class-conditional when the tokens have labels
+    label_dropout: float = 0.1  # fraction of labels replaced by the null class (LlamaGen: 0.1)
+    eval_batch_size: int = 128
+
+    def __post_init__(self):
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
+
+
+def layout_for(manifest: dict, conditional: bool) -> VocabLayout:
+    tokenizer = manifest["tokenizer"]
+    if Path(tokenizer).exists():
+        tokenizer = str(Path(tokenizer).resolve())  # generation may run from another folder
+    return VocabLayout(
+        codebook_size=manifest["codebook_size"],
+        tokens_per_image=manifest["tokens_per_image"],
+        grid=manifest.get("grid"),
+        class_names=manifest["class_names"] if conditional else [],
+        tokenizer=tokenizer,
+    )
+
+
+def collate_tokens(rows: list[dict]) -> dict:
+    return {"tokens": torch.stack([r["tokens"] for r in rows]).long(), "labels": torch.stack([r["label"] for r in rows])}
+
+
+def training_sequences(layout: VocabLayout, tokens: torch.Tensor, labels: torch.Tensor, label_dropout: float):
+    """(input ids [B, 2 + N], targets [B, 2 + N] with -100 on the prompt) with label dropout."""
+    if label_dropout > 0:
+        labels = torch.where(torch.rand(labels.shape, device=labels.device) < label_dropout, -1, labels)
+    ids = layout.to_sequence(labels, tokens)
+    targets = ids.clone()
+    targets[:, :PROMPT_LENGTH] = -100
+    return ids, targets
+
+
+@torch.inference_mode()
+def evaluate_prior(model, layout: VocabLayout, dataset, batch_size: int) -> dict:
+    """Held-out negative log-likelihood of the image tokens, in bits per token and per image."""
+    was_training = model.training
+    model.eval()
+    total_nats, count = 0.0, 0
+    for batch in make_loader(dataset, batch_size, collate_fn=collate_tokens):
+        ids, targets = training_sequences(layout, batch["tokens"].to(model.device), batch["labels"].to(model.device), 0.0)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        total_nats += F.cross_entropy(logits.transpose(1, 2), targets[:, 1:], ignore_index=-100, reduction="sum").item()
+        count += (targets[:, 1:] != -100).sum().item()
+    model.train(was_training)
+    bits = total_nats / max(count, 1) / math.log(2)
+    return {"bits_per_token": bits, "bits_per_image": bits * layout.tokens_per_image, "eval_tokens": count}
+
+
+def train_prior(args: PriorArgs, train: TrainConfig) -> dict | None:
+    """Train, checkpoint, evaluate; save OUTPUT/prior and OUTPUT/metrics.json."""
+    started = time.time()
+    accelerator = make_accelerator(train, "prior")
+    tokens, manifest = load_tokens(args.tokens)
+    layout = layout_for(manifest, args.conditional and bool(manifest["class_names"]))
+    model = build_prior(layout, args.model_type, args.size, **args.prior)
+    train_split = tokens["train"].with_format("torch")
+    eval_split = tokens["eval"].with_format("torch")
+    if len(train_split) < train.batch_size * accelerator.num_processes:
+        raise ValueError(f"{len(train_split)} training sequences cannot fill a batch of {train.batch_size}")
+    sampler = EpochSampler(len(train_split), train.seed)
+    loader = make_loader(train_split, train.batch_size, sampler=sampler, collate_fn=collate_tokens, drop_last=True)
+    optimizer = make_optimizer(model.parameters(), train)
+    scheduler = make_scheduler(optimizer, train)
+    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
+    ema = EMA(accelerator.unwrap_model(model), train.ema_decay) if train.ema_decay > 0 else None
+
+    if accelerator.is_main_process:
+        save_resolved_recipe(Path(train.output_dir) / "recipe.yaml", args, train)
+    start_trackers(accelerator, "prior", resolved_recipe(args, train))
+    state = start_state()
+    if checkpoint := resolve_resume(train.resume, train.output_dir):
+        state = load_checkpoint(accelerator, checkpoint, ema)
+        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+
+    def step(batch: dict, step: int) -> dict:
+        ids, targets = training_sequences(layout, batch["tokens"], batch["labels"], args.label_dropout)
+        loss = model(input_ids=ids, labels=targets).loss
+        accelerator.backward(loss)
+        if train.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model))
+        return {"loss/total": loss.detach(), "lr": torch.tensor(scheduler.get_last_lr()[0])}
+
+    def evaluate_now(step: int) -> str:
+        metrics = evaluate_prior(accelerator.unwrap_model(model), layout, eval_split, args.eval_batch_size)
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        return f"held-out {metrics['bits_per_token']:.3f} bits/token, {metrics['bits_per_image']:.1f} bits/image"
+
+    hooks = LoopHooks(step=step, count=lambda b: b["tokens"].numel(), evaluate=evaluate_now, speed_unit="tok_s")
+    state = run_loop(accelerator, train, {"loader": loader, "sampler": sampler, "dataset": None}, state, hooks, ema)
+
+    metrics = None
+    if accelerator.is_main_process:
+        prior = accelerator.unwrap_model(model)
+        if ema is not None:
+            ema.copy_to(prior)
+        metrics = evaluate_prior(prior, layout, eval_split, args.eval_batch_size)
+        metrics |= {"steps": state["step"], "seconds": time.time() - started,
+                    "parameters": sum(p.numel() for p in prior.parameters())}  # fmt: skip
+        prior.save_pretrained(Path(train.output_dir) / "prior")
+        (Path(train.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        accelerator.print(json.dumps(metrics, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+def main(argv: list[str]) -> dict | None:
+    args, train = parse_recipe(argv, (PriorArgs, TrainConfig))
+    return train_prior(args, train)
