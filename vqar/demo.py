@@ -90,6 +90,7 @@ def run_demo(output: str, recipes: str = "recipes") -> dict:
         "codebook_usage": tokenizer_metrics["codebook_usage"],
         "raw_bits_per_image": tokenizer.bits_per_image,
         "samples": str(output_dir / "samples" / "grid.png"),
+        "reconstructions": str(sorted((tokenizer_run / "samples").glob("step-*.png"))[-1]),
     }
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     print("\nvqar demo — digits")
@@ -98,4 +99,5 @@ def run_demo(output: str, recipes: str = "recipes") -> dict:
     print(f"  generated digits of the asked class  {report['class_agreement']:.1%}")
     print(f"  classifier accuracy on real digits   {report['classifier_accuracy_on_real']:.1%}")
     print(f"  samples (one row per class)          {report['samples']}")
+    print(f"  held-out digits over reconstructions {report['reconstructions']}")
     return report
