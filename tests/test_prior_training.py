@@ -94,3 +94,15 @@ def test_a_context_shorter_than_an_image_is_refused(tokens_dir, tmp_path):
 def test_missing_tokens_folder_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `vqar tokenize` first"):
         run(prior_args(tmp_path / "nothing", tmp_path / "out"))
+
+
+def test_train_bpe_on_tokens_shortens_sequences_and_round_trips(tokens_dir, tmp_path):
+    from vqar.bpe import VisualBPE
+    from vqar.training.tokenize import train_bpe
+
+    stats = train_bpe(tokens_dir, vocab_size=25 + 30, output=tmp_path)
+    assert stats["merges"] == 30 and stats["eval_mean_tokens_after"] < 64
+    bpe = VisualBPE.load(tmp_path)
+    dataset, _ = load_tokens(tokens_dir)
+    codes = torch.tensor(dataset["eval"]["tokens"]).reshape(-1, 8, 8)
+    assert torch.equal(bpe.decode(bpe.encode(codes)), codes.reshape(len(codes), -1))

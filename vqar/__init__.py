@@ -1,5 +1,6 @@
 """vqar: discrete-token image generation. The public API, re-exported; nothing else."""
 
+from .bpe import VisualBPE
 from .quantizers import CodeStats, QuantizerConfig, QuantizerOutput, build_quantizer
 from .tokenizer import TokenizerConfig, TokenizerOutput, VQTokenizer, list_presets
 
@@ -12,6 +13,7 @@ __all__ = [
     "TokenizerConfig",
     "TokenizerOutput",
     "VQTokenizer",
+    "VisualBPE",
     "build_quantizer",
     "list_presets",
 ]

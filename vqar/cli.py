@@ -2,6 +2,7 @@
 
     vqar train-tokenizer RECIPE.yaml [--field value ...]
     vqar tokenize --tokenizer DIR --data SOURCE --output DIR
+    vqar train-bpe --tokens DIR --vocab-size N --output DIR
     vqar train-ar RECIPE.yaml [--field value ...]
     vqar generate --prior DIR [--class C ...] [--prefix-image PNG --prefix-rows R] --output DIR
     vqar presets
@@ -42,6 +43,20 @@ def _tokenize(argv: list[str]) -> None:
     args = TokenizeArgs(**vars(parser.parse_args(argv)))
     manifest = tokenize_dataset(args)
     print(f"{manifest['num_images']} images, {manifest['tokens_per_image']} tokens each, in {args.output}")
+
+
+def _train_bpe(argv: list[str]) -> None:
+    from .training.tokenize import train_bpe
+
+    parser = argparse.ArgumentParser(prog="vqar train-bpe", description="Learn visual-BPE merges on tokens.")
+    parser.add_argument("--tokens", required=True, help="a dataset written by `vqar tokenize`")
+    parser.add_argument("--vocab-size", type=int, required=True, help="codebook size + number of merges")
+    parser.add_argument("--output", required=True, help="folder for visual_bpe.json (e.g. the tokenizer's)")
+    args = parser.parse_args(argv)
+    stats = train_bpe(args.tokens, args.vocab_size, args.output)
+    print(f"{stats['merges']} merges -> {args.output}/visual_bpe.json")
+    print(f"mean tokens per image: {stats['tokens_per_image']} before; after: "
+          f"{stats['train_mean_tokens_after']:.1f} (train), {stats['eval_mean_tokens_after']:.1f} (held out)")
 
 
 def _generate(argv: list[str]) -> None:
@@ -101,6 +116,7 @@ def _demo(argv: list[str]) -> None:
 COMMANDS = {
     "train-tokenizer": (_train_tokenizer, "train a tokenizer from a YAML recipe"),
     "tokenize": (_tokenize, "encode a dataset with a trained tokenizer"),
+    "train-bpe": (_train_bpe, "learn visual-BPE merges on a tokenized dataset"),
     "train-ar": (_train_ar, "train the autoregressive prior from a YAML recipe"),
     "generate": (_generate, "sample images from a trained prior"),
     "presets": (_presets, "list the tokenizer presets"),

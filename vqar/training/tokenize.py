@@ -124,3 +124,22 @@ def load_tokens(path: str | Path) -> tuple[datasets.DatasetDict, dict]:
     if manifest is None:
         raise FileNotFoundError(f"{path} holds no tokenized dataset ({MANIFEST} missing); run `vqar tokenize` first")
     return datasets.load_from_disk(str(path)), manifest
+
+
+def train_bpe(tokens: str | Path, vocab_size: int, output: str | Path) -> dict:
+    """Learn visual-BPE merges on a tokenized dataset's train split; save `visual_bpe.json` in
+    `output` and return the mean tokens per image before and after, on both splits."""
+    from ..bpe import VisualBPE
+
+    dataset, manifest = load_tokens(tokens)
+    grid = manifest.get("grid")
+    codes = {name: np.asarray(dataset[name]["tokens"], dtype=np.int64) for name in ("train", "eval")}
+    if grid:
+        codes = {name: c.reshape(len(c), *grid) for name, c in codes.items()}
+    bpe = VisualBPE.train(codes["train"], vocab_size=vocab_size, codebook_size=manifest["codebook_size"])
+    Path(output).mkdir(parents=True, exist_ok=True)
+    bpe.save(output)
+    stats = {"tokens_per_image": manifest["tokens_per_image"], "merges": bpe.num_merges}
+    for name, c in codes.items():
+        stats[f"{name}_mean_tokens_after"] = float(np.mean([len(ids) for ids in bpe.encode(c)]))
+    return stats
