@@ -73,8 +73,14 @@ class VocabLayout:
         return self.image_vocab_size + 4 + self.num_classes
 
     @property
+    def uses_bpe(self) -> bool:
+        """BPE sequences vary in length: they end with EOI and are padded to `sequence_length`."""
+        return self.num_bpe_tokens > 0
+
+    @property
     def sequence_length(self) -> int:
-        return PROMPT_LENGTH + self.tokens_per_image
+        """The longest sequence: the prompt, one id per code at worst, and EOI with BPE."""
+        return PROMPT_LENGTH + self.tokens_per_image + int(self.uses_bpe)
 
     def class_token(self, classes: Tensor | list[int] | int) -> Tensor:
         """Class indices [B] (or one int) -> their condition token ids [B]."""
@@ -112,16 +118,40 @@ class VocabLayout:
         return torch.stack([conditions, torch.full_like(conditions, self.boi)], dim=1)
 
     def to_sequence(self, labels: Tensor | None, image_ids: Tensor) -> Tensor:
-        """(labels [B] or None, image ids [B, N] or [B, h, w]) -> AR input ids [B, 2 + N]."""
+        """(labels [B] or None, image ids [B, N] or [B, h, w]) -> AR input ids [B, sequence_length].
+
+        With BPE, image ids are [B, L] left-aligned and padded with -1; the output is
+        `condition, BOI, ids, EOI` padded with the pad id.
+        """
         ids = image_ids.reshape(image_ids.shape[0], -1).long()
-        self.check_image_ids(ids)
-        return torch.cat([self.prompt(self.conditions(labels, ids.shape[0]).to(ids.device)), ids], dim=1)
+        prompt = self.prompt(self.conditions(labels, ids.shape[0]).to(ids.device))
+        if not self.uses_bpe:
+            self.check_image_ids(ids)
+            return torch.cat([prompt, ids], dim=1)
+        present = ids >= 0
+        self.check_image_ids(ids[present])
+        B, L = ids.shape
+        out = torch.full((B, self.sequence_length), self.pad, dtype=torch.long, device=ids.device)
+        out[:, :PROMPT_LENGTH] = prompt
+        out[:, PROMPT_LENGTH : PROMPT_LENGTH + L] = torch.where(present, ids, self.pad)
+        return out.scatter_(1, PROMPT_LENGTH + present.sum(1, keepdim=True), self.eoi)
 
     def from_sequence(self, sequences: Tensor) -> tuple[Tensor, Tensor]:
-        """AR ids [B, 2 + N] -> (condition ids [B], image ids [B, N], as a grid when there is one)."""
-        if sequences.ndim != 2 or sequences.shape[1] != self.sequence_length:
-            raise ValueError(f"sequences must be [B, {self.sequence_length}], got {tuple(sequences.shape)}")
+        """AR ids -> (condition ids [B], image ids).
+
+        Image ids are [B, N] (a grid [B, h, w] when there is one), or with BPE [B, L] padded
+        with -1 after each sequence's EOI.
+        """
+        if sequences.ndim != 2 or sequences.shape[1] > self.sequence_length:
+            raise ValueError(f"sequences must be [B, <= {self.sequence_length}], got {tuple(sequences.shape)}")
         images = sequences[:, PROMPT_LENGTH:]
+        if self.uses_bpe:
+            ended = (images == self.eoi).long().cumsum(1) > 0
+            images = images.masked_fill(ended | (images == self.pad), -1)
+            self.check_image_ids(images[images >= 0])
+            return sequences[:, 0], images
+        if images.shape[1] != self.tokens_per_image:
+            raise ValueError(f"sequences must be [B, {self.sequence_length}], got {tuple(sequences.shape)}")
         self.check_image_ids(images)
         return sequences[:, 0], self.to_grid(images)
 
@@ -201,3 +231,13 @@ def load_prior(path: str, **kwargs) -> tuple[PreTrainedModel, VocabLayout]:
     """A prior saved by `vqar train-ar` (folder or Hub id) and its vocabulary layout."""
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model.eval(), VocabLayout.from_model_config(model.config)
+
+
+def load_prior_bpe(path: str):
+    """The visual BPE a prior was trained on (saved beside its weights), or None."""
+    from pathlib import Path
+
+    from .bpe import FILENAME, VisualBPE
+
+    file = Path(path) / FILENAME
+    return VisualBPE.load(file) if file.is_file() else None

@@ -114,26 +114,33 @@ class VisualBPE:
         return [torch.cat(ids[i * per_image : (i + 1) * per_image]) for i in range(len(codes))]
 
     def decode(self, ids: Tensor | list[Tensor]) -> Tensor:
-        """Id sequences (a list of 1D tensors, or [B, L] padded with -1) -> codes [B, N], N equal for all."""
+        """Id sequences (a list of 1D tensors, or [B, L] padded with -1) -> codes [B, N], N equal for all.
+
+        One gather for the whole batch: every id's codes come from the expansion table.
+        """
         if isinstance(ids, Tensor):
-            if ids.ndim == 1:
-                ids = ids[None]
-            ids = [row[row >= 0] if ids.ndim == 2 else row for row in ids]
-        flat = [self.expand(row) for row in ids]
-        lengths = {len(f) for f in flat}
-        if len(lengths) > 1:
-            raise ValueError(f"id sequences decode to different numbers of codes: {sorted(lengths)}")
-        return torch.stack(flat)
+            ids = [row[row >= 0] for row in (ids[None] if ids.ndim == 1 else ids)]
+        rows = [torch.as_tensor(row).reshape(-1) for row in ids]
+        flat = self._check_ids(torch.cat(rows))
+        sequence_of_id = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(r) for r in rows]))
+        codes_per_sequence = torch.zeros(len(rows), dtype=torch.long).index_add_(0, sequence_of_id, self.token_lengths[flat])
+        if (codes_per_sequence != codes_per_sequence[0]).any():
+            raise ValueError(f"id sequences decode to different numbers of codes: {sorted(set(codes_per_sequence.tolist()))}")
+        expanded = self._table[flat]  # [T, max_len], -1 past each token's end
+        return expanded[expanded >= 0].reshape(len(ids), -1)
 
     def expand(self, ids: Tensor) -> Tensor:
-        """One id sequence [L] -> its codes [n], one gather through the expansion table."""
-        ids = torch.as_tensor(ids).long().reshape(-1)
+        """One id sequence [L] -> its codes [n]."""
+        expanded = self._table[self._check_ids(torch.as_tensor(ids).reshape(-1))]
+        return expanded[expanded >= 0]
+
+    def _check_ids(self, ids: Tensor) -> Tensor:
         if ids.is_floating_point():
             raise TypeError(f"BPE ids must be integers, got dtype {ids.dtype}")
+        ids = ids.long()
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"BPE ids must lie in [0, {self.vocab_size}), got values in [{ids.min().item()}, {ids.max().item()}]")
-        expanded = self._table[ids]  # [L, max_len]
-        return expanded[expanded >= 0]
+        return ids
 
     # -- saving -------------------------------------------------------------------------------
 

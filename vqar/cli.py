@@ -60,9 +60,7 @@ def _train_bpe(argv: list[str]) -> None:
 
 
 def _generate(argv: list[str]) -> None:
-    import torch
-
-    from .ar import load_prior
+    from .ar import load_prior, load_prior_bpe
     from .generation import SamplingConfig, build_prompts, generate_images, prefix_from_image, save_images
     from .tokenizer import VQTokenizer
 
@@ -84,12 +82,13 @@ def _generate(argv: list[str]) -> None:
     prior, layout = load_prior(args.prior)
     tokenizer = VQTokenizer.from_pretrained(args.tokenizer or layout.tokenizer).eval()
     layout.check_tokenizer(tokenizer)
+    bpe = load_prior_bpe(args.prior)
     prefix = prefix_from_image(tokenizer, args.prefix_image, args.prefix_rows) if args.prefix_image else None
     per_class = args.num_images or (1 if args.classes else 8)
     classes = [c for c in args.classes for _ in range(per_class)] if args.classes else None
-    prompts = build_prompts(layout, classes=classes, num_images=None if classes else per_class, prefix=prefix)
+    prompts = build_prompts(layout, classes=classes, num_images=None if classes else per_class, prefix=prefix, bpe=bpe)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg_scale, args.seed)
-    images = generate_images(prior, tokenizer, layout, prompts, sampling)
+    images = generate_images(prior, tokenizer, layout, prompts, sampling, bpe=bpe)
     save_images(images, args.output, rows=len(args.classes) if args.classes else 1)
     print(f"wrote {len(images)} images and grid.png to {args.output}")
 

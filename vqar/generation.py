@@ -17,6 +17,7 @@ from torch import Tensor
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from .ar import PROMPT_LENGTH, VocabLayout
+from .bpe import VisualBPE
 
 
 @dataclass
@@ -66,18 +67,47 @@ def guide(scores: Tensor, cfg_scale: float) -> Tensor:
     return uncond + cfg_scale * (cond - uncond)
 
 
+class CodeBudget:
+    """Keeps BPE sequences to exactly one image: an id is legal only if its codes fit what is
+    left of the current grid row (merges never cross rows) or, for 1D tokenizers, of the image;
+    when the image is full, only EOI is."""
+
+    def __init__(self, layout: VocabLayout, bpe: VisualBPE):
+        lengths = torch.zeros(layout.vocab_size, dtype=torch.long)
+        lengths[: layout.image_vocab_size] = bpe.token_lengths
+        self.token_lengths, self.layout, self.row_length = lengths, layout, bpe.row_length
+
+    def legal(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (legal image ids [B, image_vocab_size], image complete [B])."""
+        lengths = self.token_lengths.to(input_ids.device)
+        used = lengths[input_ids[:, PROMPT_LENGTH:]].sum(dim=1)  # codes generated so far, [B]
+        room = self.layout.tokens_per_image - used
+        if self.row_length:
+            room = torch.minimum(room, self.row_length - used % self.row_length)
+        return lengths[None, : self.layout.image_vocab_size] <= room[:, None], room <= 0
+
+
 class ImageTokenSampler(LogitsProcessor):
     """Samples the next image token itself and returns scores where only that token is finite."""
 
-    def __init__(self, legal_ids: int, sampling: SamplingConfig, generator: torch.Generator | None):
-        self.legal_ids, self.sampling, self.generator = legal_ids, sampling, generator
+    def __init__(self, legal_ids: int, sampling: SamplingConfig, generator: torch.Generator | None,
+                 budget: CodeBudget | None = None):  # fmt: skip
+        self.legal_ids, self.sampling, self.generator, self.budget = legal_ids, sampling, generator, budget
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         logits = scores[:, : self.legal_ids].float()  # only image ids may be sampled
+        if self.sampling.uses_cfg:  # rows [cond; uncond] -> B guided rows; both halves share their past
+            logits = guide(logits, self.sampling.cfg_scale)
+        done = None
+        if self.budget is not None:
+            legal, done = self.budget.legal(input_ids[: len(logits)])
+            logits = logits.masked_fill(~legal | done[:, None], float("-inf"))
+            logits[done, 0] = 0.0  # a finite placeholder; the row gets EOI below
+        tokens = sample_tokens(logits, self.sampling, self.generator)
+        if done is not None:
+            tokens = torch.where(done, self.budget.layout.eoi, tokens)
         if self.sampling.uses_cfg:
-            tokens = sample_tokens(guide(logits, self.sampling.cfg_scale), self.sampling, self.generator).repeat(2)
-        else:
-            tokens = sample_tokens(logits, self.sampling, self.generator)
+            tokens = tokens.repeat(2)
         forced = torch.full_like(scores, float("-inf"))
         return forced.scatter_(1, tokens[:, None], 0.0)
 
@@ -92,22 +122,40 @@ def build_prompts(
     num_images: int | None = None,
     prefix: Tensor | None = None,
     prompt_ids: Tensor | None = None,
+    bpe: VisualBPE | None = None,
 ) -> Tensor:
     """The prompt ids [B, 2 + P]: condition, BOI, then P prefix image ids.
 
     - classes: class indices or names (one image each); None for unconditional images;
     - num_images: how many, when no classes are given (or to repeat a single class);
     - prefix: image ids [B, P] or grid rows [B, r, w] the model must continue;
-    - prompt_ids: raw ids [B, 2 + P], checked and used as they are.
+    - prompt_ids: raw ids [B, 2 + P], checked and used as they are;
+    - bpe: the prior's visual BPE, which prefix codes are encoded with (whole rows only).
     """
+    if layout.uses_bpe and bpe is None:
+        raise ValueError("this prior models visual-BPE ids: pass its VisualBPE (see vqar.ar.load_prior_bpe)")
     if prompt_ids is not None:
-        return _check_prompt_ids(layout, prompt_ids)
+        return _check_prompt_ids(layout, prompt_ids, bpe)
     conditions = _conditions(layout, classes, num_images)
     prompts = layout.prompt(conditions)
     if prefix is None:
         return prompts
-    prefix = _check_prefix(layout, prefix, len(conditions))
+    prefix = _check_prefix(layout, prefix, len(conditions), None)
+    if bpe is not None:
+        prefix = _encode_prefix(bpe, prefix)
     return torch.cat([prompts, prefix.expand(len(conditions), -1)], dim=1)
+
+
+def _encode_prefix(bpe: VisualBPE, prefix: Tensor) -> Tensor:
+    if bpe.row_length and prefix.shape[1] % bpe.row_length:
+        raise ValueError(f"a BPE prior completes whole rows: prefix of {prefix.shape[1]} codes is not rows of {bpe.row_length}")
+    if bpe.row_length:
+        encoded = bpe.encode(prefix.reshape(len(prefix), -1, bpe.row_length))
+    else:
+        encoded = bpe.encode(prefix)
+    if len({len(e) for e in encoded}) > 1:
+        raise ValueError("prefixes of one batch must encode to the same number of BPE ids; give one prefix")
+    return torch.stack(encoded)
 
 
 def _conditions(layout: VocabLayout, classes, num_images: int | None) -> Tensor:
@@ -123,22 +171,33 @@ def _conditions(layout: VocabLayout, classes, num_images: int | None) -> Tensor:
     return layout.class_token(indices)
 
 
-def _check_prefix(layout: VocabLayout, prefix: Tensor, batch: int) -> Tensor:
+def _check_prefix(layout: VocabLayout, prefix: Tensor, batch: int, bpe: VisualBPE | None) -> Tensor:
     if prefix.ndim == 3:
         if layout.grid is None or prefix.shape[2] != layout.grid[1]:
             raise ValueError(f"prefix rows must be [B, r, {layout.grid and layout.grid[1]}], got {tuple(prefix.shape)}")
         prefix = prefix.reshape(prefix.shape[0], -1)
     if prefix.ndim != 2 or prefix.shape[0] not in (1, batch):
         raise ValueError(f"prefix must be [{batch} or 1, P] image ids, got {tuple(prefix.shape)}")
-    if prefix.shape[1] >= layout.tokens_per_image:
-        raise ValueError(
-            f"prefix of {prefix.shape[1]} tokens leaves nothing to generate: an image has {layout.tokens_per_image}"
-        )
-    layout.check_image_ids(prefix)
+    if bpe is None:  # codes
+        _check_codes(layout, prefix)
+        codes = prefix.shape[1]
+    else:  # BPE ids, as in raw prompt ids of a BPE prior
+        layout.check_image_ids(prefix)
+        codes = bpe.token_lengths[prefix.long()].sum(1).max().item() if prefix.numel() else 0
+    if codes >= layout.tokens_per_image:
+        raise ValueError(f"prefix of {codes} tokens leaves nothing to generate: an image has {layout.tokens_per_image}")
     return prefix.long()
 
 
-def _check_prompt_ids(layout: VocabLayout, prompt_ids: Tensor) -> Tensor:
+def _check_codes(layout: VocabLayout, codes: Tensor) -> None:
+    if codes.is_floating_point():
+        raise TypeError(f"image ids must be integers, got dtype {codes.dtype}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= layout.codebook_size):
+        raise ValueError(f"image ids must lie in [0, {layout.codebook_size}), got values in "
+                         f"[{codes.min().item()}, {codes.max().item()}]")  # fmt: skip
+
+
+def _check_prompt_ids(layout: VocabLayout, prompt_ids: Tensor, bpe: VisualBPE | None) -> Tensor:
     if prompt_ids.ndim != 2 or prompt_ids.shape[1] < PROMPT_LENGTH:
         raise ValueError(f"prompt_ids must be [B, >= {PROMPT_LENGTH}] (condition, BOI, ...), got {tuple(prompt_ids.shape)}")
     prompt_ids = prompt_ids.long()
@@ -151,7 +210,7 @@ def _check_prompt_ids(layout: VocabLayout, prompt_ids: Tensor) -> Tensor:
                          f"got {conditions.tolist()}")  # fmt: skip
     if (prompt_ids[:, 1] != layout.boi).any():
         raise ValueError(f"prompt_ids[:, 1] must be begin-of-image ({layout.boi}), got {prompt_ids[:, 1].tolist()}")
-    _check_prefix(layout, prompt_ids[:, PROMPT_LENGTH:], len(prompt_ids))
+    _check_prefix(layout, prompt_ids[:, PROMPT_LENGTH:], len(prompt_ids), bpe)
     return prompt_ids
 
 
@@ -161,9 +220,14 @@ def _check_prompt_ids(layout: VocabLayout, prompt_ids: Tensor) -> Tensor:
 @torch.inference_mode()
 def generate_ids(
     prior: PreTrainedModel, layout: VocabLayout, prompts: Tensor, sampling: SamplingConfig = SamplingConfig(),
-    use_cache: bool = True,
+    use_cache: bool = True, bpe: VisualBPE | None = None,
 ) -> Tensor:  # fmt: skip
-    """Complete prompts [B, 2 + P] to full images: image ids [B, N] (a grid [B, h, w] if any)."""
+    """Complete prompts [B, 2 + P] to full images: codes [B, N] (a grid [B, h, w] if any).
+
+    A BPE prior samples BPE ids under a `CodeBudget` and its output is decoded through `bpe`.
+    """
+    if layout.uses_bpe and bpe is None:
+        raise ValueError("this prior models visual-BPE ids: pass its VisualBPE (see vqar.ar.load_prior_bpe)")
     device = prior.device
     prompts = prompts.to(device)
     batch = prompts
@@ -172,26 +236,29 @@ def generate_ids(
         unconditional[:, 0] = layout.null_class  # swap only the condition; the image prefix stays
         batch = torch.cat([prompts, unconditional])
     generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    budget = CodeBudget(layout, bpe) if layout.uses_bpe else None
     new_tokens = layout.sequence_length - prompts.shape[1]
     out = prior.generate(
         input_ids=batch,
         attention_mask=torch.ones_like(batch),
         max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
+        min_new_tokens=0 if budget else new_tokens,
         do_sample=False,
-        logits_processor=LogitsProcessorList([ImageTokenSampler(layout.image_vocab_size, sampling, generator)]),
+        logits_processor=LogitsProcessorList([ImageTokenSampler(layout.image_vocab_size, sampling, generator, budget)]),
         use_cache=use_cache,
         pad_token_id=layout.pad,
-        eos_token_id=None,
+        eos_token_id=layout.eoi if budget else None,
     )
-    return layout.from_sequence(out[: len(prompts)])[1]
+    images = layout.from_sequence(out[: len(prompts)])[1]
+    return layout.to_grid(bpe.decode(images.cpu())) if budget else images
 
 
-def generate_images(prior, tokenizer, layout: VocabLayout, prompts: Tensor, sampling: SamplingConfig = SamplingConfig()) -> Tensor:
+def generate_images(prior, tokenizer, layout: VocabLayout, prompts: Tensor, sampling: SamplingConfig = SamplingConfig(),
+                    bpe: VisualBPE | None = None) -> Tensor:  # fmt: skip
     """Prompts -> pixels [B, 3, H, W] in [-1, 1], decoded by the (matching) tokenizer."""
     layout.check_tokenizer(tokenizer)
-    ids = generate_ids(prior, layout, prompts, sampling)
-    return tokenizer.decode(ids.to(tokenizer.device)).clamp(-1, 1)
+    codes = generate_ids(prior, layout, prompts, sampling, bpe=bpe)
+    return tokenizer.decode(codes.to(tokenizer.device)).clamp(-1, 1)
 
 
 def prefix_from_image(tokenizer, image_path: str, rows: int) -> Tensor:

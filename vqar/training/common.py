@@ -315,6 +315,20 @@ def start_state() -> dict:
     return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_images": 0}
 
 
+def begin_run(accelerator: Accelerator, train: TrainConfig, project: str, configs: tuple, ema: EMA | None) -> dict:
+    """Save the resolved recipe, start the trackers, and return the state to start from:
+    fresh, or restored from the checkpoint `train.resume` names."""
+    if accelerator.is_main_process:
+        save_resolved_recipe(Path(train.output_dir) / "recipe.yaml", *configs)
+    start_trackers(accelerator, project, resolved_recipe(*configs))
+    checkpoint = resolve_resume(train.resume, train.output_dir)
+    if checkpoint is None:
+        return start_state()
+    state = load_checkpoint(accelerator, checkpoint, ema)
+    accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    return state
+
+
 def run_loop(accelerator: Accelerator, train: TrainConfig, data: dict, state: dict, hooks: LoopHooks, ema: EMA | None) -> dict:
     """Epochs of batches until `max_steps`, with logging, evaluation and checkpoints.
 

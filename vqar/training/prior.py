@@ -15,27 +15,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..ar import PROMPT_LENGTH, VocabLayout, build_prior
+from ..bpe import FILENAME as BPE_FILENAME
+from ..bpe import VisualBPE
 from ..data import make_loader
 from .common import (
     EMA,
     EpochSampler,
     LoopHooks,
     TrainConfig,
-    load_checkpoint,
+    begin_run,
     make_accelerator,
     make_optimizer,
     make_scheduler,
     parse_recipe,
-    resolve_resume,
-    resolved_recipe,
     run_loop,
-    save_resolved_recipe,
-    start_state,
-    start_trackers,
 )
 from .tokenize import load_tokens
 
@@ -46,6 +45,7 @@ class PriorArgs:
     model_type: str = "llama"  # any AutoModelForCausalLM config type
     size: str = "cpu"  # a name of vqar.ar.PRIOR_SIZES
     prior: dict = field(default_factory=dict)  # overrides of the model config (hidden_size, ...)
+    bpe: str = "auto"  # visual_bpe.json to train on: "auto" (the tokenizer's, if any), "none", or a path
     conditional: bool = True  # class-conditional when the tokens have labels
     label_dropout: float = 0.1  # fraction of labels replaced by the null class (LlamaGen: 0.1)
     eval_batch_size: int = 128
@@ -55,7 +55,7 @@ class PriorArgs:
             raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
 
 
-def layout_for(manifest: dict, conditional: bool) -> VocabLayout:
+def layout_for(manifest: dict, conditional: bool, bpe: VisualBPE | None) -> VocabLayout:
     tokenizer = manifest["tokenizer"]
     if Path(tokenizer).exists():
         tokenizer = str(Path(tokenizer).resolve())  # generation may run from another folder
@@ -63,9 +63,29 @@ def layout_for(manifest: dict, conditional: bool) -> VocabLayout:
         codebook_size=manifest["codebook_size"],
         tokens_per_image=manifest["tokens_per_image"],
         grid=manifest.get("grid"),
+        num_bpe_tokens=bpe.num_merges if bpe else 0,
         class_names=manifest["class_names"] if conditional else [],
         tokenizer=tokenizer,
     )
+
+
+def find_bpe(choice: str, manifest: dict) -> VisualBPE | None:
+    if choice == "none":
+        return None
+    if choice == "auto":
+        path = Path(manifest["tokenizer"]) / BPE_FILENAME
+        return VisualBPE.load(path) if path.is_file() else None
+    return VisualBPE.load(choice)
+
+
+def bpe_encoded(split, bpe: VisualBPE, grid: list[int] | None):
+    """A tokens split with its codes replaced by BPE ids, left-aligned and padded with -1."""
+    codes = np.asarray(split["tokens"], dtype=np.int64)
+    encoded = bpe.encode(codes.reshape(len(codes), *grid) if grid else codes)
+    padded = np.full((len(encoded), codes.shape[1]), -1, dtype=np.int64)
+    for row, ids in zip(padded, encoded):
+        row[: len(ids)] = ids.numpy()
+    return datasets.Dataset.from_dict({"tokens": padded, "label": split["label"]})
 
 
 def collate_tokens(rows: list[dict]) -> dict:
@@ -77,7 +97,7 @@ def training_sequences(layout: VocabLayout, tokens: torch.Tensor, labels: torch.
     if label_dropout > 0:
         labels = torch.where(torch.rand(labels.shape, device=labels.device) < label_dropout, -1, labels)
     ids = layout.to_sequence(labels, tokens)
-    targets = ids.clone()
+    targets = ids.masked_fill(ids == layout.pad, -100)
     targets[:, :PROMPT_LENGTH] = -100
     return ids, targets
 
@@ -87,15 +107,17 @@ def evaluate_prior(model, layout: VocabLayout, dataset, batch_size: int) -> dict
     """Held-out negative log-likelihood of the image tokens, in bits per token and per image."""
     was_training = model.training
     model.eval()
-    total_nats, count = 0.0, 0
+    total_nats, count, images = 0.0, 0, 0
     for batch in make_loader(dataset, batch_size, collate_fn=collate_tokens):
         ids, targets = training_sequences(layout, batch["tokens"].to(model.device), batch["labels"].to(model.device), 0.0)
         logits = model(input_ids=ids).logits[:, :-1].float()
         total_nats += F.cross_entropy(logits.transpose(1, 2), targets[:, 1:], ignore_index=-100, reduction="sum").item()
         count += (targets[:, 1:] != -100).sum().item()
+        images += len(ids)
     model.train(was_training)
-    bits = total_nats / max(count, 1) / math.log(2)
-    return {"bits_per_token": bits, "bits_per_image": bits * layout.tokens_per_image, "eval_tokens": count}
+    bits = total_nats / math.log(2)
+    # With BPE a token is not a code: bits per image (EOI included) is what compares across layouts.
+    return {"bits_per_token": bits / max(count, 1), "bits_per_image": bits / max(images, 1), "eval_tokens": count}
 
 
 def train_prior(args: PriorArgs, train: TrainConfig) -> dict | None:
@@ -103,8 +125,11 @@ def train_prior(args: PriorArgs, train: TrainConfig) -> dict | None:
     started = time.time()
     accelerator = make_accelerator(train, "prior")
     tokens, manifest = load_tokens(args.tokens)
-    layout = layout_for(manifest, args.conditional and bool(manifest["class_names"]))
+    bpe = find_bpe(args.bpe, manifest)
+    layout = layout_for(manifest, args.conditional and bool(manifest["class_names"]), bpe)
     model = build_prior(layout, args.model_type, args.size, **args.prior)
+    if bpe is not None:
+        tokens = {name: bpe_encoded(tokens[name], bpe, manifest.get("grid")) for name in ("train", "eval")}
     train_split = tokens["train"].with_format("torch")
     eval_split = tokens["eval"].with_format("torch")
     if len(train_split) < train.batch_size * accelerator.num_processes:
@@ -116,13 +141,7 @@ def train_prior(args: PriorArgs, train: TrainConfig) -> dict | None:
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
     ema = EMA(accelerator.unwrap_model(model), train.ema_decay) if train.ema_decay > 0 else None
 
-    if accelerator.is_main_process:
-        save_resolved_recipe(Path(train.output_dir) / "recipe.yaml", args, train)
-    start_trackers(accelerator, "prior", resolved_recipe(args, train))
-    state = start_state()
-    if checkpoint := resolve_resume(train.resume, train.output_dir):
-        state = load_checkpoint(accelerator, checkpoint, ema)
-        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    state = begin_run(accelerator, train, "prior", (args, train), ema)
 
     def step(batch: dict, step: int) -> dict:
         ids, targets = training_sequences(layout, batch["tokens"], batch["labels"], args.label_dropout)
@@ -154,6 +173,8 @@ def train_prior(args: PriorArgs, train: TrainConfig) -> dict | None:
         metrics |= {"steps": state["step"], "seconds": time.time() - started,
                     "parameters": sum(p.numel() for p in prior.parameters())}  # fmt: skip
         prior.save_pretrained(Path(train.output_dir) / "prior")
+        if bpe is not None:
+            bpe.save(Path(train.output_dir) / "prior")  # the prior's ids mean nothing without it
         (Path(train.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
         accelerator.print(json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()

@@ -35,17 +35,12 @@ from .common import (
     EpochSampler,
     LoopHooks,
     TrainConfig,
-    load_checkpoint,
+    begin_run,
     make_accelerator,
     make_optimizer,
     make_scheduler,
     parse_recipe,
-    resolve_resume,
-    resolved_recipe,
     run_loop,
-    save_resolved_recipe,
-    start_state,
-    start_trackers,
 )
 
 logger = logging.getLogger(__name__)
@@ -252,15 +247,8 @@ def train_tokenizer(model_args, data_args, loss_config: LossConfig, train: Train
     """Train, checkpoint, evaluate; save OUTPUT/tokenizer and OUTPUT/metrics.json. Returns the metrics."""
     started = time.time()
     run = setup(model_args, data_args, loss_config, train)
-    accelerator, output = run.accelerator, Path(train.output_dir)
-    recipe = resolved_recipe(model_args, data_args, loss_config, train)
-    if accelerator.is_main_process:
-        save_resolved_recipe(output / "recipe.yaml", model_args, data_args, loss_config, train)
-    start_trackers(accelerator, "tokenizer", recipe)
-    state = start_state()
-    if checkpoint := resolve_resume(train.resume, train.output_dir):
-        state = load_checkpoint(accelerator, checkpoint, run.ema)
-        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    accelerator = run.accelerator
+    state = begin_run(accelerator, train, "tokenizer", (model_args, data_args, loss_config, train), run.ema)
     lpips = eval_lpips(run.loss_fn, accelerator.device) if accelerator.is_main_process else None
 
     def step(batch: dict, step: int) -> dict | None:

@@ -1,0 +1,136 @@
+"""Visual BPE speed: training merges, encoding and decoding, against a plain-Python BPE.
+
+    python benchmarks/bpe_speed.py [--sequences 50000] [--merges 4096]
+                                   [--reference-sequences 2000] [--reference-merges 128]
+
+Data: sequences of 256 codes (16x16 grids, merges kept inside rows) from a 1,024-code book,
+drawn so that neighbouring codes correlate as they do in real token grids. Two tables:
+1. vqar at full size (default: 4,096 merges on 50,000 sequences);
+2. vqar next to a textbook plain-Python BPE (recount every pair at each merge, then rewrite
+   every sequence) on the same subset and merge count, in the same run. The full-size
+   problem would take the Python reference hours, so the ratio is measured on the subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+
+import numpy as np
+
+from vqar.bpe import VisualBPE
+
+CODEBOOK = 1024
+SIDE = 16
+
+
+def synthetic_grids(n: int, seed: int = 0) -> np.ndarray:
+    """[n, 16, 16] codes: each row a walk that mostly repeats or nudges the previous code."""
+    rng = np.random.default_rng(seed)
+    steps = rng.choice([0, 0, 0, 1, -1, 2], size=(n, SIDE, SIDE))
+    starts = rng.integers(0, CODEBOOK, (n, SIDE, 1))
+    return ((starts + np.cumsum(steps, axis=2)) % CODEBOOK).astype(np.int64)
+
+
+# -- the plain-Python reference -------------------------------------------------------------
+
+
+def reference_train(rows: list[list[int]], num_merges: int) -> list[tuple[int, int]]:
+    rows = [list(r) for r in rows]
+    merges = []
+    for new_id in range(CODEBOOK, CODEBOOK + num_merges):
+        counts = Counter(pair for row in rows for pair in zip(row, row[1:]))
+        if not counts:
+            break
+        pair, frequency = max(counts.items(), key=lambda item: item[1])
+        if frequency < 2:
+            break
+        merges.append(pair)
+        rows = [_merge_row(row, pair, new_id) for row in rows]
+    return merges
+
+
+def _merge_row(row: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    out, i = [], 0
+    while i < len(row):
+        if i + 1 < len(row) and (row[i], row[i + 1]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(row[i])
+            i += 1
+    return out
+
+
+def reference_encode(rows: list[list[int]], merges: list[tuple[int, int]]) -> list[list[int]]:
+    for rank, pair in enumerate(merges):
+        rows = [_merge_row(row, pair, CODEBOOK + rank) for row in rows]
+    return rows
+
+
+def reference_decode(rows: list[list[int]], merges: list[tuple[int, int]]) -> list[list[int]]:
+    expansion = {c: [c] for c in range(CODEBOOK)}
+    for rank, (a, b) in enumerate(merges):
+        expansion[CODEBOOK + rank] = expansion[a] + expansion[b]
+    return [[code for token in row for code in expansion[token]] for row in rows]
+
+
+# -- timing ---------------------------------------------------------------------------------
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def measure_vqar(grids: np.ndarray, merges: int) -> dict:
+    bpe, train_s = timed(lambda: VisualBPE.train(grids, vocab_size=CODEBOOK + merges, codebook_size=CODEBOOK))
+    ids, encode_s = timed(lambda: bpe.encode(grids))
+    codes, decode_s = timed(lambda: bpe.decode(ids))
+    assert (codes.numpy() == grids.reshape(len(grids), -1)).all()
+    mean_tokens = float(np.mean([len(i) for i in ids]))
+    return {"merges": bpe.num_merges, "train_s": train_s, "encode_seq_s": len(grids) / encode_s,
+            "decode_seq_s": len(grids) / decode_s, "mean_tokens": mean_tokens}  # fmt: skip
+
+
+def measure_reference(grids: np.ndarray, merges: int) -> dict:
+    rows = grids.reshape(-1, SIDE).tolist()
+    learned, train_s = timed(lambda: reference_train(rows, merges))
+    encoded, encode_s = timed(lambda: reference_encode(rows, learned))
+    decoded, decode_s = timed(lambda: reference_decode(encoded, learned))
+    assert decoded == rows
+    n = len(grids)
+    return {"merges": len(learned), "train_s": train_s, "encode_seq_s": n / encode_s, "decode_seq_s": n / decode_s,
+            "mean_tokens": sum(map(len, encoded)) / n}  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequences", type=int, default=50_000)
+    parser.add_argument("--merges", type=int, default=4096)
+    parser.add_argument("--reference-sequences", type=int, default=2000)
+    parser.add_argument("--reference-merges", type=int, default=128)
+    args = parser.parse_args()
+
+    full = measure_vqar(synthetic_grids(args.sequences), args.merges)
+    print(f"vqar, {args.sequences} sequences x {SIDE * SIDE} codes, {CODEBOOK}-code book\n")
+    print("| merges | train s | encode seq/s | decode seq/s | tokens/sequence |")
+    print("|---|---|---|---|---|")
+    print(f"| {full['merges']} | {full['train_s']:.1f} | {full['encode_seq_s']:.0f} | {full['decode_seq_s']:.0f} | "
+          f"{full['mean_tokens']:.1f} (from 256) |\n")  # fmt: skip
+
+    subset = synthetic_grids(args.reference_sequences, seed=1)
+    ours, ref = measure_vqar(subset, args.reference_merges), measure_reference(subset, args.reference_merges)
+    print(f"same data, same run: {args.reference_sequences} sequences, {args.reference_merges} merges\n")
+    print("| | train s | encode seq/s | decode seq/s | tokens/sequence |")
+    print("|---|---|---|---|---|")
+    for name, r in (("vqar", ours), ("plain Python", ref)):
+        print(f"| {name} | {r['train_s']:.2f} | {r['encode_seq_s']:.0f} | {r['decode_seq_s']:.0f} | {r['mean_tokens']:.1f} |")
+    print(f"| vqar speed-up | {ref['train_s'] / ours['train_s']:.0f}x | {ours['encode_seq_s'] / ref['encode_seq_s']:.0f}x | "
+          f"{ours['decode_seq_s'] / ref['decode_seq_s']:.0f}x | |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
