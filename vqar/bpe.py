@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 CODE_POINT_BASE = 0x10000
 FILENAME = "visual_bpe.json"
@@ -118,12 +119,12 @@ class VisualBPE:
 
         One gather for the whole batch: every id's codes come from the expansion table.
         """
-        if isinstance(ids, Tensor):
-            ids = [row[row >= 0] for row in (ids[None] if ids.ndim == 1 else ids)]
-        rows = [torch.as_tensor(row).reshape(-1) for row in ids]
-        flat = self._check_ids(torch.cat(rows))
-        sequence_of_id = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(r) for r in rows]))
-        codes_per_sequence = torch.zeros(len(rows), dtype=torch.long).index_add_(0, sequence_of_id, self.token_lengths[flat])
+        if not isinstance(ids, Tensor):
+            ids = pad_sequence([torch.as_tensor(row).reshape(-1) for row in ids], batch_first=True, padding_value=-1)
+        ids = ids[None] if ids.ndim == 1 else ids
+        present = ids >= 0
+        flat = self._check_ids(ids[present])  # row-major: sequence by sequence, in order
+        codes_per_sequence = (self.token_lengths[ids.clamp_min(0).long()] * present).sum(dim=1)
         if (codes_per_sequence != codes_per_sequence[0]).any():
             raise ValueError(f"id sequences decode to different numbers of codes: {sorted(set(codes_per_sequence.tolist()))}")
         expanded = self._table[flat]  # [T, max_len], -1 past each token's end
