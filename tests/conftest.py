@@ -31,3 +31,18 @@ def photo_batch() -> torch.Tensor:
         pil = Image.fromarray(getattr(data, name)()).convert("RGB").resize((32, 32), Image.BICUBIC)
         images.append(torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1))
     return torch.stack(images).float() / 127.5 - 1
+
+
+TINY_F2 = dict(resolution=16, channels=8, channel_multipliers=[1, 2], num_res_blocks=1, attn_resolutions=[],
+               mid_attention=False, latent_channels=2, quantizer={"kind": "fsq", "levels": [5, 5]})  # fmt: skip
+
+
+def tokenize_digits_with_tiny_tokenizer(root):
+    """A tiny untrained f2 tokenizer (8x8 tokens, 25 codes) in root/tokenizer, digits encoded into root/tokens."""
+    from vqar import TokenizerConfig, VQTokenizer
+    from vqar.training.tokenize import TokenizeArgs, tokenize_dataset
+
+    torch.manual_seed(0)
+    VQTokenizer(TokenizerConfig(**TINY_F2)).save_pretrained(root / "tokenizer")
+    tokenize_dataset(TokenizeArgs(tokenizer=str(root / "tokenizer"), data="digits", output=str(root / "tokens")))
+    return root / "tokens"

@@ -5,27 +5,20 @@ import json
 import pytest
 import torch
 
-from vqar import TokenizerConfig, VQTokenizer
+from conftest import tokenize_digits_with_tiny_tokenizer
 from vqar.ar import VocabLayout, build_prior, load_prior, load_prior_bpe
 from vqar.bpe import VisualBPE
 from vqar.generation import SamplingConfig, build_prompts, generate_ids
 from vqar.training.common import TrainConfig, parse_recipe
 from vqar.training.prior import PriorArgs, train_prior
-from vqar.training.tokenize import TokenizeArgs, load_tokens, tokenize_dataset, train_bpe
-
-TINY_F2 = dict(resolution=16, channels=8, channel_multipliers=[1, 2], num_res_blocks=1, attn_resolutions=[],
-               mid_attention=False, latent_channels=2, quantizer={"kind": "fsq", "levels": [5, 5]})  # fmt: skip
-
+from vqar.training.tokenize import load_tokens, train_bpe
 
 @pytest.fixture(scope="module")
 def bpe_tokens(tmp_path_factory):
     """Digits tokenized by a tiny tokenizer whose folder also holds a visual_bpe.json."""
-    root = tmp_path_factory.mktemp("bpe_prior")
-    torch.manual_seed(0)
-    VQTokenizer(TokenizerConfig(**TINY_F2)).save_pretrained(root / "tokenizer")
-    tokenize_dataset(TokenizeArgs(tokenizer=str(root / "tokenizer"), data="digits", output=str(root / "tokens")))
-    train_bpe(root / "tokens", vocab_size=25 + 40, output=root / "tokenizer")
-    return root / "tokens"
+    tokens = tokenize_digits_with_tiny_tokenizer(tmp_path_factory.mktemp("bpe_prior"))
+    train_bpe(tokens, vocab_size=25 + 40, output=tokens.parent / "tokenizer")
+    return tokens
 
 
 def test_train_ar_picks_up_the_tokenizers_bpe(bpe_tokens, tmp_path):

@@ -7,22 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vqar import TokenizerConfig, VQTokenizer
+from conftest import tokenize_digits_with_tiny_tokenizer
+from vqar import VQTokenizer
 from vqar.training.common import TrainConfig, complete_checkpoints, parse_recipe
 from vqar.training.prior import PriorArgs, train_prior
 from vqar.training.tokenize import TokenizeArgs, load_tokens, tokenize_dataset
 
-TINY_F2 = dict(resolution=16, channels=8, channel_multipliers=[1, 2], num_res_blocks=1, attn_resolutions=[],
-               mid_attention=False, latent_channels=2, quantizer={"kind": "fsq", "levels": [5, 5]})  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def tokens_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prior")
-    torch.manual_seed(0)
-    VQTokenizer(TokenizerConfig(**TINY_F2)).save_pretrained(root / "tokenizer")
-    tokenize_dataset(TokenizeArgs(tokenizer=str(root / "tokenizer"), data="digits", output=str(root / "tokens")))
-    return root / "tokens"
+    return tokenize_digits_with_tiny_tokenizer(tmp_path_factory.mktemp("prior"))
 
 
 def test_tokenized_dataset_has_tokens_labels_and_a_manifest(tokens_dir):
