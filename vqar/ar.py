@@ -159,13 +159,13 @@ class VocabLayout:
         """[B, N] -> [B, h, w] for grid tokenizers; unchanged for 1D ones."""
         return image_ids.reshape(image_ids.shape[0], *self.grid) if self.grid else image_ids
 
-    def check_image_ids(self, ids: Tensor) -> None:
+    def check_image_ids(self, ids: Tensor, codes_only: bool = False) -> None:
+        """Ids that may stand inside an image; `codes_only` also refuses BPE tokens."""
+        limit = self.codebook_size if codes_only else self.image_vocab_size
         if ids.is_floating_point():
             raise TypeError(f"image ids must be integers, got dtype {ids.dtype}")
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.image_vocab_size):
-            raise ValueError(
-                f"image ids must lie in [0, {self.image_vocab_size}), got values in [{ids.min().item()}, {ids.max().item()}]"
-            )
+        if ids.numel() and (ids.min() < 0 or ids.max() >= limit):
+            raise ValueError(f"image ids must lie in [0, {limit}), got values in [{ids.min().item()}, {ids.max().item()}]")
 
     # -- saving -------------------------------------------------------------------------------
 

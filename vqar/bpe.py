@@ -130,11 +130,6 @@ class VisualBPE:
         expanded = self._table[flat]  # [T, max_len], -1 past each token's end
         return expanded[expanded >= 0].reshape(len(ids), -1)
 
-    def expand(self, ids: Tensor) -> Tensor:
-        """One id sequence [L] -> its codes [n]."""
-        expanded = self._table[self._check_ids(torch.as_tensor(ids).reshape(-1))]
-        return expanded[expanded >= 0]
-
     def _check_ids(self, ids: Tensor) -> Tensor:
         if ids.is_floating_point():
             raise TypeError(f"BPE ids must be integers, got dtype {ids.dtype}")

@@ -179,7 +179,7 @@ def _check_prefix(layout: VocabLayout, prefix: Tensor, batch: int, bpe: VisualBP
     if prefix.ndim != 2 or prefix.shape[0] not in (1, batch):
         raise ValueError(f"prefix must be [{batch} or 1, P] image ids, got {tuple(prefix.shape)}")
     if bpe is None:  # codes
-        _check_codes(layout, prefix)
+        layout.check_image_ids(prefix, codes_only=True)
         codes = prefix.shape[1]
     else:  # BPE ids, as in raw prompt ids of a BPE prior
         layout.check_image_ids(prefix)
@@ -187,14 +187,6 @@ def _check_prefix(layout: VocabLayout, prefix: Tensor, batch: int, bpe: VisualBP
     if codes >= layout.tokens_per_image:
         raise ValueError(f"prefix of {codes} tokens leaves nothing to generate: an image has {layout.tokens_per_image}")
     return prefix.long()
-
-
-def _check_codes(layout: VocabLayout, codes: Tensor) -> None:
-    if codes.is_floating_point():
-        raise TypeError(f"image ids must be integers, got dtype {codes.dtype}")
-    if codes.numel() and (codes.min() < 0 or codes.max() >= layout.codebook_size):
-        raise ValueError(f"image ids must lie in [0, {layout.codebook_size}), got values in "
-                         f"[{codes.min().item()}, {codes.max().item()}]")  # fmt: skip
 
 
 def _check_prompt_ids(layout: VocabLayout, prompt_ids: Tensor, bpe: VisualBPE | None) -> Tensor:

@@ -8,8 +8,6 @@ window, sigma 1.5, computed per channel and averaged.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -79,8 +77,3 @@ def code_perplexity(counts: Tensor) -> Tensor:
     probs = counts / counts.sum().clamp_min(1)
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
     return entropy.exp()
-
-
-def bits_per_code(codebook_size: int) -> float:
-    """Raw bits one code carries: log2 of the codebook size."""
-    return math.log2(codebook_size)

@@ -121,8 +121,8 @@ def save_resolved_recipe(path: Path, *configs) -> None:
 # -- accelerator, optimiser, schedule -------------------------------------------------------
 
 
-def make_accelerator(train: TrainConfig, project_name: str) -> Accelerator:
-    """An Accelerator for this run; trackers are started by `start_trackers`."""
+def make_accelerator(train: TrainConfig) -> Accelerator:
+    """An Accelerator for this run; trackers are started by `begin_run`."""
     log_with = None if train.log_with in ("none", "") else train.log_with
     accelerator = Accelerator(
         mixed_precision=train.mixed_precision,

@@ -123,7 +123,7 @@ def evaluate_prior(model, layout: VocabLayout, dataset, batch_size: int) -> dict
 def train_prior(args: PriorArgs, train: TrainConfig) -> dict | None:
     """Train, checkpoint, evaluate; save OUTPUT/prior and OUTPUT/metrics.json."""
     started = time.time()
-    accelerator = make_accelerator(train, "prior")
+    accelerator = make_accelerator(train)
     tokens, manifest = load_tokens(args.tokens)
     bpe = find_bpe(args.bpe, manifest)
     layout = layout_for(manifest, args.conditional and bool(manifest["class_names"]), bpe)

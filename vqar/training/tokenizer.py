@@ -76,7 +76,7 @@ class DataArgs:
 
 def build_tokenizer(model: TokenizerModelArgs, data: DataArgs) -> VQTokenizer:
     if model.init_from:
-        return VQTokenizer.from_pretrained(model.init_from, **({"resolution": data.resolution}))
+        return VQTokenizer.from_pretrained(model.init_from, resolution=data.resolution)
     config = {**load_preset(model.preset), "resolution": data.resolution, **model.tokenizer}
     return VQTokenizer(TokenizerConfig(**config))
 
@@ -115,7 +115,7 @@ class Run:
 
 
 def setup(model_args, data_args, loss_config: LossConfig, train: TrainConfig) -> Run:
-    accelerator = make_accelerator(train, "tokenizer")
+    accelerator = make_accelerator(train)
     tokenizer = build_tokenizer(model_args, data_args)  # after the accelerator: VQ syncs EMA codebooks in DDP
     loss_fn = TokenizerLoss(loss_config).to(accelerator.device)
     train_data, eval_data = build_datasets(data_args, train.seed)
