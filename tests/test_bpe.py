@@ -45,6 +45,26 @@ def test_round_trip_is_exact_for_any_codes(bpe, rows, batch):
     assert torch.equal(bpe.decode(ids), codes.reshape(batch, -1))
 
 
+def test_padded_form_matches_the_list_form_and_round_trips(bpe):
+    codes = _structured_codes(seed=5)
+    sequences, padded = bpe.encode(codes), bpe.encode(codes, padded=True)
+    assert padded.shape == (len(codes), max(len(s) for s in sequences))
+    for row, sequence in zip(padded, sequences):
+        assert torch.equal(row[: len(sequence)], sequence) and (row[len(sequence) :] == -1).all()
+    assert torch.equal(bpe.decode(padded), codes.reshape(len(codes), -1))
+    assert torch.equal(bpe.decode(padded.numpy().astype(np.int32)), codes.reshape(len(codes), -1))
+
+
+def test_threaded_decode_matches_and_names_the_right_sequence(bpe, monkeypatch):
+    codes = _structured_codes(n=3000, seed=6)  # 96,000 ids: split between threads
+    padded = bpe.encode(codes, padded=True)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert torch.equal(bpe.decode(padded), codes.reshape(len(codes), -1))
+    padded[2500, 0] = 999
+    with pytest.raises(ValueError, match="got 999 in sequence 2500"):
+        bpe.decode(padded)
+
+
 def test_merges_never_cross_rows(bpe):
     codes = _structured_codes(seed=3)
     for row_ids in bpe.encode(codes)[:50]:
@@ -90,6 +110,10 @@ def test_one_dimensional_sequences_round_trip():
         (lambda b: b.encode(torch.zeros(2, 30, dtype=torch.long)), ValueError, "not a whole number of rows of 8"),
         (lambda b: b.decode([torch.tensor([56])]), ValueError, r"BPE ids must lie in \[0, 56\)"),
         (lambda b: b.decode([torch.tensor([1, 2]), torch.tensor([3])]), ValueError, "different numbers of codes"),
+        (lambda b: b.decode(torch.tensor([[1, -1, 2]])), ValueError, "sequence 0 has id 2 after its -1 padding"),
+        (lambda b: b.decode(torch.tensor([[0] * 32, [0] * 31 + [-7]])), ValueError, r"got -7 in sequence 1"),
+        (lambda b: b.decode(torch.zeros(2, 2, 2, dtype=torch.long)), ValueError, r"must be \[B, L\]"),
+        (lambda b: b.decode(torch.zeros(1, 32)), TypeError, "BPE ids must be integers"),
         (lambda b: VisualBPE.train(torch.zeros(2, 4, dtype=torch.long), 10, 16), ValueError, "must exceed codebook_size"),
     ],
 )

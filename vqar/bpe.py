@@ -11,13 +11,17 @@ Merges never cross grid rows: the last code of a row and the first of the next a
 neighbours in the image, so a merged token always covers a horizontal run of one row, and
 a prefix of whole rows is always a prefix of whole tokens (prefix completion stays exact).
 
-Ids: [0, K) are the codes, K + i the i-th merge. Decoding is one gather through an expansion
-table, vectorised over the batch.
+Ids: [0, K) are the codes, K + i the i-th merge. Every id's codes are one slice of a flat array
+of all expansions; decoding copies those slices out in one compiled pass over the batch (numba),
+which also validates every id and each sequence's length on the way.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +52,12 @@ class VisualBPE:
         self.merges = [(int(a), int(b)) for a, b in merges]
         self._expansions = self._expand()
         self._tokenizer = self._build_tokenizer()
-        lengths = torch.tensor([len(e) for e in self._expansions])
-        table = torch.full((len(self._expansions), int(lengths.max())), -1, dtype=torch.long)
-        for i, codes in enumerate(self._expansions):
-            table[i, : len(codes)] = torch.tensor(codes)
-        self.token_lengths, self._table = lengths, table  # [V], [V, max_len] padded with -1
+        lengths = np.array([len(e) for e in self._expansions], dtype=np.int64)
+        all_codes = np.fromiter((c for e in self._expansions for c in e), np.int64, int(lengths.sum()))
+        self._all_codes = np.concatenate([all_codes, np.zeros(_COPY_BLOCK, np.int64)])  # slack: block copies read past the end
+        self._starts = np.cumsum(lengths) - lengths  # token t's codes: _all_codes[_starts[t] : _starts[t] + lengths[t]]
+        self._lengths = lengths
+        self.token_lengths = torch.from_numpy(lengths)  # [V] codes per id
 
     @property
     def vocab_size(self) -> int:
@@ -105,38 +110,81 @@ class VisualBPE:
 
     # -- encode / decode ----------------------------------------------------------------------
 
-    def encode(self, codes: Tensor | np.ndarray) -> list[Tensor]:
-        """Codes [B, N] or [B, h, w] -> B id sequences (long tensors) of varying length."""
+    def encode(self, codes: Tensor | np.ndarray, padded: bool = False) -> list[Tensor] | Tensor:
+        """Codes [B, N] or [B, h, w] -> B id sequences (long tensors) of varying length.
+
+        padded=True returns one [B, L_max] long tensor instead, -1 after each sequence's end
+        (the form `decode` reads fastest, and the one generation produces).
+        """
         codes = torch.as_tensor(np.asarray(codes) if not isinstance(codes, Tensor) else codes)
         rows, _ = _rows(codes, self.codebook_size, self.row_length)
         per_image = len(rows) // len(codes)
         encoded = self._tokenizer.encode_batch([_to_text(r) for r in rows], add_special_tokens=False)
         ids = [torch.tensor(e.ids, dtype=torch.long) for e in encoded]
-        return [torch.cat(ids[i * per_image : (i + 1) * per_image]) for i in range(len(codes))]
+        sequences = [torch.cat(ids[i * per_image : (i + 1) * per_image]) for i in range(len(codes))]
+        return pad_sequence(sequences, batch_first=True, padding_value=-1) if padded else sequences
 
-    def decode(self, ids: Tensor | list[Tensor]) -> Tensor:
-        """Id sequences (a list of 1D tensors, or [B, L] padded with -1) -> codes [B, N], N equal for all.
+    def decode(self, ids: Tensor | np.ndarray | list) -> Tensor:
+        """Id sequences -> codes [B, N] (long), N equal for all.
 
-        One gather for the whole batch: every id's codes come from the expansion table.
+        ids: [B, L] padded with -1 after each sequence's end (the fastest form: what
+        `encode(padded=True)` and generation give), a single [L] sequence, or a list of 1D
+        sequences of varying length. Ids outside [0, vocab_size), ids after the padding, and
+        sequences expanding to different numbers of codes are refused.
         """
-        if not isinstance(ids, Tensor):
-            ids = pad_sequence([torch.as_tensor(row).reshape(-1) for row in ids], batch_first=True, padding_value=-1)
-        ids = ids[None] if ids.ndim == 1 else ids
-        present = ids >= 0
-        flat = self._check_ids(ids[present])  # row-major: sequence by sequence, in order
-        codes_per_sequence = (self.token_lengths[ids.clamp_min(0).long()] * present).sum(dim=1)
-        if (codes_per_sequence != codes_per_sequence[0]).any():
-            raise ValueError(f"id sequences decode to different numbers of codes: {sorted(set(codes_per_sequence.tolist()))}")
-        expanded = self._table[flat]  # [T, max_len], -1 past each token's end
-        return expanded[expanded >= 0].reshape(len(ids), -1)
+        padded = self._padded(ids)
+        first = padded[0][padded[0] >= 0] if len(padded) else padded.ravel()
+        per_sequence = int(self._lengths[first.clip(0, self.vocab_size - 1)].sum())  # sequence 0 sets N; all must match
+        # Allocated by NumPy, which asks Linux for huge pages; inside the kernel numba's allocator
+        # does not, and page faults then cost as much as the decoding itself.
+        codes = np.empty((len(padded), per_sequence), dtype=np.int64)
+        status, row, value = self._run_kernel(padded, codes)
+        if status == _OUT_OF_RANGE:
+            raise ValueError(f"BPE ids must lie in [0, {self.vocab_size}) (-1 only as padding), got {value} in sequence {row}")
+        if status == _AFTER_PADDING:
+            raise ValueError(f"sequence {row} has id {value} after its -1 padding; pad only at the end")
+        if status == _LENGTH_MISMATCH:
+            raise ValueError(f"id sequences decode to different numbers of codes: sequence 0 to {codes.shape[1]}, "
+                             f"sequence {row} to {value}")  # fmt: skip
+        return torch.from_numpy(codes)
 
-    def _check_ids(self, ids: Tensor) -> Tensor:
-        if ids.is_floating_point():
-            raise TypeError(f"BPE ids must be integers, got dtype {ids.dtype}")
-        ids = ids.long()
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"BPE ids must lie in [0, {self.vocab_size}), got values in [{ids.min().item()}, {ids.max().item()}]")
-        return ids
+    def _run_kernel(self, padded: np.ndarray, codes: np.ndarray) -> tuple[int, int, int]:
+        """Run the kernel over slices of the batch in `torch.get_num_threads()` threads.
+
+        The kernel releases the GIL and writes each sequence's codes only inside its own row, so
+        plain Python threads run it in parallel with no shared state (numba's own parallel
+        layers abort on concurrent calls or after fork). Returns the first problem found.
+        """
+        kernel, tables = _expand_kernel(), (self._starts, self._lengths, self._all_codes)
+        threads = min(torch.get_num_threads(), padded.size // _IDS_PER_THREAD + 1, len(padded))
+        if threads <= 1:
+            return kernel(padded, *tables, codes)
+        bounds = np.linspace(0, len(padded), threads + 1).astype(int)
+        slices = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+        with ThreadPoolExecutor(threads) as pool:
+            results = list(pool.map(lambda rows: kernel(padded[rows], *tables, codes[rows]), slices))
+        for rows, (status, row, value) in zip(slices, results):
+            if status != _OK:
+                return status, rows.start + row, value
+        return _OK, -1, 0
+
+    def _padded(self, ids) -> np.ndarray:
+        """Any accepted form -> int64 [B, L], -1 after each sequence."""
+        if isinstance(ids, (list, tuple)):
+            rows = [torch.as_tensor(row).reshape(-1) for row in ids]
+            ids = pad_sequence(rows, batch_first=True, padding_value=-1) if rows else torch.zeros(0, 0, dtype=torch.long)
+        array = self._integers(ids)
+        array = array[None] if array.ndim == 1 else array
+        if array.ndim != 2:
+            raise ValueError(f"BPE ids must be [B, L] (padded with -1), [L] or a list of sequences, got shape {array.shape}")
+        return np.ascontiguousarray(array, dtype=np.int64)
+
+    @staticmethod
+    def _integers(ids) -> np.ndarray:
+        array = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
+        if array.dtype.kind not in "iu":
+            raise TypeError(f"BPE ids must be integers, got dtype {array.dtype}")
+        return array
 
     # -- saving -------------------------------------------------------------------------------
 
@@ -163,7 +211,7 @@ class VisualBPE:
 
 def _rows(sequences, codebook_size: int, row_length: int | None) -> tuple[list[np.ndarray], int | None]:
     """Split code sequences into the units merges stay inside: grid rows, or whole sequences."""
-    if isinstance(sequences, Tensor) or isinstance(sequences, np.ndarray):
+    if isinstance(sequences, (Tensor, np.ndarray)):
         array = np.asarray(sequences.cpu() if isinstance(sequences, Tensor) else sequences)
         if array.dtype.kind not in "iu":
             raise TypeError(f"codes must be integers, got dtype {array.dtype}")
@@ -193,3 +241,58 @@ def _merges_to_ids(merges: list, codebook_size: int) -> list[tuple[int, int]]:
         pairs.append((ids[left], ids[right]))
         ids.setdefault(left + right, codebook_size + len(pairs) - 1)
     return pairs
+
+
+_OK, _OUT_OF_RANGE, _AFTER_PADDING, _LENGTH_MISMATCH = range(4)
+_COPY_BLOCK = 4
+_IDS_PER_THREAD = 1 << 16  # below this a second thread costs more than it saves
+
+
+@functools.cache
+def _expand_kernel():
+    """Compile (once; numba caches it on disk) the decode loop: ids -> codes, with validation.
+
+    A plain loop, because each output position depends on the lengths of all ids before it;
+    in NumPy that takes a cumulative sum, a scatter and a gather over the whole output
+    (several times slower), in Python a per-code loop. Codes are copied in blocks of
+    `_COPY_BLOCK` whatever a token's length, so that the loop does not branch on it (token
+    lengths are unpredictable, and a mispredicted branch costs more than the copy): a block
+    may read past a token's codes (`all_codes` has slack) and write past its end, where the
+    next token overwrites it. Only a row's last block is copied exactly, so no write leaves
+    its row.
+    """
+    import numba
+
+    block = _COPY_BLOCK
+
+    @numba.njit(cache=True, nogil=True)
+    def expand(padded, starts, lengths, all_codes, codes):
+        """padded [B, W] ids -> codes [B, N]; returns (status, row, offending value)."""
+        batch, width = padded.shape
+        vocab, per_sequence = len(lengths), codes.shape[1]
+        for b in range(batch):
+            position, j = 0, 0
+            while j < width:
+                t = padded[b, j]
+                if t < 0 or t >= vocab:
+                    break
+                start, length = starts[t], lengths[t]
+                if position + length + block - 1 <= per_sequence:
+                    for offset in range(0, length, block):
+                        for k in range(block):
+                            codes[b, position + offset + k] = all_codes[start + offset + k]
+                elif position + length <= per_sequence:
+                    for k in range(length):
+                        codes[b, position + k] = all_codes[start + k]
+                position += length
+                j += 1
+            if j < width and padded[b, j] != -1:
+                return _OUT_OF_RANGE, b, padded[b, j]
+            for k in range(j, width):
+                if padded[b, k] != -1:
+                    return _AFTER_PADDING, b, padded[b, k]
+            if position != per_sequence:
+                return _LENGTH_MISMATCH, b, position
+        return _OK, -1, 0
+
+    return expand
