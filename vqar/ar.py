@@ -180,9 +180,18 @@ class VocabLayout:
         return cls(**data)
 
     def check_tokenizer(self, tokenizer) -> None:
-        """Refuse a tokenizer whose codes do not mean what the model was trained on."""
+        """Refuse a tokenizer whose codes do not mean what the model was trained on.
+
+        A prior over the first k tokens of a 1d tokenizer trained with nested dropout matches it.
+        """
         expected = (self.codebook_size, self.tokens_per_image)
         got = (tokenizer.codebook_size, tokenizer.tokens_per_image)
+        config = getattr(tokenizer, "config", None)
+        if getattr(config, "layout", "grid") == "1d" and self.grid is None and self.tokens_per_image < got[1]:
+            if not config.nested_dropout:
+                raise ValueError(f"the prior models the first {self.tokens_per_image} of {got[1]} tokens, but the "
+                                 "tokenizer was not trained with nested_dropout, so it cannot decode a prefix")  # fmt: skip
+            got = (got[0], self.tokens_per_image)
         if got != expected:
             raise ValueError(
                 f"tokenizer does not match the prior: the prior was trained on {self.tokenizer or 'a tokenizer'} with "

@@ -70,7 +70,8 @@ def _generate(argv: list[str]) -> None:
     parser.add_argument("--class", dest="classes", action="append", help="class index or name; repeatable")
     parser.add_argument("--num-images", type=int, help="images per class, or in all when unconditional")
     parser.add_argument("--prefix-image", help="complete this image from its first token rows")
-    parser.add_argument("--prefix-rows", type=int, default=1)
+    parser.add_argument("--prefix-rows", type=int, default=1,
+                        help="token rows of a grid tokenizer, or leading tokens of a 1d one, to keep")  # fmt: skip
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -254,14 +254,19 @@ def generate_images(prior, tokenizer, layout: VocabLayout, prompts: Tensor, samp
 
 
 def prefix_from_image(tokenizer, image_path: str, rows: int) -> Tensor:
-    """The first `rows` token rows [1, rows, w] of an image file, encoded at the tokenizer's resolution."""
+    """The start of an image file's tokens, encoded at the tokenizer's resolution.
+
+    Grid tokenizers: the first `rows` token rows [1, rows, w]. 1d tokenizers: the first `rows`
+    tokens [1, rows] (the coarsest part of the image, with nested dropout).
+    """
     from .data import ImageTransform, decode_image
 
     pixels = ImageTransform(tokenizer.config.resolution)(decode_image(image_path))[None].to(tokenizer.device)
-    grid = tokenizer.encode(pixels)
-    if not 1 <= rows < grid.shape[1]:
-        raise ValueError(f"prefix rows must lie in [1, {grid.shape[1]}) for a {grid.shape[1]}-row token grid, got {rows}")
-    return grid[:, :rows]
+    tokens = tokenizer.encode(pixels)
+    unit = "tokens of a 1d sequence" if tokenizer.is_1d else "token rows of a grid"
+    if not 1 <= rows < tokens.shape[1]:
+        raise ValueError(f"the prefix must lie in [1, {tokens.shape[1]}) for {tokens.shape[1]} {unit}, got {rows}")
+    return tokens[:, :rows]
 
 
 def save_images(images: Tensor, output: str, rows: int = 1) -> list[str]:

@@ -9,14 +9,22 @@ from transformers import PretrainedConfig
 
 from ..quantizers import QuantizerConfig
 
+LAYOUTS = ("grid", "1d")
+
 
 @strict
 class TokenizerConfig(PretrainedConfig):
-    """A VQGAN-style convolutional tokenizer (Esser et al. 2021, "Taming Transformers").
+    """A discrete image tokenizer, in one of two layouts.
 
-    The encoder halves the resolution once per entry of `channel_multipliers` after the first,
-    so the downsampling factor is 2 ** (len(channel_multipliers) - 1). The defaults are the
-    taming / LlamaGen VQGAN f16 at 256 px.
+    layout "grid": a VQGAN-style conv tokenizer (Esser et al. 2021, "Taming Transformers"),
+    tokens [B, h, w]. The encoder halves the resolution once per entry of
+    `channel_multipliers` after the first, so the downsampling factor is
+    2 ** (len(channel_multipliers) - 1). The defaults are the taming / LlamaGen VQGAN f16 at 256 px.
+
+    layout "1d": a TiTok-style ViT tokenizer (Yu et al. 2024), tokens [B, L] with
+    L = num_latent_tokens, for images of exactly `resolution` px (learned positions). The
+    `vit_*`, `patch_size` and `conv_channels` fields apply; the conv fields do not.
+    `latent_channels` and `quantizer` apply to both.
     """
 
     model_type = "vqar_tokenizer"
@@ -30,6 +38,15 @@ class TokenizerConfig(PretrainedConfig):
     latent_channels: int = 256  # width of the latents handed to the quantizer
     dropout: float = 0.0
     quantizer: dict = field(default_factory=lambda: {"kind": "vq", "codebook_size": 16384, "code_dim": 8})
+    layout: str = "grid"  # "grid" (conv, tokens [B, h, w]) or "1d" (ViT, tokens [B, L])
+    num_latent_tokens: int = 32  # 1d: L
+    patch_size: int = 16  # 1d
+    vit_width: int = 512  # 1d: encoder and decoder width
+    vit_depth: int = 8  # 1d: blocks in each of encoder and decoder
+    vit_heads: int = 8  # 1d
+    vit_mlp_ratio: float = 4.0  # 1d
+    conv_channels: int = 0  # 1d: width of a two-conv stem before patch embedding and head after; 0 = none
+    nested_dropout: bool = False  # 1d: train on a random leading k in [1, L] tokens, so any prefix decodes
 
     def __post_init__(self, **kwargs):
         # Save every quantizer option, defaults included, so a saved tokenizer never changes
@@ -44,12 +61,27 @@ class TokenizerConfig(PretrainedConfig):
         for name in ("resolution", "channels", "num_res_blocks", "latent_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.resolution % self.downsample_factor:
+        if self.layout == "grid" and self.resolution % self.downsample_factor:
             raise ValueError(
                 f"resolution {self.resolution} is not divisible by the downsampling factor {self.downsample_factor}"
             )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.layout == "1d":
+            self._validate_vit()
+
+    def _validate_vit(self):
+        for name in ("num_latent_tokens", "patch_size", "vit_width", "vit_depth", "vit_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.resolution % self.patch_size:
+            raise ValueError(f"resolution {self.resolution} is not divisible by patch_size {self.patch_size}")
+        if self.vit_width % self.vit_heads:
+            raise ValueError(f"vit_width {self.vit_width} is not divisible by vit_heads {self.vit_heads}")
+        if self.vit_mlp_ratio <= 0 or self.conv_channels < 0:
+            raise ValueError(f"vit_mlp_ratio must be > 0 and conv_channels >= 0, got {self.vit_mlp_ratio}, {self.conv_channels}")
 
     @property
     def quantizer_config(self) -> QuantizerConfig:
@@ -57,9 +89,20 @@ class TokenizerConfig(PretrainedConfig):
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.channel_multipliers) - 1)
+        """Pixels per token side (grid); for 1d the patch size, which input sizes must divide."""
+        return self.patch_size if self.layout == "1d" else 2 ** (len(self.channel_multipliers) - 1)
 
     @property
     def grid_size(self) -> int:
-        """Tokens per side at the training resolution."""
+        """Tokens per side at the training resolution (grid layout)."""
         return self.resolution // self.downsample_factor
+
+    @property
+    def num_patches(self) -> int:
+        """1d: patches the ViTs see."""
+        return (self.resolution // self.patch_size) ** 2
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        """One image's tokens: (h, w) for grids, (L,) for 1d."""
+        return (self.num_latent_tokens,) if self.layout == "1d" else (self.grid_size, self.grid_size)

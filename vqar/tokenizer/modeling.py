@@ -1,4 +1,5 @@
-"""The stage-1 tokenizer: images <-> grids of discrete codes, as a Hugging Face model.
+"""The stage-1 tokenizer: images <-> discrete codes (grids [B, h, w] or 1D sequences [B, L]),
+as a Hugging Face model.
 
 `VQTokenizer` is a `PreTrainedModel`: `save_pretrained` writes `config.json` and
 `model.safetensors`, `from_pretrained` reads a local folder or a Hub id, `push_to_hub` uploads.
@@ -26,6 +27,7 @@ from ..quantizers import CodeStats, build_quantizer
 from .blocks import Decoder, Encoder
 from .configuration import TokenizerConfig
 from .presets import load_preset
+from .vit import ViTDecoder, ViTEncoder
 
 PIXEL_RANGE_TOLERANCE = 1e-3  # resampling and float error may overshoot [-1, 1] slightly
 
@@ -35,17 +37,20 @@ class TokenizerOutput(ModelOutput):
     """What `VQTokenizer.forward` returns."""
 
     reconstruction: Tensor | None = None  # [B, 3, H, W], ~[-1, 1]
-    indices: Tensor | None = None  # [B, h, w] long in [0, K)
+    indices: Tensor | None = None  # [B, h, w] (grid) or [B, L] (1d), long in [0, K)
     bottleneck_loss: Tensor | None = None  # scalar, the quantizer's own weighted loss
     code_stats: CodeStats | None = None  # per-batch codebook usage and perplexity
 
 
 class VQTokenizer(PreTrainedModel):
-    """VQGAN-style tokenizer: conv encoder -> VQ/FSQ/LFQ/BSQ bottleneck -> conv decoder.
+    """Encoder -> VQ/FSQ/LFQ/BSQ bottleneck -> decoder; conv (grid) or ViT (1d) by `config.layout`.
 
     >>> tokenizer = VQTokenizer.from_preset("fsq-cpu")
     >>> indices = tokenizer.encode(images)      # [B, 3, H, W] in [-1, 1] -> [B, H/f, W/f]
     >>> images = tokenizer.decode(indices)      # -> [B, 3, H, W]
+    >>> tokenizer = VQTokenizer.from_preset("titok-1d-cpu")
+    >>> indices = tokenizer.encode(images)      # -> [B, L]
+    >>> coarse = tokenizer.decode(indices[:, :8])  # any leading k tokens (nested dropout training)
     """
 
     config_class = TokenizerConfig
@@ -54,9 +59,10 @@ class VQTokenizer(PreTrainedModel):
 
     def __init__(self, config: TokenizerConfig):
         super().__init__(config)
-        self.encoder = Encoder(config)
+        one_d = config.layout == "1d"
+        self.encoder = ViTEncoder(config) if one_d else Encoder(config)
         self.quantizer = build_quantizer(config.quantizer_config, dim=config.latent_channels)
-        self.decoder = Decoder(config)
+        self.decoder = ViTDecoder(config) if one_d else Decoder(config)
         self.post_init()
 
     # -- Hugging Face plumbing --------------------------------------------------------------
@@ -101,9 +107,18 @@ class VQTokenizer(PreTrainedModel):
         return self.config.downsample_factor
 
     @property
+    def is_1d(self) -> bool:
+        return self.config.layout == "1d"
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        """One image's tokens at the training resolution: (h, w), or (L,) for 1d."""
+        return self.config.token_shape
+
+    @property
     def tokens_per_image(self) -> int:
         """Tokens for one image at the training resolution."""
-        return self.config.grid_size**2
+        return math.prod(self.token_shape)
 
     @property
     def bits_per_image(self) -> float:
@@ -112,37 +127,60 @@ class VQTokenizer(PreTrainedModel):
 
     # -- the model --------------------------------------------------------------------------
 
-    def forward(self, pixel_values: Tensor) -> TokenizerOutput:
-        """Reconstruct pixels [B, 3, H, W] in [-1, 1] through the bottleneck."""
+    def forward(self, pixel_values: Tensor, num_tokens: int | None = None) -> TokenizerOutput:
+        """Reconstruct pixels [B, 3, H, W] in [-1, 1] through the bottleneck.
+
+        1d only: `num_tokens` decodes from the leading k tokens; in training with
+        `nested_dropout`, each image keeps a random leading k in [1, L] instead.
+        """
         self._check_pixels(pixel_values)
         latents = self.encoder(pixel_values)
-        B, D, h, w = latents.shape
-        out = self.quantizer(rearrange(latents, "b d h w -> b (h w) d"))  # [B, N, D], N = h*w
-        quantized = rearrange(out.quantized, "b (h w) d -> b d h w", h=h, w=w)
+        out = self.quantizer(self._to_sequence(latents))  # [B, N, D]
+        quantized = out.quantized.to(latents.dtype)
+        if self.is_1d:
+            reconstruction = self.decoder(quantized[:, :num_tokens], keep=self._nested_dropout_mask(quantized))
+        else:
+            reconstruction = self.decoder(self._to_grid(quantized, latents.shape[-2:]))
         return TokenizerOutput(
-            reconstruction=self.decoder(quantized.to(latents.dtype)),
-            indices=rearrange(out.indices, "b (h w) -> b h w", h=h, w=w),
+            reconstruction=reconstruction,
+            indices=out.indices if self.is_1d else out.indices.reshape(-1, *latents.shape[-2:]),
             bottleneck_loss=out.loss,
             code_stats=out.code_stats,
         )
 
     @torch.inference_mode()
     def encode(self, pixel_values: Tensor) -> Tensor:
-        """Pixels [B, 3, H, W] in [-1, 1] -> indices [B, H/f, W/f] (long, in [0, codebook_size))."""
+        """Pixels [B, 3, H, W] in [-1, 1] -> indices [B, H/f, W/f], or [B, L] for 1d (long, in [0, K))."""
         self._check_pixels(pixel_values)
         latents = self.encoder(pixel_values)
-        B, D, h, w = latents.shape
-        indices = self.quantizer(rearrange(latents, "b d h w -> b (h w) d")).indices
-        return rearrange(indices, "b (h w) -> b h w", h=h, w=w)
+        indices = self.quantizer(self._to_sequence(latents)).indices
+        return indices if self.is_1d else indices.reshape(-1, *latents.shape[-2:])
 
     @torch.inference_mode()
     def decode(self, indices: Tensor) -> Tensor:
-        """Indices [B, h, w] (any integer dtype, in [0, codebook_size)) -> pixels [B, 3, h*f, w*f]."""
+        """Indices -> pixels [B, 3, H, W].
+
+        Grid: [B, h, w] -> [B, 3, h*f, w*f]. 1d: [B, k], any leading 1 <= k <= L tokens ->
+        [B, 3, R, R]. Any integer dtype, values in [0, codebook_size).
+        """
         self._check_indices(indices)
-        B, h, w = indices.shape
-        codes = self.quantizer.indices_to_codes(rearrange(indices.long(), "b h w -> b (h w)"))
-        codes = rearrange(codes, "b (h w) d -> b d h w", h=h, w=w)
-        return self.decoder(codes.to(self.dtype))
+        codes = self.quantizer.indices_to_codes(indices.long().flatten(1)).to(self.dtype)  # [B, N, D]
+        return self.decoder(codes if self.is_1d else self._to_grid(codes, indices.shape[1:]))
+
+    def _to_sequence(self, latents: Tensor) -> Tensor:
+        return latents if self.is_1d else rearrange(latents, "b d h w -> b (h w) d")
+
+    @staticmethod
+    def _to_grid(tokens: Tensor, shape) -> Tensor:
+        return rearrange(tokens, "b (h w) d -> b d h w", h=shape[0], w=shape[1])
+
+    def _nested_dropout_mask(self, quantized: Tensor) -> Tensor | None:
+        """Bool [B, L]: each image keeps its leading k ~ U{1..L} tokens; None when not training with it."""
+        if not (self.training and self.config.nested_dropout):
+            return None
+        B, L = quantized.shape[:2]
+        kept = torch.randint(1, L + 1, (B, 1), device=quantized.device)
+        return torch.arange(L, device=quantized.device) < kept
 
     # -- input checks -----------------------------------------------------------------------
 
@@ -155,6 +193,11 @@ class VQTokenizer(PreTrainedModel):
             raise TypeError(f"pixel_values must be floats in [-1, 1], got dtype {pixels.dtype}")
         H, W = pixels.shape[-2:]
         f = self.downsample_factor
+        if self.is_1d and (H, W) != (self.config.resolution,) * 2:
+            raise ValueError(
+                f"a 1d tokenizer reads images of exactly its resolution, {self.config.resolution}x"
+                f"{self.config.resolution} (its positions are learned), got {H}x{W}"
+            )
         if H % f or W % f:
             raise ValueError(
                 f"pixel_values height and width must be multiples of the downsampling factor {f}, got {H}x{W}"
@@ -167,12 +210,13 @@ class VQTokenizer(PreTrainedModel):
             )
 
     def _check_indices(self, indices: Tensor) -> None:
+        expected = f"[B, k] with 1 <= k <= {self.tokens_per_image}" if self.is_1d else "[B, h, w]"
         if not isinstance(indices, Tensor):
-            raise TypeError(f"indices must be a torch.Tensor [B, h, w], got {type(indices).__name__}")
+            raise TypeError(f"indices must be a torch.Tensor {expected}, got {type(indices).__name__}")
         if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
             raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
-        if indices.ndim != 3:
-            raise ValueError(f"indices must have shape [B, h, w], got {tuple(indices.shape)}")
+        if indices.ndim != (2 if self.is_1d else 3) or (self.is_1d and indices.shape[1] > self.tokens_per_image):
+            raise ValueError(f"indices must have shape {expected}, got {tuple(indices.shape)}")
         if indices.numel() == 0:
             raise ValueError(f"indices must not be empty, got shape {tuple(indices.shape)}")
         low, high = torch.aminmax(indices)

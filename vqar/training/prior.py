@@ -46,6 +46,7 @@ class PriorArgs:
     size: str = "cpu"  # a name of vqar.ar.PRIOR_SIZES
     prior: dict = field(default_factory=dict)  # overrides of the model config (hidden_size, ...)
     bpe: str = "auto"  # visual_bpe.json to train on: "auto" (the tokenizer's, if any), "none", or a path
+    num_tokens: int | None = None  # 1d nested-dropout tokenizers: model only each image's first k tokens
     conditional: bool = True  # class-conditional when the tokens have labels
     label_dropout: float = 0.1  # fraction of labels replaced by the null class (LlamaGen: 0.1)
     eval_batch_size: int = 128
@@ -55,18 +56,27 @@ class PriorArgs:
             raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
 
 
-def layout_for(manifest: dict, conditional: bool, bpe: VisualBPE | None) -> VocabLayout:
+def layout_for(manifest: dict, conditional: bool, bpe: VisualBPE | None, num_tokens: int | None = None) -> VocabLayout:
     tokenizer = manifest["tokenizer"]
     if Path(tokenizer).exists():
         tokenizer = str(Path(tokenizer).resolve())  # generation may run from another folder
     return VocabLayout(
         codebook_size=manifest["codebook_size"],
-        tokens_per_image=manifest["tokens_per_image"],
+        tokens_per_image=num_tokens or manifest["tokens_per_image"],
         grid=manifest.get("grid"),
         num_bpe_tokens=bpe.num_merges if bpe else 0,
         class_names=manifest["class_names"] if conditional else [],
         tokenizer=tokenizer,
     )
+
+
+def leading_tokens(tokens: dict, manifest: dict, k: int) -> dict:
+    """Keep each image's first k tokens: a 1d nested-dropout tokenizer decodes any prefix."""
+    if manifest.get("grid") or not 1 <= k <= manifest["tokens_per_image"]:
+        raise ValueError(f"num_tokens={k} needs a 1d tokenizer and 1 <= k <= {manifest['tokens_per_image']} "
+                         f"(these tokens are {'a grid ' + str(manifest['grid']) if manifest.get('grid') else '1d'})")  # fmt: skip
+    return {name: split.map(lambda batch: {"tokens": [t[:k] for t in batch["tokens"]]}, batched=True,
+                            keep_in_memory=True) for name, split in tokens.items()}  # fmt: skip
 
 
 def find_bpe(choice: str, manifest: dict) -> VisualBPE | None:
@@ -125,8 +135,10 @@ def train_prior(args: PriorArgs, train: TrainConfig) -> dict | None:
     started = time.time()
     accelerator = make_accelerator(train)
     tokens, manifest = load_tokens(args.tokens)
+    if args.num_tokens:
+        tokens = leading_tokens(tokens, manifest, args.num_tokens)
     bpe = find_bpe(args.bpe, manifest)
-    layout = layout_for(manifest, args.conditional and bool(manifest["class_names"]), bpe)
+    layout = layout_for(manifest, args.conditional and bool(manifest["class_names"]), bpe, args.num_tokens)
     model = build_prior(layout, args.model_type, args.size, **args.prior)
     if bpe is not None:
         tokens = {name: bpe_encoded(tokens[name], bpe, manifest.get("grid")) for name in ("train", "eval")}

@@ -92,7 +92,7 @@ def tokenize_dataset(args: TokenizeArgs) -> dict:
         "tokenizer": args.tokenizer,
         "codebook_size": tokenizer.codebook_size,
         "tokens_per_image": tokenizer.tokens_per_image,
-        "grid": [tokenizer.config.grid_size] * 2,
+        "grid": None if tokenizer.is_1d else list(tokenizer.token_shape),
         "class_names": class_names(source) or [],
         "data": args.data,
         "num_images": {name: len(columns["tokens"]) for name, columns in splits.items()},

@@ -185,6 +185,8 @@ def train_step(run: Run, pixels: torch.Tensor, step: int, train: TrainConfig) ->
 def evaluate(tokenizer: VQTokenizer, data: ImageDataset, batch_size: int, lpips: PerceptualLoss | None) -> tuple:
     """Held-out PSNR, SSIM, LPIPS (real weights only), codebook usage, perplexity, dead codes.
 
+    A 1d tokenizer trained with nested dropout also gets `psnr_at_tokens`: PSNR decoding only
+    the leading k = L/4, L/2, L tokens.
     Returns (metrics, (originals [<=8, 3, H, W], reconstructions [<=8, 3, H, W])).
     """
     was_training = tokenizer.training
@@ -193,6 +195,8 @@ def evaluate(tokenizer: VQTokenizer, data: ImageDataset, batch_size: int, lpips:
     loader = make_loader(data, batch_size, collate_fn=collate_images)
     counts = torch.zeros(tokenizer.codebook_size, device=device)
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
+    prefixes = prefix_lengths(tokenizer)
+    prefix_psnr = dict.fromkeys(prefixes, 0.0)
     n, first = 0, None
     for batch in loader:
         pixels = batch["pixels"].to(device)
@@ -204,6 +208,9 @@ def evaluate(tokenizer: VQTokenizer, data: ImageDataset, batch_size: int, lpips:
         sums["ssim"] += ssim(pixels, out.reconstruction).sum().item()
         if lpips is not None:
             sums["lpips"] += lpips(pixels, out.reconstruction).sum().item()
+        for k in prefixes:
+            coarse = out.reconstruction if k == tokenizer.tokens_per_image else tokenizer.decode(out.indices[:, :k])
+            prefix_psnr[k] += psnr(pixels, coarse).sum().item()
         n += len(pixels)
         first = first if first is not None else (pixels[:8].cpu(), out.reconstruction[:8].cpu())
     tokenizer.train(was_training)
@@ -218,9 +225,19 @@ def evaluate(tokenizer: VQTokenizer, data: ImageDataset, batch_size: int, lpips:
         "dead_codes": int((counts == 0).sum().item()),
         "eval_images": n,
     }
+    if prefixes:
+        metrics["psnr_at_tokens"] = {str(k): total / n for k, total in prefix_psnr.items()}
     if lpips is None:
         metrics["lpips_missing_reason"] = lpips_missing_reason() or "LPIPS disabled"
     return metrics, first
+
+
+def prefix_lengths(tokenizer: VQTokenizer) -> list[int]:
+    """The prefix lengths a variable-length (nested-dropout) 1d tokenizer is evaluated at."""
+    if not (tokenizer.is_1d and tokenizer.config.nested_dropout):
+        return []
+    L = tokenizer.tokens_per_image
+    return sorted({max(1, L // 4), max(1, L // 2), L})
 
 
 def eval_lpips(loss_fn: TokenizerLoss, device) -> PerceptualLoss | None:
@@ -256,7 +273,9 @@ def train_tokenizer(model_args, data_args, loss_config: LossConfig, train: Train
 
     def evaluate_now(step: int) -> str:
         m = _evaluate_and_log(run, data_args, train, step, lpips)
-        return f"held-out PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, codebook usage {m['codebook_usage']:.1%}"
+        summary = f"held-out PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, codebook usage {m['codebook_usage']:.1%}"
+        by_prefix = ", ".join(f"{k} tokens {v:.2f}" for k, v in m.get("psnr_at_tokens", {}).items())
+        return summary + (f"; PSNR from the first {by_prefix} dB" if by_prefix else "")
 
     hooks = LoopHooks(step=step, count=lambda batch: len(batch["pixels"]), evaluate=evaluate_now)
     data = {"loader": run.loader, "sampler": run.sampler, "dataset": run.train_data}
