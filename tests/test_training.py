@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from vqar.data import ImageDataset, ImageTransform, collate_images, load_source
+from vqar.data import load_source
 from vqar.losses import LossConfig, TokenizerLoss, adaptive_weight
 from vqar.training.common import TrainConfig, complete_checkpoints, parse_recipe
 from vqar.training.tokenizer import DataArgs, TokenizerModelArgs, train_tokenizer
@@ -154,52 +153,6 @@ def test_disc_start_changes_nothing_in_training_before_it(tmp_path):
     run(gan_on)
     changed = final_weights(tmp_path / "c")
     assert any(not torch.equal(changed[k], v) for k, v in final_weights(tmp_path / "a").items())
-
-
-# -- data -----------------------------------------------------------------------------------
-
-
-def _odd_image_folder(root: Path) -> int:
-    """Twelve readable images in many Pillow modes, and four broken files. Returns the bad count."""
-    rng = np.random.default_rng(0)
-    rgb = lambda: Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))  # noqa: E731
-    (root / "nested" / "deeper").mkdir(parents=True)
-    rgb().save(root / "rgb.png")
-    rgb().convert("L").save(root / "gray.png")
-    rgb().convert("LA").save(root / "gray_alpha.png")
-    rgb().convert("RGBA").save(root / "nested" / "rgba.png")
-    rgb().convert("1").save(root / "binary.png")
-    rgb().convert("CMYK").save(root / "cmyk.jpg")
-    palette = rgb().convert("P")
-    palette.info["transparency"] = 0
-    palette.save(root / "nested" / "palette.png", transparency=0)
-    Image.fromarray(rng.integers(0, 65535, (20, 24), dtype=np.uint16)).save(root / "nested" / "deeper" / "sixteen.png")
-    for i in range(4):
-        rgb().save(root / "nested" / f"extra{i}.jpg")
-    jpeg = (root / "rgb.png").read_bytes()
-    (root / "truncated.png").write_bytes(jpeg[: len(jpeg) // 3])
-    (root / "empty.png").write_bytes(b"")
-    (root / "not_an_image.jpg").write_text("hello")
-    (root / "garbage.webp").write_bytes(os.urandom(300))
-    (root / "notes.txt").write_text("not an image, and not picked up")
-    return 4
-
-
-def test_folder_images_in_every_mode_load_and_broken_ones_are_skipped(tmp_path):
-    bad = _odd_image_folder(tmp_path)
-    source = load_source(str(tmp_path))
-    assert len(source) == 16  # the .txt file is not an image
-    dataset = ImageDataset(source, ImageTransform(16))
-    batch = collate_images([dataset[i] for i in range(len(dataset))])
-    assert batch["skipped"] == bad
-    assert batch["pixels"].shape == (12, 3, 16, 16)
-    assert batch["pixels"].min() >= -1 and batch["pixels"].max() <= 1
-
-
-def test_training_on_a_folder_with_broken_images_finishes_and_counts_them(tmp_path):
-    _odd_image_folder(tmp_path / "images")
-    metrics = run(tiny_args(tmp_path / "out", data=tmp_path / "images", batch_size=4, max_steps=6, eval_fraction=0.2))
-    assert metrics["steps"] == 6 and metrics["skipped_images"] > 0
 
 
 # -- resume ---------------------------------------------------------------------------------

@@ -97,6 +97,8 @@ class VocabLayout:
             if name_or_index not in self.class_names:
                 raise ValueError(f"unknown class {name_or_index!r}; classes: {self.class_names}")
             return self.class_names.index(name_or_index)
+        if isinstance(name_or_index, float) and not name_or_index.is_integer():
+            raise TypeError(f"a class is a name or an integer index, got {name_or_index!r}")
         index = int(name_or_index)
         if not 0 <= index < self.num_classes:
             raise ValueError(f"class index must lie in [0, {self.num_classes}), got {index}")
@@ -162,10 +164,11 @@ class VocabLayout:
     def check_image_ids(self, ids: Tensor, codes_only: bool = False) -> None:
         """Ids that may stand inside an image; `codes_only` also refuses BPE tokens."""
         limit = self.codebook_size if codes_only else self.image_vocab_size
-        if ids.is_floating_point():
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"image ids must be integers, got dtype {ids.dtype}")
-        if ids.numel() and (ids.min() < 0 or ids.max() >= limit):
-            raise ValueError(f"image ids must lie in [0, {limit}), got values in [{ids.min().item()}, {ids.max().item()}]")
+        low, high = (ids.min().item(), ids.max().item()) if ids.numel() else (0, 0)  # Python ints: no uint8 wrap
+        if low < 0 or high >= limit:
+            raise ValueError(f"image ids must lie in [0, {limit}), got values in [{low}, {high}]")
 
     # -- saving -------------------------------------------------------------------------------
 
@@ -237,8 +240,8 @@ def build_prior(layout: VocabLayout, model_type: str = "llama", size: str = "cpu
 
 
 def load_prior(path: str, **kwargs) -> tuple[PreTrainedModel, VocabLayout]:
-    """A prior saved by `vqar train-ar` (folder or Hub id) and its vocabulary layout."""
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    """A prior saved by `vqar train-ar` (folder or Hub id) and its vocabulary layout; safetensors only."""
+    model = AutoModelForCausalLM.from_pretrained(path, **{"use_safetensors": True, **kwargs})
     return model.eval(), VocabLayout.from_model_config(model.config)
 
 

@@ -17,6 +17,7 @@ import glob
 import io
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,8 +149,11 @@ def decode_image(value) -> Image.Image:
     path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
     data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, bytes) else None
     try:
-        image = Image.open(io.BytesIO(data) if data else path)
-        image.load()
+        with warnings.catch_warnings():
+            # Above Image.MAX_IMAGE_PIXELS Pillow only warns, then decodes: refuse it before it allocates.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data) if data else path)
+            image.load()
     except Exception as error:  # Pillow raises many types for bad files
         raise UnreadableImage(f"cannot read image {path or '<bytes>'}: {error}") from error
     return image

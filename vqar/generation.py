@@ -190,8 +190,10 @@ def _check_prefix(layout: VocabLayout, prefix: Tensor, batch: int, bpe: VisualBP
 
 
 def _check_prompt_ids(layout: VocabLayout, prompt_ids: Tensor, bpe: VisualBPE | None) -> Tensor:
-    if prompt_ids.ndim != 2 or prompt_ids.shape[1] < PROMPT_LENGTH:
-        raise ValueError(f"prompt_ids must be [B, >= {PROMPT_LENGTH}] (condition, BOI, ...), got {tuple(prompt_ids.shape)}")
+    if not isinstance(prompt_ids, Tensor) or prompt_ids.is_floating_point() or prompt_ids.dtype == torch.bool:
+        raise TypeError(f"prompt_ids must be an integer tensor, got {getattr(prompt_ids, 'dtype', type(prompt_ids).__name__)}")
+    if prompt_ids.ndim != 2 or prompt_ids.shape[1] < PROMPT_LENGTH or prompt_ids.shape[0] < 1:
+        raise ValueError(f"prompt_ids must be [B >= 1, >= {PROMPT_LENGTH}] (condition, BOI, ...), got {tuple(prompt_ids.shape)}")
     prompt_ids = prompt_ids.long()
     if prompt_ids.min() < 0 or prompt_ids.max() >= layout.vocab_size:
         raise ValueError(f"prompt ids must lie in [0, {layout.vocab_size}), got values in "

@@ -10,6 +10,12 @@ from transformers import PretrainedConfig
 from ..quantizers import QuantizerConfig
 
 LAYOUTS = ("grid", "1d")
+_SHARED = ("resolution", "latent_channels", "quantizer")
+REQUIRED_FIELDS = {  # in every saved config.json of that layout (`layout` itself defaults to "grid")
+    "grid": _SHARED + ("channels", "channel_multipliers", "num_res_blocks", "attn_resolutions", "mid_attention"),
+    "1d": _SHARED + ("layout", "num_latent_tokens", "patch_size", "vit_width", "vit_depth", "vit_heads",
+                     "vit_mlp_ratio", "conv_channels", "nested_dropout"),
+}  # fmt: skip
 
 
 @strict
@@ -49,10 +55,27 @@ class TokenizerConfig(PretrainedConfig):
     nested_dropout: bool = False  # 1d: train on a random leading k in [1, L] tokens, so any prefix decodes
 
     def __post_init__(self, **kwargs):
+        # transformers hands unknown keys to __post_init__ and would keep them as attributes: a
+        # misspelt field would silently fall back to its default. Its own bookkeeping is allowed.
+        unknown = sorted(k for k in kwargs if not (k.startswith("_") or k in ("model_type", "name_or_path")
+                                                   or hasattr(PretrainedConfig, k)))  # fmt: skip
+        if unknown:
+            raise ValueError(f"unknown TokenizerConfig field(s) {unknown}; known fields: {sorted(self.__annotations__)}")
         # Save every quantizer option, defaults included, so a saved tokenizer never changes
         # meaning when a default does.
         self.quantizer = QuantizerConfig.from_dict(self.quantizer).to_dict()
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Read a saved config, refusing one that lacks a field its layout needs (a truncated or
+        hand-edited config.json would otherwise build a different model from defaults)."""
+        needed = REQUIRED_FIELDS[config_dict.get("layout", "grid")] if config_dict.get("layout", "grid") in LAYOUTS else ()
+        missing = sorted(set(needed) - config_dict.keys())
+        if missing:
+            raise ValueError(f"tokenizer config lacks field(s) {missing}, which a {config_dict.get('layout', 'grid')!r} "
+                             "tokenizer needs; was config.json truncated or edited?")  # fmt: skip
+        return super().from_dict(config_dict, **kwargs)
 
     def validate_architecture(self):
         """Checked by transformers on construction and on every load of a config.json."""

@@ -79,9 +79,21 @@ class VQTokenizer(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load from a folder or a Hub id, refusing weights that do not match the config."""
+        """Load from a folder or a Hub id, refusing weights that do not match the config.
+
+        Weights are read from safetensors only: a folder with nothing but a pickled
+        `pytorch_model.bin` is refused rather than unpickled.
+        """
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        kwargs.setdefault("use_safetensors", True)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            # transformers names the tensors only in a logged report: name them in the error.
+            raise ValueError(f"weights in {pretrained_model_name_or_path} do not match its config.json: "
+                             f"{cls._shape_mismatches(pretrained_model_name_or_path, **kwargs)}") from error  # fmt: skip
         problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
         if problems or info.get("error_msgs"):
             raise ValueError(
@@ -90,6 +102,22 @@ class VQTokenizer(PreTrainedModel):
             )
         model.quantizer.reset_derived_buffers()
         return (model, info) if want_info else model
+
+    @classmethod
+    def _shape_mismatches(cls, path, **kwargs) -> list[str]:
+        """'name: file [shape] vs model [shape]' for every tensor whose shape the config does not give."""
+        from safetensors import safe_open
+        from transformers.utils import cached_file
+
+        config_kwargs = {k: kwargs[k] for k in kwargs if k in TokenizerConfig.__annotations__}
+        expected = cls(TokenizerConfig.from_pretrained(path, **config_kwargs)).state_dict()
+        found = []
+        with safe_open(cached_file(path, "model.safetensors"), "pt") as weights:
+            for name in weights.keys():
+                shape = list(weights.get_slice(name).get_shape())
+                if name in expected and shape != list(expected[name].shape):
+                    found.append(f"{name}: file {shape} vs model {list(expected[name].shape)}")
+        return found
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> VQTokenizer:
@@ -203,6 +231,8 @@ class VQTokenizer(PreTrainedModel):
                 f"pixel_values height and width must be multiples of the downsampling factor {f}, got {H}x{W}"
             )
         low, high = torch.aminmax(pixels.detach())
+        if low.isnan() or high.isnan():  # NaN compares false with everything: ask for it by name
+            raise ValueError("pixel_values contain NaN")
         if low < -1 - PIXEL_RANGE_TOLERANCE or high > 1 + PIXEL_RANGE_TOLERANCE:
             raise ValueError(
                 f"pixel_values must lie in [-1, 1], got values in [{low.item():.3g}, {high.item():.3g}]; "
@@ -219,10 +249,10 @@ class VQTokenizer(PreTrainedModel):
             raise ValueError(f"indices must have shape {expected}, got {tuple(indices.shape)}")
         if indices.numel() == 0:
             raise ValueError(f"indices must not be empty, got shape {tuple(indices.shape)}")
-        low, high = torch.aminmax(indices)
+        low, high = (v.item() for v in torch.aminmax(indices))  # Python ints: uint8 would wrap the bound
         if low < 0 or high >= self.codebook_size:
             raise ValueError(
-                f"indices must lie in [0, {self.codebook_size}), got values in [{low.item()}, {high.item()}]"
+                f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]"
             )
 
 

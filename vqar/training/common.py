@@ -14,8 +14,11 @@ import dataclasses
 import json
 import logging
 import math
+import pickle
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +63,7 @@ class TrainConfig:
     resume: str | None = None  # "latest", or a checkpoint folder
     log_with: str = "tensorboard"  # an accelerate tracker, or "none"
     num_workers: int = 0  # DataLoader workers
+    max_bad_steps: int = 10  # consecutive steps with a NaN/inf loss or gradient skipped before training stops
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size"):
@@ -71,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.max_bad_steps < 0:
+            raise ValueError(f"max_bad_steps must be >= 0, got {self.max_bad_steps}")
 
 
 # -- recipes --------------------------------------------------------------------------------
@@ -196,6 +202,34 @@ class EMA:
             self.shadow[k].copy_(v)
 
 
+# -- numerics -------------------------------------------------------------------------------
+
+
+class NonFiniteStep(Exception):
+    """A step whose loss or gradient norm was NaN or inf; `run_loop` skips and counts it."""
+
+
+def backward_and_check(accelerator: Accelerator, loss: torch.Tensor, parameters, optimizer, max_norm: float) -> None:
+    """Backward, clip to `max_norm` (0: no clipping), and raise NonFiniteStep (gradients
+    cleared, nothing updated) when the loss or the gradient norm is not finite on any rank.
+
+    One host sync per step: whether to step must be decided on the host, and on every rank
+    alike, as AMP's GradScaler does.
+    """
+    accelerator.backward(loss)
+    parameters = [p for p in parameters if p.grad is not None]
+    if max_norm > 0:
+        norm = accelerator.clip_grad_norm_(parameters, max_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters]))
+    finite = (torch.isfinite(loss.detach()) & torch.isfinite(norm)).float()
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite, "sum") / accelerator.num_processes
+    if finite.item() < 1:
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteStep(f"loss {loss.item():.4g}, gradient norm {norm.item():.4g}")
+
+
 # -- checkpoints ----------------------------------------------------------------------------
 
 
@@ -234,11 +268,18 @@ def save_checkpoint(accelerator: Accelerator, train: TrainConfig, state: dict, e
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    try:
+        accelerator.save_state(str(partial))
+        if accelerator.is_main_process:
+            if ema is not None:
+                ema.save(partial / EMA_WEIGHTS)
+            (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
+    except OSError as error:  # disk full, quota, a vanished mount: keep what is already safe
+        shutil.rmtree(partial, ignore_errors=True)
+        previous = complete_checkpoints(train.output_dir)
+        raise OSError(error.errno, f"could not write checkpoint {final.name} ({error.strerror or error}); "
+                      f"the newest complete checkpoint, {previous[-1] if previous else 'none'}, is untouched") from error  # fmt: skip
     if accelerator.is_main_process:
-        if ema is not None:
-            ema.save(partial / EMA_WEIGHTS)
-        (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
         for old in complete_checkpoints(train.output_dir)[: -train.keep_checkpoints]:
@@ -248,8 +289,16 @@ def save_checkpoint(accelerator: Accelerator, train: TrainConfig, state: dict, e
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMA | None) -> dict:
-    """Restore everything accelerate prepared, the EMA weights, and return trainer_state.json."""
-    accelerator.load_state(str(path))
+    """Restore everything accelerate prepared, the EMA weights, and return trainer_state.json.
+
+    accelerate reads optimizer, scheduler and RNG files with `torch.load(weights_only=True)`;
+    a file that would need arbitrary unpickling is refused here with its checkpoint named.
+    """
+    try:
+        accelerator.load_state(str(path))
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"checkpoint {path} holds a file that needs unpickling arbitrary Python objects, which "
+                         f"vqar refuses (it could run code); only plain tensors and numbers load: {error}") from error  # fmt: skip
     if ema is not None:
         if not (path / EMA_WEIGHTS).is_file():
             raise FileNotFoundError(f"checkpoint {path} has no {EMA_WEIGHTS}, but this run keeps an EMA")
@@ -312,7 +361,7 @@ class LoopHooks:
 
 
 def start_state() -> dict:
-    return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_images": 0}
+    return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_images": 0, "skipped_steps": 0}
 
 
 def begin_run(accelerator: Accelerator, train: TrainConfig, project: str, configs: tuple, ema: EMA | None) -> dict:
@@ -337,7 +386,9 @@ def run_loop(accelerator: Accelerator, train: TrainConfig, data: dict, state: di
     exactly the batches it had already trained on. Ends with a checkpoint of the final state.
     """
     progress = tqdm(total=train.max_steps, initial=state["step"], disable=not accelerator.is_main_process)
-    speed = Throughput()
+    speed, bad_in_a_row = Throughput(), 0
+    state.setdefault("skipped_steps", 0)  # checkpoints from before step skipping existed
+    stop = StopSignals()
     while state["step"] < train.max_steps:
         if data["sampler"] is not None:
             data["sampler"].set_epoch(state["epoch"])
@@ -347,20 +398,81 @@ def run_loop(accelerator: Accelerator, train: TrainConfig, data: dict, state: di
         for batch in accelerator.skip_first_batches(data["loader"], skip) if skip else data["loader"]:
             state["batch_in_epoch"] += 1
             state["skipped_images"] += batch.get("skipped", 0)
-            logs = hooks.step(batch, state["step"])
+            try:
+                logs = hooks.step(batch, state["step"])
+            except NonFiniteStep as bad:
+                state["skipped_steps"] += 1
+                bad_in_a_row += 1
+                _after_bad_step(train, state, bad, bad_in_a_row, progress)
+                continue
             if logs is None:
                 continue
+            bad_in_a_row = 0
             state["step"] += 1
             speed.add(hooks.count(batch) * accelerator.num_processes)
             _after_step(accelerator, train, state, logs, hooks, speed, progress, ema)
+            if stop.requested(accelerator):
+                progress.close()
+                path = save_checkpoint(accelerator, train, state, ema)
+                stop.exit(accelerator, path)
             if state["step"] >= train.max_steps:
                 break
         else:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
     progress.close()
+    stop.restore()
     save_checkpoint(accelerator, train, state, ema)
     return state
+
+
+def _after_bad_step(train: TrainConfig, state: dict, bad: NonFiniteStep, in_a_row: int, progress) -> None:
+    progress.write(f"step {state['step'] + 1}: skipped, non-finite ({bad}); {in_a_row} in a row")
+    if in_a_row > train.max_bad_steps:
+        found = complete_checkpoints(train.output_dir)
+        raise RuntimeError(
+            f"training stopped: {in_a_row} consecutive steps had a non-finite loss or gradient (max_bad_steps="
+            f"{train.max_bad_steps}), the last at step {state['step'] + 1}. The newest good checkpoint is "
+            f"{found[-1] if found else 'none'}; lower the learning rate or clip gradients, then resume from it."
+        )
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (pre-emption, Ctrl-C) finish the current step, save a checkpoint and exit.
+
+    Every rank must stop at the same step, or the checkpoint's collectives would hang, so with
+    several processes the flag is reduced across ranks each step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        self.restore()  # a second signal acts as usual: the way out if the step itself hangs
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
+        return accelerator.reduce(flag, "sum").item() > 0
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def exit(self, accelerator: Accelerator, checkpoint: Path) -> None:
+        self.restore()
+        name = signal.Signals(self.received).name if self.received else "a signal on another rank"
+        accelerator.print(f"received {name}: saved {checkpoint}; continue with --resume latest")
+        accelerator.end_training()
+        raise SystemExit(128 + (self.received or signal.SIGTERM))
 
 
 def _after_step(accelerator, train: TrainConfig, state: dict, logs: dict, hooks: LoopHooks, speed, progress, ema) -> None:

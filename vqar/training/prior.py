@@ -29,6 +29,7 @@ from .common import (
     EpochSampler,
     LoopHooks,
     TrainConfig,
+    backward_and_check,
     begin_run,
     make_accelerator,
     make_optimizer,
@@ -158,9 +159,7 @@ def train_prior(args: PriorArgs, train: TrainConfig) -> dict | None:
     def step(batch: dict, step: int) -> dict:
         ids, targets = training_sequences(layout, batch["tokens"], batch["labels"], args.label_dropout)
         loss = model(input_ids=ids, labels=targets).loss
-        accelerator.backward(loss)
-        if train.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), train.grad_clip)
+        backward_and_check(accelerator, loss, model.parameters(), optimizer, train.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -182,7 +181,7 @@ def train_prior(args: PriorArgs, train: TrainConfig) -> dict | None:
         if ema is not None:
             ema.copy_to(prior)
         metrics = evaluate_prior(prior, layout, eval_split, args.eval_batch_size)
-        metrics |= {"steps": state["step"], "seconds": time.time() - started,
+        metrics |= {"steps": state["step"], "skipped_steps": state["skipped_steps"], "seconds": time.time() - started,
                     "parameters": sum(p.numel() for p in prior.parameters())}  # fmt: skip
         prior.save_pretrained(Path(train.output_dir) / "prior")
         if bpe is not None:

@@ -35,6 +35,7 @@ from .common import (
     EpochSampler,
     LoopHooks,
     TrainConfig,
+    backward_and_check,
     begin_run,
     make_accelerator,
     make_optimizer,
@@ -146,27 +147,20 @@ def setup(model_args, data_args, loss_config: LossConfig, train: TrainConfig) ->
 # -- one step -------------------------------------------------------------------------------
 
 
-def _clip(accelerator, parameters, max_norm: float) -> None:
-    if max_norm > 0:
-        accelerator.clip_grad_norm_(parameters, max_norm)
-
-
 def train_step(run: Run, pixels: torch.Tensor, step: int, train: TrainConfig) -> dict[str, torch.Tensor]:
     """One update of the tokenizer and, once the GAN is on, one of the discriminator."""
     accelerator, tokenizer = run.accelerator, run.tokenizer
     out = tokenizer(pixels)
     last_layer = accelerator.unwrap_model(tokenizer).decoder.last_layer
     loss, logs = run.loss_fn.generator_loss(pixels, out.reconstruction, out.bottleneck_loss, step, last_layer)
-    accelerator.backward(loss)
-    _clip(accelerator, tokenizer.parameters(), train.grad_clip)
+    backward_and_check(accelerator, loss, tokenizer.parameters(), run.optimizer, train.grad_clip)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     if run.loss_fn.gan_active(step):
         run.d_optimizer.zero_grad(set_to_none=True)  # drop what the generator's loss left in D
         d_loss, d_logs = run.loss_fn.discriminator_loss(pixels, out.reconstruction)
-        accelerator.backward(d_loss)
-        _clip(accelerator, run.discriminator.parameters(), train.grad_clip)
+        backward_and_check(accelerator, d_loss, run.discriminator.parameters(), run.d_optimizer, train.grad_clip)
         run.d_optimizer.step()
         run.d_scheduler.step()
         run.d_optimizer.zero_grad(set_to_none=True)
@@ -303,6 +297,7 @@ def _finish(run: Run, data_args: DataArgs, train: TrainConfig, state: dict, lpip
             run.ema.copy_to(tokenizer)  # the EMA weights are the tokenizer we publish
         metrics = _evaluate_and_log(run, data_args, train, state["step"], lpips)
         metrics |= {"steps": state["step"], "seconds": time.time() - started, "skipped_images": int(skipped),
+                    "skipped_steps": state["skipped_steps"],
                     "num_processes": accelerator.num_processes, "weights_identical_across_ranks": agree}  # fmt: skip
         tokenizer.save_pretrained(Path(train.output_dir) / "tokenizer")
         (Path(train.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -1,0 +1,88 @@
+"""NaN and inf: bad steps are skipped and counted, too many in a row stop training cleanly; the
+quantizer always runs in fp32."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import CPU_PRESETS
+from test_training import final_weights, run, tiny_args
+from vqar import VQTokenizer
+from vqar.losses import TokenizerLoss
+from vqar.training.common import complete_checkpoints
+
+
+@pytest.fixture
+def poisoned_steps(monkeypatch):
+    """Make the tokenizer's loss NaN on the generator-loss calls whose (0-based) numbers are in the set."""
+    bad, calls = set(), [0]
+    real = TokenizerLoss.generator_loss
+
+    def generator_loss(self, *args, **kwargs):
+        loss, logs = real(self, *args, **kwargs)
+        calls[0] += 1
+        return (loss * float("nan"), logs) if calls[0] - 1 in bad else (loss, logs)
+
+    monkeypatch.setattr(TokenizerLoss, "generator_loss", generator_loss)
+    return bad
+
+
+def test_nan_steps_are_skipped_counted_and_leave_the_weights_finite(tmp_path, poisoned_steps):
+    poisoned_steps.update({1, 2, 5})
+    metrics = run(tiny_args(tmp_path, max_steps=5, max_bad_steps=2))
+    assert metrics["steps"] == 5 and metrics["skipped_steps"] == 3
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path).values())
+    assert json.loads((tmp_path / "metrics.json").read_text())["skipped_steps"] == 3
+
+
+def test_too_many_bad_steps_in_a_row_stop_with_the_last_good_checkpoint_intact(tmp_path, poisoned_steps):
+    poisoned_steps.update(range(4, 100))  # diverges after 4 good steps
+    with pytest.raises(RuntimeError, match=r"3 consecutive steps .*max_bad_steps=2.*step-000004"):
+        run(tiny_args(tmp_path, max_steps=8, save_every=2, max_bad_steps=2))
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000002", "step-000004"]
+    good = tmp_path / "checkpoints" / "step-000004"
+    copy = tmp_path / "copy"
+    shutil.copytree(good, copy)
+    assert json.loads((good / "trainer_state.json").read_text())["step"] == 4
+    # and it resumes to the end once the cause is gone
+    poisoned_steps.clear()
+    metrics = run(tiny_args(tmp_path, max_steps=6, save_every=2, resume="latest"))
+    assert metrics["steps"] == 6 and metrics["skipped_steps"] == 0
+    assert all((copy / f.name).read_bytes() == f.read_bytes() for f in good.iterdir() if f.is_file())
+
+
+def test_a_nan_prior_loss_is_skipped(tmp_path, monkeypatch):
+    from conftest import tokenize_digits_with_tiny_tokenizer
+    from vqar.training.common import TrainConfig, parse_recipe
+    from vqar.training.prior import PriorArgs, train_prior
+
+    tokens = tokenize_digits_with_tiny_tokenizer(tmp_path)
+    real = torch.nn.functional.cross_entropy
+    calls = [0]
+
+    def cross_entropy(*args, **kwargs):  # the first training step's loss is NaN
+        calls[0] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls[0] == 1 else loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", cross_entropy)
+    options = {"tokens": tokens, "size": "tiny", "output_dir": tmp_path / "out", "max_steps": 3, "batch_size": 16,
+               "log_with": "none", "eval_every": 0, "save_every": 0}  # fmt: skip
+    metrics = train_prior(*parse_recipe([f"--{k}={v}" for k, v in options.items()], (PriorArgs, TrainConfig)))
+    assert metrics["steps"] == 3 and metrics["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("preset", CPU_PRESETS)
+def test_autocast_never_runs_the_quantizer_below_fp32(preset, dtype, photo_batch):
+    tokenizer = VQTokenizer.from_preset(preset)
+    seen = []
+    inner = tokenizer.quantizer.inner
+    inner.register_forward_pre_hook(lambda module, args: seen.append((args[0].dtype, torch.get_autocast_dtype("cpu"),
+                                                                      torch.is_autocast_enabled("cpu"))))  # fmt: skip
+    with torch.autocast("cpu", dtype=dtype):
+        out = tokenizer(photo_batch)
+    assert seen and all(d == torch.float32 and not enabled for d, _, enabled in seen)
+    assert torch.isfinite(out.reconstruction.float()).all()
