@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -161,8 +162,7 @@ class VisualBPE:
             return kernel(padded, *tables, codes)
         bounds = np.linspace(0, len(padded), threads + 1).astype(int)
         slices = [slice(a, b) for a, b in itertools.pairwise(bounds)]
-        with ThreadPoolExecutor(threads) as pool:
-            results = list(pool.map(lambda rows: kernel(padded[rows], *tables, codes[rows]), slices))
+        results = list(_thread_pool(os.getpid()).map(lambda rows: kernel(padded[rows], *tables, codes[rows]), slices))
         for rows, (status, row, value) in zip(slices, results):
             if status != _OK:
                 return status, rows.start + row, value
@@ -246,6 +246,13 @@ def _merges_to_ids(merges: list, codebook_size: int) -> list[tuple[int, int]]:
 _OK, _OUT_OF_RANGE, _AFTER_PADDING, _LENGTH_MISMATCH = range(4)
 _COPY_BLOCK = 4
 _IDS_PER_THREAD = 1 << 16  # below this a second thread costs more than it saves
+
+
+@functools.cache
+def _thread_pool(pid: int) -> ThreadPoolExecutor:
+    """Kept for the process (starting threads on every decode costs as much as a small batch);
+    keyed by pid, because a forked child (a DataLoader worker) inherits the pool but not its threads."""
+    return ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="vqar-bpe-decode")
 
 
 @functools.cache

@@ -5,6 +5,7 @@
     vqar train-bpe --tokens DIR --vocab-size N --output DIR
     vqar train-ar RECIPE.yaml [--field value ...]
     vqar generate --prior DIR [--class C ...] [--prefix-image PNG --prefix-rows R] --output DIR
+    vqar evaluate --tokenizer DIR|HUB_ID [--prior DIR] --data SOURCE [--resolution N] --output DIR
     vqar presets
     vqar demo [--output DIR]
 """
@@ -94,6 +95,26 @@ def _generate(argv: list[str]) -> None:
     print(f"wrote {len(images)} images and grid.png to {args.output}")
 
 
+def _evaluate(argv: list[str]) -> None:
+    from .evaluation import EvaluateArgs, evaluate_tokenizer, format_table
+
+    parser = argparse.ArgumentParser(prog="vqar evaluate", description="Rate, distortion and modelability report.")
+    parser.add_argument("--tokenizer", required=True, help="a trained tokenizer folder or Hub id")
+    parser.add_argument("--prior", help="a prior trained on this tokenizer: adds prior bits per image")
+    parser.add_argument("--data", default="photos", help="digits | photos | image folder | parquet | Hub dataset id")
+    parser.add_argument("--resolution", type=int, help="centre-crop and resize to N x N (default: the tokenizer's)")
+    parser.add_argument("--holdout", type=float, help="evaluate only the hold-out training kept back (e.g. 0.25)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--image-column")
+    parser.add_argument("--label-column")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--output", default="outputs/evaluate")
+    args = parser.parse_args(argv)
+    report = evaluate_tokenizer(EvaluateArgs(**{k.replace("-", "_"): v for k, v in vars(args).items()}))
+    print(format_table(report))
+    print(f"wrote report.json, report.md and samples.png to {args.output}")
+
+
 def _presets(argv: list[str]) -> None:
     from .tokenizer import list_presets, load_preset
 
@@ -119,6 +140,7 @@ COMMANDS = {
     "train-bpe": (_train_bpe, "learn visual-BPE merges on a tokenized dataset"),
     "train-ar": (_train_ar, "train the autoregressive prior from a YAML recipe"),
     "generate": (_generate, "sample images from a trained prior"),
+    "evaluate": (_evaluate, "rate-distortion-modelability report of a tokenizer"),
     "presets": (_presets, "list the tokenizer presets"),
     "demo": (_demo, "the quickstart on bundled data"),
 }

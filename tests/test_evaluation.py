@@ -1,0 +1,61 @@
+"""`vqar evaluate`: every column present and finite, the codec reference at the matched rate."""
+
+import json
+import math
+
+import pytest
+
+from conftest import tokenize_digits_with_tiny_tokenizer
+from vqar.evaluation import EvaluateArgs, codec_at_rate, evaluate_tokenizer, format_table
+from vqar.training.common import TrainConfig, parse_recipe
+from vqar.training.prior import PriorArgs, train_prior
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    tokens = tokenize_digits_with_tiny_tokenizer(root)
+    options = {"tokens": tokens, "size": "tiny", "output_dir": root / "ar", "max_steps": 2, "batch_size": 16,
+               "log_with": "none", "eval_every": 0, "save_every": 0}  # fmt: skip
+    train_prior(*parse_recipe([f"--{k}={v}" for k, v in options.items()], (PriorArgs, TrainConfig)))
+    args = EvaluateArgs(tokenizer=str(root / "tokenizer"), prior=str(root / "ar" / "prior"), data="digits",
+                        holdout=0.1, output=str(root / "report"))  # fmt: skip
+    return evaluate_tokenizer(args), root / "report"
+
+
+def test_every_column_is_present_and_finite(report):
+    report, _ = report
+    for key in ("tokens_per_image", "bits_per_image", "bits_per_pixel", "tsr", "psnr", "ssim", "codebook_usage",
+                "code_perplexity", "dead_codes", "prior_bits_per_image"):  # fmt: skip
+        assert math.isfinite(report[key]), key
+    assert report["tokens_per_image"] == 64 and report["bits_per_image"] == pytest.approx(64 * math.log2(25))
+    assert report["bits_per_pixel"] == pytest.approx(report["bits_per_image"] / 256)
+    assert report["tsr"] == pytest.approx(3 * 256 / (64 * 2))
+    assert 0 < report["prior_bits_per_image"] < 64 * math.log2(39)
+    assert report["images"] == 180
+    for missing in ("lpips", "rfid"):  # no weights on this machine: null, with the reason
+        assert report[missing] is None and "weights" in report[f"{missing}_missing_reason"] or "pip install" in report[f"{missing}_missing_reason"]
+
+
+def test_codec_reference_lands_near_the_target_rate(report):
+    report, _ = report
+    for name in ("jpeg", "webp"):
+        codec = report[name]
+        assert 1 <= codec["quality"] <= 100 and math.isfinite(codec["psnr"]) and 0 < codec["ssim"] <= 1
+    import torch
+
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    for target in (2000.0, 6000.0):
+        summary, decoded = codec_at_rate(images, "JPEG", target)
+        assert decoded.shape == images.shape
+        # the chosen quality is the closest one: its neighbours are no closer
+        assert abs(summary["bits_per_image"] - target) < 0.35 * target or summary["quality"] in (1, 100)
+
+
+def test_report_files(report):
+    report, folder = report
+    assert json.loads((folder / "report.json").read_text())["psnr"] == report["psnr"]
+    text = (folder / "report.md").read_text()
+    assert "| tokenizer |" in text and "jpeg q=" in text and "rfid_missing_reason" in text
+    assert (folder / "samples.png").is_file()
+    assert format_table(report).count("\n") == 4

@@ -1,0 +1,237 @@
+"""`vqar evaluate`: the rate–distortion–modelability report of a tokenizer (and its prior).
+
+- rate: tokens per image, raw bits per image (tokens x log2 K), bits per pixel, tensor-size
+  reduction (input floats / latent floats) and, with a prior, the prior's bits per image: the
+  rate an entropy coder driven by the prior would reach;
+- distortion: PSNR, SSIM, LPIPS (real backbone weights only) and rFID (torch-fidelity with its
+  Inception weights present), each null with the reason when it cannot be computed;
+- codebook health over the whole set: usage, perplexity, dead codes;
+- a reference: the same images through JPEG and WebP (Pillow) at the quality whose file size
+  is closest to the tokenizer's raw rate.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .data import ImageDataset, ImageTransform, collate_images, image_grid, load_source, make_loader, split_holdout, to_pil
+from .losses import PerceptualLoss, lpips_missing_reason
+from .metrics import code_histogram, code_perplexity, codebook_usage, psnr, ssim
+
+FID_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's Inception, in torch's hub cache
+CODEC_FORMATS = {"jpeg": "JPEG", "webp": "WEBP"}
+
+
+@dataclass
+class EvaluateArgs:
+    tokenizer: str  # a folder or Hub id
+    data: str = "photos"  # any source `vqar train-tokenizer` reads
+    output: str = "outputs/evaluate"
+    prior: str | None = None  # a prior trained on this tokenizer's tokens
+    resolution: int | None = None  # centre-crop and resize to N x N; default: the tokenizer's
+    holdout: float | None = None  # evaluate only the deterministic hold-out training used (e.g. 0.25)
+    split: str = "train"
+    image_column: str | None = None
+    label_column: str | None = None
+    batch_size: int = 32
+
+
+def evaluate_tokenizer(args: EvaluateArgs) -> dict:
+    """Run the report; write OUTPUT/report.json, report.md and samples.png. Returns the report."""
+    from .tokenizer import VQTokenizer
+
+    tokenizer = VQTokenizer.from_pretrained(args.tokenizer).eval()
+    resolution = args.resolution or tokenizer.config.resolution
+    source = load_source(args.data, split=args.split, image_column=args.image_column, label_column=args.label_column)
+    if args.holdout:
+        source = split_holdout(source, args.holdout, seed=0)[1]
+    dataset = ImageDataset(source, ImageTransform(resolution))
+    originals, reconstructions, counts, indices = _reconstruct(tokenizer, dataset, args.batch_size)
+    report = _rate(tokenizer, resolution, len(originals))
+    report |= _distortion(originals, reconstructions)
+    report |= {"codebook_usage": codebook_usage(counts).item(), "code_perplexity": code_perplexity(counts).item(),
+               "dead_codes": int((counts == 0).sum().item())}  # fmt: skip
+    if args.prior:
+        report["prior_bits_per_image"] = prior_bits_per_image(args.prior, tokenizer, indices, args.batch_size)
+    else:
+        report["prior_bits_per_image"] = None
+    codecs = {name: codec_at_rate(originals, fmt, report["bits_per_image"]) for name, fmt in CODEC_FORMATS.items()}
+    report |= {name: summary for name, (summary, _) in codecs.items()}
+    report |= {"images": len(originals), "resolution": resolution, "tokenizer": args.tokenizer, "data": args.data}
+    _write(Path(args.output), report, originals, reconstructions, codecs["jpeg"][1])
+    return report
+
+
+@torch.inference_mode()
+def _reconstruct(tokenizer, dataset, batch_size: int):
+    device = tokenizer.device
+    counts = torch.zeros(tokenizer.codebook_size, device=device)
+    originals, reconstructions, indices = [], [], []
+    for batch in tqdm(make_loader(dataset, batch_size, collate_fn=collate_images), desc="reconstructing"):
+        if not len(batch["pixels"]):
+            continue
+        pixels = batch["pixels"].to(device)
+        out = tokenizer(pixels)
+        counts += code_histogram(out.indices, tokenizer.codebook_size)
+        originals.append(pixels.cpu())
+        reconstructions.append(out.reconstruction.clamp(-1, 1).cpu())
+        indices.append(out.indices.cpu())
+    if not originals:
+        raise ValueError("no readable images to evaluate")
+    return torch.cat(originals), torch.cat(reconstructions), counts, torch.cat(indices)
+
+
+def _rate(tokenizer, resolution: int, images: int) -> dict:
+    tokens = tokenizer.tokens_per_image if tokenizer.is_1d else (resolution // tokenizer.downsample_factor) ** 2
+    bits = tokens * math.log2(tokenizer.codebook_size)
+    latent_floats = tokens * tokenizer.config.latent_channels
+    return {"tokens_per_image": tokens, "bits_per_image": bits, "bits_per_pixel": bits / resolution**2,
+            "tsr": 3 * resolution**2 / latent_floats}  # fmt: skip
+
+
+def _distortion(originals: torch.Tensor, reconstructions: torch.Tensor) -> dict:
+    out = {"psnr": psnr(originals, reconstructions).mean().item(), "ssim": ssim(originals, reconstructions).mean().item()}
+    reason = lpips_missing_reason()
+    if reason is None:
+        lpips = PerceptualLoss()
+        out["lpips"] = torch.cat([lpips(a, b) for a, b in zip(originals.split(32), reconstructions.split(32))]).mean().item()
+    else:
+        out["lpips"], out["lpips_missing_reason"] = None, reason
+    out["rfid"], reason = rfid(originals, reconstructions)
+    if reason:
+        out["rfid_missing_reason"] = reason
+    return out
+
+
+def rfid_missing_reason() -> str | None:
+    """None when torch-fidelity and its Inception weights are present, else why not and the fix."""
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        return "rFID needs torch-fidelity: pip install torch-fidelity (and its Inception weights, see below)"
+    path = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS
+    if not path.is_file():
+        return f"rFID needs torch-fidelity's Inception weights at {path} (TORCH_HOME sets the folder); vqar never downloads"
+    return None
+
+
+def rfid(originals: torch.Tensor, reconstructions: torch.Tensor) -> tuple[float | None, str | None]:
+    """FID between originals and reconstructions with torch-fidelity's Inception, or (None, reason)."""
+    reason = rfid_missing_reason()
+    if reason:
+        return None, reason
+    import torch_fidelity
+
+    def as_uint8(images):
+        return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, images):
+            self.images = as_uint8(images)
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            return self.images[i]
+
+    metrics = torch_fidelity.calculate_metrics(input1=Images(originals), input2=Images(reconstructions), fid=True,
+                                               verbose=False, cuda=torch.cuda.is_available())  # fmt: skip
+    return float(metrics["frechet_inception_distance"]), None
+
+
+def encode_with(image: Image.Image, fmt: str, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, quality=quality)
+    return buffer.getvalue()
+
+
+def codec_at_rate(originals: torch.Tensor, fmt: str, target_bits: float) -> tuple[dict, torch.Tensor]:
+    """The quality in [1, 100] whose mean file size is closest to target_bits, and its results.
+
+    Returns ({quality, bits_per_image, psnr, ssim}, decoded images [B, 3, H, W] in [-1, 1]).
+    """
+    images = to_pil(originals)
+    probe = images[:64]  # the quality search reads a sample; the figures use every image
+
+    def mean_bits(quality: int) -> float:
+        return 8 * float(np.mean([len(encode_with(im, fmt, quality)) for im in probe]))
+
+    low, high = 1, 100  # file size grows with quality: bisect for the crossing, then take the closer side
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if mean_bits(middle) < target_bits else (low, middle)
+    quality = min((low, high), key=lambda q: abs(mean_bits(q) - target_bits))
+    encoded = [encode_with(im, fmt, quality) for im in images]
+    decoded = torch.stack([
+        torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)
+        for data in encoded
+    ]).float() / 127.5 - 1  # fmt: skip
+    summary = {"quality": quality, "bits_per_image": 8 * float(np.mean([len(d) for d in encoded])),
+               "psnr": psnr(originals, decoded).mean().item(), "ssim": ssim(originals, decoded).mean().item()}  # fmt: skip
+    return summary, decoded
+
+
+@torch.inference_mode()
+def prior_bits_per_image(prior_path: str, tokenizer, indices: torch.Tensor, batch_size: int) -> float:
+    """Held-out bits per image of these tokens under the prior, unconditionally (null class)."""
+    from .ar import PROMPT_LENGTH, load_prior
+
+    prior, layout = load_prior(prior_path)
+    layout.check_tokenizer(tokenizer)
+    if layout.uses_bpe:
+        raise ValueError("prior_bits_per_image reads code sequences; this prior models visual-BPE ids "
+                         "(its held-out bits per image are in its metrics.json)")  # fmt: skip
+    codes = indices.flatten(1)[:, : layout.tokens_per_image]
+    total = 0.0
+    for chunk in codes.split(batch_size):
+        ids = layout.to_sequence(None, chunk).to(prior.device)
+        logits = prior(input_ids=ids).logits[:, PROMPT_LENGTH - 1 : -1].float()
+        total += F.cross_entropy(logits.transpose(1, 2), ids[:, PROMPT_LENGTH:], reduction="sum").item()
+    return total / math.log(2) / len(codes)
+
+
+# -- output -----------------------------------------------------------------------------------
+
+COLUMNS = [
+    ("tokens_per_image", "tokens/image", "{:.0f}"), ("bits_per_image", "bits/image", "{:.0f}"),
+    ("bits_per_pixel", "bits/pixel", "{:.3f}"), ("tsr", "TSR", "{:.1f}"),
+    ("prior_bits_per_image", "prior bits/image", "{:.0f}"), ("psnr", "PSNR dB", "{:.2f}"),
+    ("ssim", "SSIM", "{:.3f}"), ("lpips", "LPIPS", "{:.3f}"), ("rfid", "rFID", "{:.2f}"),
+    ("codebook_usage", "usage", "{:.1%}"), ("code_perplexity", "perplexity", "{:.0f}"), ("dead_codes", "dead codes", "{}"),
+]  # fmt: skip
+
+
+def format_table(report: dict) -> str:
+    """The report as a Markdown table: the tokenizer's row, then JPEG and WebP at the matched rate."""
+    cell = lambda key, fmt, r: "n/a" if r.get(key) is None else fmt.format(r[key])  # noqa: E731
+    lines = ["| | " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines.append("| tokenizer | " + " | ".join(cell(k, f, report) for k, _, f in COLUMNS) + " |")
+    for name in CODEC_FORMATS:
+        codec = {**report[name], "bits_per_pixel": report[name]["bits_per_image"] / report["resolution"] ** 2}
+        lines.append(f"| {name} q={codec['quality']} | " + " | ".join(
+            cell(k, f, codec) if k in ("bits_per_image", "bits_per_pixel", "psnr", "ssim") else "" for k, _, f in COLUMNS
+        ) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _write(output: Path, report: dict, originals, reconstructions, jpeg) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "report.json").write_text(json.dumps(report, indent=2))
+    notes = [f"- {key}: {report[key]}" for key in ("lpips_missing_reason", "rfid_missing_reason") if key in report]
+    text = (f"# Tokenizer evaluation\n\n{report['images']} images of `{report['data']}` at "
+            f"{report['resolution']} px, tokenizer `{report['tokenizer']}`.\n\n{format_table(report)}\n\n"
+            "Rows of samples.png: originals, reconstructions, JPEG at the matched rate.\n")  # fmt: skip
+    (output / "report.md").write_text(text + ("\n" + "\n".join(notes) + "\n" if notes else ""))
+    n = min(8, len(originals))
+    image_grid([originals[:n], reconstructions[:n], jpeg[:n]]).save(output / "samples.png")
