@@ -6,6 +6,7 @@
     vqar train-ar RECIPE.yaml [--field value ...]
     vqar generate --prior DIR [--class C ...] [--prefix-image PNG --prefix-rows R] --output DIR
     vqar evaluate --tokenizer DIR|HUB_ID [--prior DIR] --data SOURCE [--resolution N] --output DIR
+    vqar push --tokenizer DIR --repo-id NAME --report DIR [--private] [--prior DIR] [--dry-run --output DIR]
     vqar presets
     vqar demo [--output DIR]
 """
@@ -115,6 +116,22 @@ def _evaluate(argv: list[str]) -> None:
     print(f"wrote report.json, report.md and samples.png to {args.output}")
 
 
+def _push(argv: list[str]) -> None:
+    from .hub import push
+
+    parser = argparse.ArgumentParser(prog="vqar push", description="Upload a tokenizer (and prior) with model cards.")
+    parser.add_argument("--tokenizer", required=True, help="a folder written by save_pretrained")
+    parser.add_argument("--repo-id", required=True)
+    parser.add_argument("--report", required=True, help="a `vqar evaluate` output folder: the card's figures")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--prior", help="a prior folder, uploaded as REPO_ID-prior with a card linking the tokenizer")
+    parser.add_argument("--dry-run", action="store_true", help="write the upload folder to --output, upload nothing")
+    parser.add_argument("--output", default="outputs/push")
+    args = parser.parse_args(argv)
+    folders = push(args.tokenizer, args.repo_id, args.report, args.private, args.prior, args.dry_run, args.output)
+    print(("wrote " if args.dry_run else "uploaded ") + ", ".join(str(f) for f in folders))
+
+
 def _presets(argv: list[str]) -> None:
     from .tokenizer import list_presets, load_preset
 
@@ -141,6 +158,7 @@ COMMANDS = {
     "train-ar": (_train_ar, "train the autoregressive prior from a YAML recipe"),
     "generate": (_generate, "sample images from a trained prior"),
     "evaluate": (_evaluate, "rate-distortion-modelability report of a tokenizer"),
+    "push": (_push, "upload a tokenizer (and prior) to the Hub with a model card"),
     "presets": (_presets, "list the tokenizer presets"),
     "demo": (_demo, "the quickstart on bundled data"),
 }
