@@ -30,7 +30,7 @@ demo: $(VENV)/.installed
 	$(BIN)/vqar demo --output $(DEMO_OUTPUT)
 
 bench: $(VENV)/.installed
-	for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) outputs build *.egg-info

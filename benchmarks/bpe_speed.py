@@ -22,6 +22,7 @@ from collections import Counter
 
 import numpy as np
 
+from summary import record
 from vqar.bpe import VisualBPE
 
 CODEBOOK = 1024
@@ -160,6 +161,11 @@ def main():
     print("|---|---|---|---|---|")
     for name, r in (("vqar", ours), ("plain Python", ref)):
         print(f"| {name} | {r['train_s']:.2f} | {r['encode_seq_s']:.0f} | {r['decode_seq_s']:.0f} | {r['mean_tokens']:.1f} |")
+    record("visual BPE", f"train {args.reference_merges} merges", 1 / ours["train_s"], "runs/s", "plain Python", 1 / ref["train_s"])
+    for what in ("encode", "decode"):
+        record("visual BPE", what, ours[f"{what}_seq_s"], "seq/s", "plain Python", ref[f"{what}_seq_s"])
+    record("visual BPE", f"decode, {args.merges} merges", full["decode_seq_s"], "seq/s", "plain Python",
+           full["reference_decode_seq_s"])
     print(f"| vqar speed-up | {ref['train_s'] / ours['train_s']:.0f}x | {ours['encode_seq_s'] / ref['encode_seq_s']:.0f}x | "
           f"{ours['decode_seq_s'] / ref['decode_seq_s']:.0f}x | |")  # fmt: skip
 

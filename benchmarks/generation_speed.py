@@ -19,6 +19,7 @@ import time
 import torch
 from transformers import LogitsProcessorList
 
+from summary import record
 from vqar.ar import VocabLayout, build_prior
 from vqar.generation import ImageTokenSampler, SamplingConfig, build_prompts, generate_ids
 
@@ -85,6 +86,8 @@ def main():
     for name, rate in rates.items():
         ratio = f"{rate / rates[baselines[name]]:.1f}x {baselines[name]}" if name in baselines else "baseline"
         print(f"| {name} | {rate:.0f} | {ratio} |")
+        if name in baselines:
+            record("prior sampling", name, rate, "tok/s", baselines[name], rates[baselines[name]])
 
 
 if __name__ == "__main__":

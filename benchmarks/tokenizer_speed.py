@@ -15,6 +15,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from summary import record
 from vqar import VQTokenizer
 
 PRESETS = ["vq-cpu", "fsq-cpu", "lfq-cpu", "bsq-cpu"]
@@ -77,6 +78,9 @@ def main():
             f"{r['encode_gflop_s'] / peak:.2f} | {r['decode_img_s']:.1f} | {r['decode_gflop_s']:.1f} | "
             f"{r['decode_gflop_s'] / peak:.2f} |"
         )
+        for stage in ("encode", "decode"):
+            record("tokenizer", f"{r['preset']} {stage} ({r[f'{stage}_img_s']:.0f} img/s)", r[f"{stage}_gflop_s"],
+                   "GFLOP/s", "fp32 matmul", peak)  # fmt: skip
 
 
 if __name__ == "__main__":
