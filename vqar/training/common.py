@@ -386,9 +386,19 @@ def run_loop(accelerator: Accelerator, train: TrainConfig, data: dict, state: di
     exactly the batches it had already trained on. Ends with a checkpoint of the final state.
     """
     progress = tqdm(total=train.max_steps, initial=state["step"], disable=not accelerator.is_main_process)
-    speed, bad_in_a_row = Throughput(), 0
     state.setdefault("skipped_steps", 0)  # checkpoints from before step skipping existed
     stop = StopSignals()
+    try:
+        _epochs(accelerator, train, data, state, hooks, ema, stop, progress)
+    finally:  # also when a bad-step limit, a signal or an error ends the run early
+        stop.restore()
+        progress.close()
+    save_checkpoint(accelerator, train, state, ema)
+    return state
+
+
+def _epochs(accelerator, train: TrainConfig, data: dict, state: dict, hooks: LoopHooks, ema, stop, progress) -> None:
+    speed, bad_in_a_row = Throughput(), 0
     while state["step"] < train.max_steps:
         if data["sampler"] is not None:
             data["sampler"].set_epoch(state["epoch"])
@@ -412,18 +422,11 @@ def run_loop(accelerator: Accelerator, train: TrainConfig, data: dict, state: di
             speed.add(hooks.count(batch) * accelerator.num_processes)
             _after_step(accelerator, train, state, logs, hooks, speed, progress, ema)
             if stop.requested(accelerator):
-                progress.close()
-                path = save_checkpoint(accelerator, train, state, ema)
-                stop.exit(accelerator, path)
+                stop.exit(accelerator, save_checkpoint(accelerator, train, state, ema))
             if state["step"] >= train.max_steps:
-                break
-        else:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-    progress.close()
-    stop.restore()
-    save_checkpoint(accelerator, train, state, ema)
-    return state
+                return
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
 
 
 def _after_bad_step(train: TrainConfig, state: dict, bad: NonFiniteStep, in_a_row: int, progress) -> None:

@@ -34,6 +34,7 @@ from .common import (
     EMA,
     EpochSampler,
     LoopHooks,
+    NonFiniteStep,
     TrainConfig,
     backward_and_check,
     begin_run,
@@ -160,8 +161,12 @@ def train_step(run: Run, pixels: torch.Tensor, step: int, train: TrainConfig) ->
     if run.loss_fn.gan_active(step):
         run.d_optimizer.zero_grad(set_to_none=True)  # drop what the generator's loss left in D
         d_loss, d_logs = run.loss_fn.discriminator_loss(pixels, out.reconstruction)
-        backward_and_check(accelerator, d_loss, run.discriminator.parameters(), run.d_optimizer, train.grad_clip)
-        run.d_optimizer.step()
+        try:
+            backward_and_check(accelerator, d_loss, run.discriminator.parameters(), run.d_optimizer, train.grad_clip)
+            run.d_optimizer.step()
+            d_logs["loss/discriminator_skipped"] = torch.zeros(())
+        except NonFiniteStep:  # the generator has already stepped: skip only D's update, and log it
+            d_logs = {"loss/discriminator_skipped": torch.ones(())}
         run.d_scheduler.step()
         run.d_optimizer.zero_grad(set_to_none=True)
         logs |= d_logs
