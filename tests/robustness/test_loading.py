@@ -93,3 +93,19 @@ def test_a_half_written_weight_file_is_refused(saved_tokenizer):
     (saved_tokenizer / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(Exception, match="(?i)safetensor|incomplete|header|deserializ"):
         VQTokenizer.from_pretrained(saved_tokenizer)
+
+
+@pytest.mark.parametrize("tokenizer_overrides, message", [
+    ({"quantizer": {"kind": "fsq", "levels": [5, 5, 5]}}, r"codebook_size=125, tokens_per_image=64"),
+    ({"resolution": 32}, r"tokens_per_image=256"),
+])  # fmt: skip
+def test_a_tokenizer_that_does_not_match_the_prior_is_refused(tokenizer_overrides, message):
+    from conftest import TINY_F2
+    from vqar.ar import VocabLayout, build_prior
+    from vqar.generation import build_prompts, generate_images
+
+    layout = VocabLayout(codebook_size=25, tokens_per_image=64, grid=[8, 8])
+    prior = build_prior(layout, size="tiny").eval()
+    tokenizer = VQTokenizer(TokenizerConfig(**{**TINY_F2, **tokenizer_overrides})).eval()
+    with pytest.raises(ValueError, match="tokenizer does not match the prior.*" + message):
+        generate_images(prior, tokenizer, layout, build_prompts(layout, num_images=1))
