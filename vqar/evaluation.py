@@ -115,11 +115,11 @@ def _distortion(originals: torch.Tensor, reconstructions: torch.Tensor) -> dict:
 
 def rfid_missing_reason() -> str | None:
     """None when torch-fidelity and its Inception weights are present, else why not and the fix."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
-        return "rFID needs torch-fidelity: pip install torch-fidelity (and its Inception weights, see below)"
-    path = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS
+        return f"rFID needs torch-fidelity (pip install torch-fidelity) and its Inception weights at {path}"
     if not path.is_file():
         return f"rFID needs torch-fidelity's Inception weights at {path} (TORCH_HOME sets the folder); vqar never downloads"
     return None
