@@ -6,6 +6,7 @@ import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
 
+from test_tokenizer import _preset_text, _train_briefly
 from test_training import TYPES, tiny_args
 from vqar import TokenizerConfig, VQTokenizer
 from vqar.ar import load_prior
@@ -28,18 +29,6 @@ TINY_1D = dict(layout="1d", resolution=32, patch_size=8, num_latent_tokens=8, vi
 def tiny_1d(kind="fsq", **overrides) -> VQTokenizer:
     latent = {"vq": 4, "fsq": 3, "lfq": 5, "bsq": 5}[kind]
     return VQTokenizer(TokenizerConfig(**{**TINY_1D, "latent_channels": latent, "quantizer": QUANTIZERS[kind], **overrides}))
-
-
-def _train_briefly(tokenizer, images, steps=2):
-    optimizer = torch.optim.Adam(tokenizer.parameters(), lr=1e-3)
-    tokenizer.train()
-    for _ in range(steps):
-        out = tokenizer(images)
-        loss = (out.reconstruction - images).abs().mean() + out.bottleneck_loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return tokenizer.eval()
 
 
 @pytest.mark.parametrize("kind", QUANTIZERS)
@@ -127,12 +116,6 @@ def test_presets_build(tmp_path):
     assert cpu.tokens_per_image == 160 and cpu.codebook_size == 64000 and cpu.config.nested_dropout
     config = TokenizerConfig.from_dict({k: v for k, v in json.loads(_preset_text("titok-l-32")).items() if k[0] != "_"})
     assert (config.num_latent_tokens, config.resolution, config.vit_width, config.vit_depth) == (32, 256, 1024, 24)
-
-
-def _preset_text(name):
-    from vqar.tokenizer.presets import preset_dir
-
-    return (preset_dir() / f"{name}.json").read_text()
 
 
 # -- the trainer and the prior, end to end ----------------------------------------------------
