@@ -157,7 +157,7 @@ def test_prior_trains_and_generates_on_1d_tokens(trained_1d, tmp_path, num_token
     root, _, tokens = trained_1d
     metrics = _train_prior(tokens, tmp_path, **({"num_tokens": num_tokens} if num_tokens else {}))
     k = num_tokens or 8
-    assert metrics["bits_per_image"] == pytest.approx(metrics["bits_per_token"] * (k + 0))
+    assert metrics["bits_per_image"] == pytest.approx(metrics["bits_per_token"] * k)
     prior, layout = load_prior(tmp_path / "prior")
     assert layout.grid is None and layout.tokens_per_image == k
     tokenizer = VQTokenizer.from_pretrained(root / "run" / "tokenizer").eval()

@@ -19,6 +19,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -213,6 +214,17 @@ PRIOR_SIZES = {
     "B": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=2048),
     "L": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=2816),
 }
+
+
+@torch.inference_mode()
+def image_nll(model, layout: VocabLayout, sequences: Tensor) -> tuple[float, int]:
+    """Summed negative log-likelihood in nats of the image ids (and EOI, with BPE) of AR
+    sequences [B, S] from `layout.to_sequence`, and how many ids that covers."""
+    targets = sequences.masked_fill(sequences == layout.pad, -100)
+    targets[:, :PROMPT_LENGTH] = -100
+    logits = model(input_ids=sequences).logits[:, :-1].float()
+    nats = F.cross_entropy(logits.transpose(1, 2), targets[:, 1:], ignore_index=-100, reduction="sum").item()
+    return nats, int((targets[:, 1:] != -100).sum().item())
 
 
 def build_prior(layout: VocabLayout, model_type: str = "llama", size: str = "cpu", **overrides) -> PreTrainedModel:

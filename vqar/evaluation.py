@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -185,7 +184,7 @@ def codec_at_rate(originals: torch.Tensor, fmt: str, target_bits: float) -> tupl
 @torch.inference_mode()
 def prior_bits_per_image(prior_path: str, tokenizer, indices: torch.Tensor, batch_size: int) -> float:
     """Held-out bits per image of these tokens under the prior, unconditionally (null class)."""
-    from .ar import PROMPT_LENGTH, load_prior
+    from .ar import image_nll, load_prior
 
     prior, layout = load_prior(prior_path)
     layout.check_tokenizer(tokenizer)
@@ -193,12 +192,9 @@ def prior_bits_per_image(prior_path: str, tokenizer, indices: torch.Tensor, batc
         raise ValueError("prior_bits_per_image reads code sequences; this prior models visual-BPE ids "
                          "(its held-out bits per image are in its metrics.json)")  # fmt: skip
     codes = indices.flatten(1)[:, : layout.tokens_per_image]
-    total = 0.0
-    for chunk in codes.split(batch_size):
-        ids = layout.to_sequence(None, chunk).to(prior.device)
-        logits = prior(input_ids=ids).logits[:, PROMPT_LENGTH - 1 : -1].float()
-        total += F.cross_entropy(logits.transpose(1, 2), ids[:, PROMPT_LENGTH:], reduction="sum").item()
-    return total / math.log(2) / len(codes)
+    sequences = (layout.to_sequence(None, chunk).to(prior.device) for chunk in codes.split(batch_size))
+    nats = sum(image_nll(prior, layout, ids)[0] for ids in sequences)
+    return nats / math.log(2) / len(codes)
 
 
 # -- output -----------------------------------------------------------------------------------

@@ -18,9 +18,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..ar import PROMPT_LENGTH, VocabLayout, build_prior
+from ..ar import PROMPT_LENGTH, VocabLayout, build_prior, image_nll
 from ..bpe import FILENAME as BPE_FILENAME
 from ..bpe import VisualBPE
 from ..data import make_loader
@@ -120,11 +119,9 @@ def evaluate_prior(model, layout: VocabLayout, dataset, batch_size: int) -> dict
     model.eval()
     total_nats, count, images = 0.0, 0, 0
     for batch in make_loader(dataset, batch_size, collate_fn=collate_tokens):
-        ids, targets = training_sequences(layout, batch["tokens"].to(model.device), batch["labels"].to(model.device), 0.0)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        total_nats += F.cross_entropy(logits.transpose(1, 2), targets[:, 1:], ignore_index=-100, reduction="sum").item()
-        count += (targets[:, 1:] != -100).sum().item()
-        images += len(ids)
+        ids = layout.to_sequence(batch["labels"].to(model.device), batch["tokens"].to(model.device))
+        nats, tokens = image_nll(model, layout, ids)
+        total_nats, count, images = total_nats + nats, count + tokens, images + len(ids)
     model.train(was_training)
     bits = total_nats / math.log(2)
     # With BPE a token is not a code: bits per image (EOI included) is what compares across layouts.
