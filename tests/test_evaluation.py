@@ -33,6 +33,7 @@ def test_every_column_is_present_and_finite(report):
     assert report["tsr"] == pytest.approx(3 * 256 / (64 * 2))
     assert 0 < report["prior_bits_per_image"] < 64 * math.log2(39)
     assert report["images"] == 180
+    assert "psnr_at_tokens" not in report  # only variable-length 1d tokenizers have prefixes
     for missing in ("lpips", "rfid"):  # no weights on this machine: null, with the reason
         assert report[missing] is None and "weights" in report[f"{missing}_missing_reason"]
 

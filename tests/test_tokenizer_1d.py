@@ -10,7 +10,9 @@ from test_tokenizer import _preset_text, _train_briefly
 from test_training import TYPES, tiny_args
 from vqar import TokenizerConfig, VQTokenizer
 from vqar.ar import load_prior
+from vqar.evaluation import EvaluateArgs, evaluate_tokenizer
 from vqar.generation import SamplingConfig, build_prompts, generate_ids, generate_images
+from vqar.tokenizer.vit import quadtree_regions
 from vqar.training.common import TrainConfig, parse_recipe
 from vqar.training.prior import PriorArgs, train_prior
 from vqar.training.tokenize import TokenizeArgs, load_tokens, tokenize_dataset
@@ -68,6 +70,33 @@ def test_every_prefix_decodes_and_is_the_forward_pass_with_that_many_tokens(phot
         images.append(image)
     # every further token changes the image: the decoder reads it, not a fixed-length window
     assert all((a - b).abs().max() > 1e-5 for a, b in zip(images, images[1:]))
+
+
+def test_quadtree_regions_go_from_the_whole_image_to_single_patches_and_repeat():
+    regions = quadtree_regions(30, 4).reshape(30, 4, 4)
+    assert regions[0].eq(1).all()  # token 0: the whole image
+    assert regions[1:5].sum(0).eq(1).all() and regions[1, :2, :2].eq(1).all() and regions[4, 2:, 2:].eq(1).all()
+    assert regions[5:21].sum(0).eq(1).all() and regions[5:21].sum((1, 2)).eq(1).all()  # then every patch alone
+    assert torch.equal(regions[21], regions[0]) and torch.equal(regions[22:26], regions[1:5])  # and again
+    uneven = quadtree_regions(5, 3).reshape(5, 3, 3)  # a side that is not a power of two still splits
+    assert uneven[1:5].sum(0).eq(1).all() and uneven[1:5].sum((1, 2)).tolist() == [1, 2, 2, 4]
+
+
+def test_each_token_starts_out_drawing_its_own_region():
+    # Without region mixing every token of a fresh decoder paints the whole image alike and
+    # training never gets past the mean colour (issue 5); with it, token 1 (the top-left
+    # quadrant) changes that quadrant several times more than the opposite one.
+    ratios = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        decoder = tiny_1d().eval().decoder
+        latents = torch.randn(2, 8, 3)
+        nudged = latents.clone()
+        nudged[:, 1] += 1.0
+        with torch.no_grad():
+            change = (decoder(nudged) - decoder(latents)).abs().mean((0, 1))  # [32, 32]
+        ratios.append((change[:16, :16].mean() / change[16:, 16:].mean()).item())
+    assert min(ratios) > 2, ratios
 
 
 def test_nested_dropout_keeps_a_random_leading_prefix_in_training_only(photo_batch):
@@ -137,6 +166,16 @@ def test_trainer_trains_a_1d_tokenizer_and_reports_psnr_by_prefix(trained_1d):
     assert set(metrics["psnr_at_tokens"]) == {"2", "4", "8"}
     assert metrics["psnr_at_tokens"]["8"] == pytest.approx(metrics["psnr"])
     assert VQTokenizer.from_pretrained(root / "run" / "tokenizer").config.layout == "1d"
+
+
+def test_evaluate_reports_psnr_by_prefix(trained_1d, tmp_path):
+    root, _, _ = trained_1d
+    args = EvaluateArgs(tokenizer=str(root / "run" / "tokenizer"), data="digits", holdout=0.1, output=str(tmp_path))
+    report = evaluate_tokenizer(args)
+    assert set(report["psnr_at_tokens"]) == {"2", "4", "8"}
+    assert report["psnr_at_tokens"]["8"] == pytest.approx(report["psnr"], abs=1e-3)
+    assert len(set(report["psnr_at_tokens"].values())) == 3  # shorter prefixes decode to other images
+    assert "PSNR from the leading k tokens: k=2:" in (tmp_path / "report.md").read_text()
 
 
 def test_tokenized_1d_dataset_has_sequences_and_no_grid(trained_1d):

@@ -6,6 +6,8 @@
 - distortion: PSNR, SSIM, LPIPS (real backbone weights only) and rFID (torch-fidelity with its
   Inception weights present), each null with the reason when it cannot be computed;
 - codebook health over the whole set: usage, perplexity, dead codes;
+- for a 1d tokenizer trained with nested dropout, `psnr_at_tokens`: PSNR decoding only the
+  leading k = L/4, L/2, L tokens (the rate then is k x log2 K bits);
 - a reference: the same images through JPEG and WebP (Pillow) at the quality whose file size
   is closest to the tokenizer's raw rate.
 """
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 from .data import ImageDataset, ImageTransform, collate_images, image_grid, load_source, make_loader, split_holdout, to_pil
 from .losses import PerceptualLoss, lpips_missing_reason
 from .metrics import code_histogram, code_perplexity, codebook_usage, psnr, ssim
+from .training.tokenizer import prefix_lengths
 
 FID_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's Inception, in torch's hub cache
 CODEC_FORMATS = {"jpeg": "JPEG", "webp": "WEBP"}
@@ -60,6 +63,8 @@ def evaluate_tokenizer(args: EvaluateArgs) -> dict:
     report |= _distortion(originals, reconstructions)
     report |= {"codebook_usage": codebook_usage(counts).item(), "code_perplexity": code_perplexity(counts).item(),
                "dead_codes": int((counts == 0).sum().item())}  # fmt: skip
+    if prefixes := prefix_lengths(tokenizer):
+        report["psnr_at_tokens"] = {str(k): _prefix_psnr(tokenizer, originals, indices, k, args.batch_size) for k in prefixes}
     if args.prior:
         report["prior_bits_per_image"] = prior_bits_per_image(args.prior, tokenizer, indices, args.batch_size)
     else:
@@ -88,6 +93,13 @@ def _reconstruct(tokenizer, dataset, batch_size: int):
     if not originals:
         raise ValueError("no readable images to evaluate")
     return torch.cat(originals), torch.cat(reconstructions), counts, torch.cat(indices)
+
+
+@torch.inference_mode()
+def _prefix_psnr(tokenizer, originals: torch.Tensor, indices: torch.Tensor, k: int, batch_size: int) -> float:
+    """Mean PSNR of the images decoded from their leading k tokens."""
+    decoded = [tokenizer.decode(chunk[:, :k].to(tokenizer.device)).clamp(-1, 1).cpu() for chunk in indices.split(batch_size)]
+    return psnr(originals, torch.cat(decoded)).mean().item()
 
 
 def _rate(tokenizer, resolution: int, images: int) -> dict:
@@ -225,6 +237,9 @@ def _write(output: Path, report: dict, originals, reconstructions, jpeg) -> None
     output.mkdir(parents=True, exist_ok=True)
     (output / "report.json").write_text(json.dumps(report, indent=2))
     notes = [f"- {key}: {report[key]}" for key in ("lpips_missing_reason", "rfid_missing_reason") if key in report]
+    if "psnr_at_tokens" in report:
+        notes.insert(0, "- PSNR from the leading k tokens: " + ", ".join(
+            f"k={k}: {value:.2f} dB" for k, value in report["psnr_at_tokens"].items()))  # fmt: skip
     text = (f"# Tokenizer evaluation\n\n{report['images']} images of `{report['data']}` at "
             f"{report['resolution']} px, tokenizer `{report['tokenizer']}`.\n\n{format_table(report)}\n\n"
             "Rows of samples.png: originals, reconstructions, JPEG at the matched rate.\n")  # fmt: skip
