@@ -64,7 +64,10 @@ def evaluate_tokenizer(args: EvaluateArgs) -> dict:
     report |= {"codebook_usage": codebook_usage(counts).item(), "code_perplexity": code_perplexity(counts).item(),
                "dead_codes": int((counts == 0).sum().item())}  # fmt: skip
     if prefixes := prefix_lengths(tokenizer):
-        report["psnr_at_tokens"] = {str(k): _prefix_psnr(tokenizer, originals, indices, k, args.batch_size) for k in prefixes}
+        report["psnr_at_tokens"] = {  # all L tokens: the reconstruction already measured
+            str(k): report["psnr"] if k == tokenizer.tokens_per_image
+            else _prefix_psnr(tokenizer, originals, indices, k, args.batch_size) for k in prefixes
+        }  # fmt: skip
     if args.prior:
         report["prior_bits_per_image"] = prior_bits_per_image(args.prior, tokenizer, indices, args.batch_size)
     else:
