@@ -3,7 +3,7 @@
     python benchmarks/training_speed.py [--preset fsq-cpu] [--batch 16] [--resolution 64] [--steps 20]
 
 Both update the same tokenizer on the same batch with L1 + the bottleneck loss, gradient
-clipping and AdamW. vqar's step (`vqar.training.tokenizer.train_step`, inside accelerate) adds
+clipping and AdamW. vqar's step (`vqar.training.train_tokenizer.train_step`, inside accelerate) adds
 the finiteness check, loss bookkeeping, EMA and scheduler; the ratio is what that costs.
 """
 
@@ -18,8 +18,8 @@ import torch
 from summary import record
 from vqar import VQTokenizer
 from vqar.losses import LossConfig
-from vqar.training.common import TrainConfig
-from vqar.training.tokenizer import DataArgs, TokenizerModelArgs, setup, train_step
+from vqar.training.recipes import TrainConfig
+from vqar.training.train_tokenizer import DataArgs, TokenizerModelArgs, setup, train_step
 
 
 def images_per_second(step, batch: int, steps: int) -> float:
@@ -47,7 +47,7 @@ def main() -> None:
         train = TrainConfig(output_dir=output, batch_size=args.batch, learning_rate=1e-4, ema_decay=0.999, log_with="none")
         run = setup(TokenizerModelArgs(preset=args.preset), DataArgs(data="digits", resolution=args.resolution),
                     LossConfig(perceptual_weight=0, adversarial_weight=0), train)  # fmt: skip
-        ours = images_per_second(lambda: train_step(run, pixels, 0, train), args.batch, args.steps)
+        ours = images_per_second(lambda: train_step(run, pixels, 0), args.batch, args.steps)
 
     model = VQTokenizer.from_preset(args.preset, resolution=args.resolution).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))

@@ -40,7 +40,7 @@ TINY_F2 = dict(resolution=16, channels=8, channel_multipliers=[1, 2], num_res_bl
 def tokenize_digits_with_tiny_tokenizer(root):
     """A tiny untrained f2 tokenizer (8x8 tokens, 25 codes) in root/tokenizer, digits encoded into root/tokens."""
     from vqar import TokenizerConfig, VQTokenizer
-    from vqar.training.tokenize import TokenizeArgs, tokenize_dataset
+    from vqar.training.encode_dataset import TokenizeArgs, tokenize_dataset
 
     torch.manual_seed(0)
     VQTokenizer(TokenizerConfig(**TINY_F2)).save_pretrained(root / "tokenizer")

@@ -9,9 +9,10 @@ from conftest import tokenize_digits_with_tiny_tokenizer
 from vqar.ar import VocabLayout, build_prior, load_prior, load_prior_bpe
 from vqar.bpe import VisualBPE
 from vqar.generation import SamplingConfig, build_prompts, generate_ids
-from vqar.training.common import TrainConfig, parse_recipe
-from vqar.training.prior import PriorArgs, train_prior
-from vqar.training.tokenize import load_tokens, train_bpe
+from vqar.training.recipes import TrainConfig, parse_recipe
+from vqar.training.train_prior import PriorArgs, train_prior
+from vqar.bpe import train_bpe
+from vqar.tokens import load_tokens
 
 @pytest.fixture(scope="module")
 def bpe_tokens(tmp_path_factory):

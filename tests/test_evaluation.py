@@ -7,8 +7,8 @@ import pytest
 
 from conftest import tokenize_digits_with_tiny_tokenizer
 from vqar.evaluation import EvaluateArgs, codec_at_rate, evaluate_tokenizer, format_table
-from vqar.training.common import TrainConfig, parse_recipe
-from vqar.training.prior import PriorArgs, train_prior
+from vqar.training.recipes import TrainConfig, parse_recipe
+from vqar.training.train_prior import PriorArgs, train_prior
 
 
 @pytest.fixture(scope="module")

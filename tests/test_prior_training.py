@@ -9,9 +9,11 @@ from safetensors.torch import load_file
 
 from conftest import tokenize_digits_with_tiny_tokenizer
 from vqar import VQTokenizer
-from vqar.training.common import TrainConfig, complete_checkpoints, parse_recipe
-from vqar.training.prior import PriorArgs, train_prior
-from vqar.training.tokenize import TokenizeArgs, load_tokens, tokenize_dataset
+from vqar.training.checkpoints import complete_checkpoints
+from vqar.training.recipes import TrainConfig, parse_recipe
+from vqar.training.train_prior import PriorArgs, train_prior
+from vqar.tokens import load_tokens
+from vqar.training.encode_dataset import TokenizeArgs, tokenize_dataset
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +23,9 @@ def tokens_dir(tmp_path_factory):
 
 def test_tokenized_dataset_has_tokens_labels_and_a_manifest(tokens_dir):
     dataset, manifest = load_tokens(tokens_dir)
-    assert manifest["num_images"] == {"train": 1617, "eval": 180}
-    assert manifest["tokens_per_image"] == 64 and manifest["codebook_size"] == 25 and manifest["grid"] == [8, 8]
-    assert manifest["class_names"] == [str(d) for d in range(10)]
+    assert manifest.num_images == {"train": 1617, "eval": 180}
+    assert manifest.tokens_per_image == 64 and manifest.codebook_size == 25 and manifest.grid == [8, 8]
+    assert manifest.class_names == [str(d) for d in range(10)]
     row = dataset["train"][0]
     assert len(row["tokens"]) == 64 and 0 <= min(row["tokens"]) and max(row["tokens"]) < 25
     assert sorted(set(dataset["eval"]["label"])) == list(range(10))
@@ -33,7 +35,7 @@ def test_tokenize_reuses_what_is_written_and_redoes_it_for_another_tokenizer(tok
     tokenizer = str(tokens_dir.parent / "tokenizer")
     before = (tokens_dir / "train").stat().st_mtime_ns
     args = TokenizeArgs(tokenizer=tokenizer, data="digits", output=str(tokens_dir))
-    assert tokenize_dataset(args) == json.loads((tokens_dir / "vqar_tokens.json").read_text())
+    assert tokenize_dataset(args).to_dict() == json.loads((tokens_dir / "vqar_tokens.json").read_text())
     assert (tokens_dir / "train").stat().st_mtime_ns == before
     other = VQTokenizer.from_pretrained(tokenizer)
     torch.nn.init.normal_(other.decoder.conv_out.bias)
@@ -41,7 +43,7 @@ def test_tokenize_reuses_what_is_written_and_redoes_it_for_another_tokenizer(tok
     copy = tmp_path / "tokens"
     shutil.copytree(tokens_dir, copy)
     manifest = tokenize_dataset(TokenizeArgs(tokenizer=str(tmp_path / "other"), data="digits", output=str(copy)))
-    assert manifest["fingerprint"] != json.loads((tokens_dir / "vqar_tokens.json").read_text())["fingerprint"]
+    assert manifest.fingerprint != json.loads((tokens_dir / "vqar_tokens.json").read_text())["fingerprint"]
 
 
 def prior_args(tokens_dir, output_dir, **overrides) -> list[str]:
@@ -92,7 +94,7 @@ def test_missing_tokens_folder_says_what_to_run(tmp_path):
 
 def test_train_bpe_on_tokens_shortens_sequences_and_round_trips(tokens_dir, tmp_path):
     from vqar.bpe import VisualBPE
-    from vqar.training.tokenize import train_bpe
+    from vqar.bpe import train_bpe
 
     stats = train_bpe(tokens_dir, vocab_size=25 + 30, output=tmp_path)
     assert stats["merges"] == 30 and stats["eval_mean_tokens_after"] < 64

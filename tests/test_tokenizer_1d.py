@@ -13,10 +13,11 @@ from vqar.ar import load_prior
 from vqar.evaluation import EvaluateArgs, evaluate_tokenizer
 from vqar.generation import SamplingConfig, build_prompts, generate_ids, generate_images
 from vqar.tokenizer.vit import quadtree_regions
-from vqar.training.common import TrainConfig, parse_recipe
-from vqar.training.prior import PriorArgs, train_prior
-from vqar.training.tokenize import TokenizeArgs, load_tokens, tokenize_dataset
-from vqar.training.tokenizer import train_tokenizer
+from vqar.training.recipes import TrainConfig, parse_recipe
+from vqar.training.train_prior import PriorArgs, train_prior
+from vqar.tokens import load_tokens
+from vqar.training.encode_dataset import TokenizeArgs, tokenize_dataset
+from vqar.training.train_tokenizer import train_tokenizer
 
 QUANTIZERS = {
     "vq": {"kind": "vq", "codebook_size": 32, "code_dim": 4},
@@ -181,7 +182,7 @@ def test_evaluate_reports_psnr_by_prefix(trained_1d, tmp_path):
 def test_tokenized_1d_dataset_has_sequences_and_no_grid(trained_1d):
     _, _, tokens = trained_1d
     dataset, manifest = load_tokens(tokens)
-    assert manifest["grid"] is None and manifest["tokens_per_image"] == 8
+    assert manifest.grid is None and manifest.tokens_per_image == 8
     assert len(dataset["train"][0]["tokens"]) == 8
 
 

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 
 from vqar.data import load_source
 from vqar.losses import LossConfig, TokenizerLoss, adaptive_weight
-from vqar.training.common import TrainConfig, complete_checkpoints, parse_recipe
-from vqar.training.tokenizer import DataArgs, TokenizerModelArgs, train_tokenizer
+from vqar.training.checkpoints import complete_checkpoints
+from vqar.training.recipes import TrainConfig, parse_recipe
+from vqar.training.train_tokenizer import DataArgs, TokenizerModelArgs, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TYPES = (TokenizerModelArgs, DataArgs, LossConfig, TrainConfig)

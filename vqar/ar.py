@@ -17,11 +17,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .bpe import VisualBPE, load_bpe
+
+if TYPE_CHECKING:
+    from .tokenizer import VQTokenizer
+    from .tokens import TokensManifest
 
 CONFIG_KEY = "vqar_vocab"
 PROMPT_LENGTH = 2  # condition, BOI
@@ -171,7 +179,35 @@ class VocabLayout:
         if low < 0 or high >= limit:
             raise ValueError(f"image ids must lie in [0, {limit}), got values in [{low}, {high}]")
 
-    # -- saving -------------------------------------------------------------------------------
+    # -- building, saving and checking -------------------------------------------------------
+
+    @classmethod
+    def from_manifest(
+        cls, manifest: TokensManifest, *, conditional: bool, bpe: VisualBPE | None = None, num_tokens: int | None = None
+    ) -> VocabLayout:
+        """The layout of a prior over a tokens folder: its codes, BPE merges and (if conditional) classes.
+
+        `num_tokens`: model only each image's first k tokens (1D tokenizers trained with nested dropout).
+        """
+        if num_tokens is not None and (manifest.grid or not 1 <= num_tokens <= manifest.tokens_per_image):
+            shape = f"a grid {manifest.grid}" if manifest.grid else "1d"
+            raise ValueError(
+                f"num_tokens={num_tokens} needs a 1d tokenizer and 1 <= k <= {manifest.tokens_per_image} "
+                f"(these tokens are {shape})"
+            )
+        if bpe is not None:
+            bpe.check_codes(manifest.codebook_size, manifest.grid, what=f"the tokens of {manifest.tokenizer}")
+        tokenizer = manifest.tokenizer
+        if Path(tokenizer).exists():
+            tokenizer = str(Path(tokenizer).resolve())  # generation may run from another folder
+        return cls(
+            codebook_size=manifest.codebook_size,
+            tokens_per_image=num_tokens or manifest.tokens_per_image,
+            grid=manifest.grid,
+            num_bpe_tokens=bpe.num_merges if bpe else 0,
+            class_names=manifest.class_names if conditional else [],
+            tokenizer=tokenizer,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -183,25 +219,41 @@ class VocabLayout:
             raise ValueError(f"this model's config has no `{CONFIG_KEY}`: it was not trained by vqar")
         return cls(**data)
 
-    def check_tokenizer(self, tokenizer) -> None:
+    def check_tokenizer(self, tokenizer: VQTokenizer) -> None:
         """Refuse a tokenizer whose codes do not mean what the model was trained on.
 
         A prior over the first k tokens of a 1d tokenizer trained with nested dropout matches it.
         """
         expected = (self.codebook_size, self.tokens_per_image)
         got = (tokenizer.codebook_size, tokenizer.tokens_per_image)
-        config = getattr(tokenizer, "config", None)
-        if getattr(config, "layout", "grid") == "1d" and self.grid is None and self.tokens_per_image < got[1]:
-            if not config.nested_dropout:
-                raise ValueError(f"the prior models the first {self.tokens_per_image} of {got[1]} tokens, but the "
-                                 "tokenizer was not trained with nested_dropout, so it cannot decode a prefix")  # fmt: skip
+        one_d = tokenizer.token_grid is None and self.grid is None
+        if one_d and self.tokens_per_image < got[1]:
+            if not tokenizer.decodes_prefixes:
+                raise ValueError(
+                    f"the prior models the first {self.tokens_per_image} of {got[1]} tokens, but the "
+                    "tokenizer was not trained with nested_dropout, so it cannot decode a prefix"
+                )
             got = (got[0], self.tokens_per_image)
-        if got != expected:
+        grid = list(tokenizer.token_grid) if tokenizer.token_grid else None
+        if got != expected or grid != self.grid:
             raise ValueError(
                 f"tokenizer does not match the prior: the prior was trained on {self.tokenizer or 'a tokenizer'} with "
                 f"codebook_size={expected[0]}, tokens_per_image={expected[1]}; got codebook_size={got[0]}, "
-                f"tokens_per_image={got[1]}"
+                f"tokens_per_image={got[1]}" + (f" (token grid {grid}, the prior's {self.grid})" if grid != self.grid else "")
             )
+
+    def check_bpe(self, bpe: VisualBPE | None) -> None:
+        """Refuse a visual BPE that is not the one the prior's ids were made with (or a missing one)."""
+        if bpe is None:
+            if self.uses_bpe:
+                raise ValueError(f"this prior models {self.num_bpe_tokens} visual-BPE tokens, but no visual BPE was given")
+            return
+        if bpe.num_merges != self.num_bpe_tokens:
+            raise ValueError(
+                f"visual BPE does not match the prior: it has {bpe.num_merges} merges, the prior models "
+                f"{self.num_bpe_tokens} BPE tokens"
+            )
+        bpe.check_codes(self.codebook_size, self.grid, what="the prior's codes")
 
 
 # -- the causal LM ----------------------------------------------------------------------------
@@ -252,16 +304,15 @@ def build_prior(layout: VocabLayout, model_type: str = "llama", size: str = "cpu
 
 
 def load_prior(path: str, **kwargs) -> tuple[PreTrainedModel, VocabLayout]:
-    """A prior saved by `vqar train-ar` (folder or Hub id) and its vocabulary layout; safetensors only."""
+    """A prior saved by `vqar train-prior` (folder or Hub id) and its vocabulary layout; safetensors only."""
     model = AutoModelForCausalLM.from_pretrained(path, **{"use_safetensors": True, **kwargs})
     return model.eval(), VocabLayout.from_model_config(model.config)
 
 
-def load_prior_bpe(path: str):
-    """The visual BPE a prior was trained on (saved beside its weights), or None."""
-    from pathlib import Path
-
-    from .bpe import FILENAME, VisualBPE
-
-    file = Path(path) / FILENAME
-    return VisualBPE.load(file) if file.is_file() else None
+def load_prior_bpe(path: str, layout: VocabLayout | None = None) -> VisualBPE | None:
+    """The visual BPE a prior was trained on (saved beside its weights), or None; checked
+    against the prior's layout (read from its config when not given)."""
+    bpe = load_bpe(path)
+    layout = layout or VocabLayout.from_model_config(AutoConfig.from_pretrained(path))
+    layout.check_bpe(bpe)
+    return bpe

@@ -208,6 +208,53 @@ class VisualBPE:
             raise ValueError(f"{path}: unsupported visual BPE format {data.get('format_version')!r}")
         return cls(data["codebook_size"], [tuple(m) for m in data["merges"]], data.get("row_length"))
 
+    def check_codes(self, codebook_size: int, grid: list[int] | tuple[int, int] | None, what: str = "the tokens") -> None:
+        """Refuse merges learned on other codes: another codebook size, or another grid row length."""
+        row_length = grid[1] if grid else None
+        if (self.codebook_size, self.row_length) != (codebook_size, row_length):
+            raise ValueError(
+                f"visual BPE does not match {what}: it was learned on {self.codebook_size} codes in rows of "
+                f"{self.row_length or 'whole sequences'}, {what} have {codebook_size} codes in rows of "
+                f"{row_length or 'whole sequences'}; run `vqar train-bpe` on these tokens"
+            )
+
+
+def load_bpe(path: str | Path) -> VisualBPE | None:
+    """The visual BPE saved in a folder (or Hub repo) as `visual_bpe.json`, or a path to such a file.
+
+    Returns None when the folder or repo has none; a file path that does not exist is an error.
+    """
+    path = Path(path)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"visual BPE file {path} does not exist")
+        return VisualBPE.load(path)
+    if path.is_dir():
+        return VisualBPE.load(path) if (path / FILENAME).is_file() else None
+    from transformers.utils import cached_file  # a Hub id: its visual_bpe.json, if the repo has one
+
+    found = cached_file(str(path), FILENAME, _raise_exceptions_for_missing_entries=False)
+    return VisualBPE.load(found) if found else None
+
+
+def train_bpe(tokens: str | Path, vocab_size: int, output: str | Path) -> dict:
+    """Learn visual-BPE merges on a tokenized dataset's train split (`vqar train-bpe`).
+
+    Saves `visual_bpe.json` in `output` and returns the mean tokens per image before and after,
+    on both splits.
+    """
+    from .tokens import code_arrays, load_tokens
+
+    dataset, manifest = load_tokens(tokens)
+    codes = code_arrays(dataset, manifest)
+    bpe = VisualBPE.train(codes["train"], vocab_size=vocab_size, codebook_size=manifest.codebook_size)
+    Path(output).mkdir(parents=True, exist_ok=True)
+    bpe.save(output)
+    stats = {"tokens_per_image": manifest.tokens_per_image, "merges": bpe.num_merges}
+    for name, split_codes in codes.items():
+        stats[f"{name}_mean_tokens_after"] = float(np.mean([len(ids) for ids in bpe.encode(split_codes)]))
+    return stats
+
 
 def _rows(sequences, codebook_size: int, row_length: int | None) -> tuple[list[np.ndarray], int | None]:
     """Split code sequences into the units merges stay inside: grid rows, or whole sequences."""

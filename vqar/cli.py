@@ -3,7 +3,7 @@
     vqar train-tokenizer RECIPE.yaml [--field value ...]
     vqar tokenize --tokenizer DIR --data SOURCE --output DIR
     vqar train-bpe --tokens DIR --vocab-size N --output DIR
-    vqar train-ar RECIPE.yaml [--field value ...]
+    vqar train-prior RECIPE.yaml [--field value ...]     (also: train-ar)
     vqar generate --prior DIR [--class C ...] [--prefix-image PNG --prefix-rows R] --output DIR
     vqar evaluate --tokenizer DIR|HUB_ID [--prior DIR] --data SOURCE [--resolution N] --output DIR
     vqar push --tokenizer DIR --repo-id NAME --report DIR [--private] [--prior DIR] [--dry-run --output DIR]
@@ -19,19 +19,19 @@ import sys
 
 
 def _train_tokenizer(argv: list[str]) -> None:
-    from .training.tokenizer import main
+    from .training.train_tokenizer import main
 
     main(argv)
 
 
-def _train_ar(argv: list[str]) -> None:
-    from .training.prior import main
+def _train_prior(argv: list[str]) -> None:
+    from .training.train_prior import main
 
     main(argv)
 
 
 def _tokenize(argv: list[str]) -> None:
-    from .training.tokenize import TokenizeArgs, tokenize_dataset
+    from .training.encode_dataset import TokenizeArgs, tokenize_dataset
 
     parser = argparse.ArgumentParser(prog="vqar tokenize", description="Encode a dataset with a frozen tokenizer.")
     parser.add_argument("--tokenizer", required=True, help="trained tokenizer folder or Hub id")
@@ -44,11 +44,11 @@ def _tokenize(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     args = TokenizeArgs(**vars(parser.parse_args(argv)))
     manifest = tokenize_dataset(args)
-    print(f"{manifest['num_images']} images, {manifest['tokens_per_image']} tokens each, in {args.output}")
+    print(f"{manifest.num_images} images, {manifest.tokens_per_image} tokens each, in {args.output}")
 
 
 def _train_bpe(argv: list[str]) -> None:
-    from .training.tokenize import train_bpe
+    from .bpe import train_bpe
 
     parser = argparse.ArgumentParser(prog="vqar train-bpe", description="Learn visual-BPE merges on tokens.")
     parser.add_argument("--tokens", required=True, help="a dataset written by `vqar tokenize`")
@@ -63,11 +63,12 @@ def _train_bpe(argv: list[str]) -> None:
 
 def _generate(argv: list[str]) -> None:
     from .ar import load_prior, load_prior_bpe
-    from .generation import SamplingConfig, build_prompts, generate_images, prefix_from_image, save_images
+    from .data import save_images
+    from .generation import SamplingConfig, build_prompts, generate_images, prefix_from_image
     from .tokenizer import VQTokenizer
 
     parser = argparse.ArgumentParser(prog="vqar generate", description="Sample images from a trained prior.")
-    parser.add_argument("--prior", required=True, help="folder written by train-ar (OUTPUT/prior) or Hub id")
+    parser.add_argument("--prior", required=True, help="folder written by train-prior (OUTPUT/prior) or Hub id")
     parser.add_argument("--tokenizer", help="defaults to the tokenizer the prior was trained on")
     parser.add_argument("--class", dest="classes", action="append", help="class index or name; repeatable")
     parser.add_argument("--num-images", type=int, help="images per class, or in all when unconditional")
@@ -85,7 +86,7 @@ def _generate(argv: list[str]) -> None:
     prior, layout = load_prior(args.prior)
     tokenizer = VQTokenizer.from_pretrained(args.tokenizer or layout.tokenizer).eval()
     layout.check_tokenizer(tokenizer)
-    bpe = load_prior_bpe(args.prior)
+    bpe = load_prior_bpe(args.prior, layout)
     prefix = prefix_from_image(tokenizer, args.prefix_image, args.prefix_rows) if args.prefix_image else None
     per_class = args.num_images or (1 if args.classes else 8)
     classes = [c for c in args.classes for _ in range(per_class)] if args.classes else None
@@ -155,7 +156,7 @@ COMMANDS = {
     "train-tokenizer": (_train_tokenizer, "train a tokenizer from a YAML recipe"),
     "tokenize": (_tokenize, "encode a dataset with a trained tokenizer"),
     "train-bpe": (_train_bpe, "learn visual-BPE merges on a tokenized dataset"),
-    "train-ar": (_train_ar, "train the autoregressive prior from a YAML recipe"),
+    "train-prior": (_train_prior, "train the autoregressive prior from a YAML recipe"),
     "generate": (_generate, "sample images from a trained prior"),
     "evaluate": (_evaluate, "rate-distortion-modelability report of a tokenizer"),
     "push": (_push, "upload a tokenizer (and prior) to the Hub with a model card"),
@@ -164,8 +165,13 @@ COMMANDS = {
 }
 
 
+ALIASES = {"train-ar": "train-prior"}  # the command's first name
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ALIASES:
+        argv = [ALIASES[argv[0]], *argv[1:]]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         print("\ncommands:\n" + "\n".join(f"  {name:16s} {help}" for name, (_, help) in COMMANDS.items()))

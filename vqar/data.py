@@ -334,6 +334,22 @@ def image_grid(rows: list[torch.Tensor], padding: int = 2) -> Image.Image:
     return grid
 
 
+def save_images(images: torch.Tensor, output: str | Path, rows: int = 1) -> list[str]:
+    """Write images [B, 3, H, W] in [-1, 1] as PNGs plus `grid.png` with `rows` rows; returns the paths."""
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(folder / f"{i:04d}.png"))
+        image_grid([image[None]], padding=0).save(paths[-1])
+    per_row = -(-len(images) // rows)
+    image_grid(list(images.split(per_row))).save(folder / "grid.png")
+    return paths
+
+
+# -- loaders ---------------------------------------------------------------------------------
+
+
 def make_loader(dataset, batch_size: int, *, collate_fn, sampler=None, drop_last: bool = False,
                 num_workers: int = 0) -> torch.utils.data.DataLoader:  # fmt: skip
     """A DataLoader that never draws from the global RNG.

@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from .ar import load_prior
-from .data import ImageDataset, ImageTransform, collate_images, load_source, split_holdout
-from .generation import SamplingConfig, build_prompts, generate_images, save_images
+from .data import ImageDataset, ImageTransform, collate_images, load_source, save_images, split_holdout
+from .generation import SamplingConfig, build_prompts, generate_images
 from .losses import LossConfig
 from .tokenizer import VQTokenizer
-from .training.common import TrainConfig, parse_recipe
-from .training.prior import PriorArgs, train_prior
-from .training.tokenize import TokenizeArgs, tokenize_dataset
-from .training.tokenizer import DataArgs, TokenizerModelArgs, train_tokenizer
+from .training.encode_dataset import TokenizeArgs, tokenize_dataset
+from .training.recipes import TrainConfig, parse_recipe
+from .training.train_prior import PriorArgs, train_prior
+from .training.train_tokenizer import DataArgs, TokenizerModelArgs, train_tokenizer
 
 TOKENIZER_RECIPE = "quickstart-digits.yaml"
 PRIOR_RECIPE = "digits-prior-cpu.yaml"

@@ -17,21 +17,99 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data import ImageDataset, ImageTransform, collate_images, image_grid, load_source, make_loader, split_holdout, to_pil
 from .losses import PerceptualLoss, lpips_missing_reason
 from .metrics import code_histogram, code_perplexity, codebook_usage, psnr, ssim
-from .training.tokenizer import prefix_lengths
 
 FID_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's Inception, in torch's hub cache
 CODEC_FORMATS = {"jpeg": "JPEG", "webp": "WEBP"}
+
+
+# -- reconstruction metrics: the one evaluator, also the trainer's held-out evaluation ----------
+
+
+@dataclass
+class Reconstructions:
+    """What `reconstruction_metrics` measured, and the images it kept."""
+
+    metrics: dict  # psnr, ssim, lpips (+ lpips_missing_reason), codebook_usage, code_perplexity, dead_codes[, psnr_at_tokens]
+    images: int  # how many images were measured
+    originals: Tensor  # [n, 3, H, W] in [-1, 1]: the first `keep` images (all with keep=None)
+    reconstructions: Tensor  # [n, 3, H, W], clamped to [-1, 1]
+    indices: Tensor | None  # every image's indices, with keep=None
+
+
+@torch.inference_mode()
+def reconstruction_metrics(
+    tokenizer, batches: Iterable[Tensor], *, lpips: PerceptualLoss | None = None, keep: int | None = 8
+) -> Reconstructions:
+    """Mean PSNR, SSIM and LPIPS (real backbone weights only) of batches [B, 3, H, W] in [-1, 1]
+    through the tokenizer, and codebook health (usage, perplexity, dead codes) over all of them.
+
+    A tokenizer that decodes prefixes (1D, nested dropout) also gets `psnr_at_tokens`: the PSNR
+    decoding only its leading k tokens, for k in `tokenizer.prefix_lengths`.
+    `keep`: how many originals and reconstructions to return (None: all, with every image's indices).
+    """
+    was_training = tokenizer.training
+    tokenizer.eval()
+    counts = torch.zeros(tokenizer.codebook_size, device=tokenizer.device)
+    sums = dict.fromkeys(("psnr", "ssim", "lpips", *(f"psnr@{k}" for k in tokenizer.prefix_lengths)), 0.0)
+    kept, n = {"originals": [], "reconstructions": [], "indices": []}, 0
+    for pixels in batches:
+        if not len(pixels):
+            continue
+        pixels = pixels.to(tokenizer.device)
+        out = tokenizer(pixels)
+        reconstruction = out.reconstruction.clamp(-1, 1)
+        counts += code_histogram(out.indices, tokenizer.codebook_size)
+        _accumulate(sums, tokenizer, pixels, reconstruction, out.indices, lpips)
+        room = len(pixels) if keep is None else max(0, keep - n)
+        kept["originals"].append(pixels[:room].cpu())
+        kept["reconstructions"].append(reconstruction[:room].cpu())
+        if keep is None:
+            kept["indices"].append(out.indices.cpu())
+        n += len(pixels)
+    tokenizer.train(was_training)
+    if n == 0:
+        raise ValueError("no readable images to evaluate")
+    metrics = {name: total / n for name, total in sums.items() if not name.startswith("psnr@")}
+    metrics |= {"codebook_usage": codebook_usage(counts).item(), "code_perplexity": code_perplexity(counts).item(),
+                "dead_codes": int((counts == 0).sum().item())}  # fmt: skip
+    if tokenizer.prefix_lengths:
+        metrics["psnr_at_tokens"] = {str(k): sums[f"psnr@{k}"] / n for k in tokenizer.prefix_lengths}
+    if lpips is None:
+        metrics["lpips"], metrics["lpips_missing_reason"] = None, lpips_missing_reason() or "LPIPS disabled"
+    indices = torch.cat(kept["indices"]) if keep is None else None
+    return Reconstructions(metrics, n, torch.cat(kept["originals"]), torch.cat(kept["reconstructions"]), indices)
+
+
+def _accumulate(sums: dict, tokenizer, pixels: Tensor, reconstruction: Tensor, indices: Tensor, lpips) -> None:
+    """Add one batch's per-image PSNR, SSIM, LPIPS and prefix PSNRs to the running sums (one sync each)."""
+    sums["psnr"] += psnr(pixels, reconstruction).sum().item()
+    sums["ssim"] += ssim(pixels, reconstruction).sum().item()
+    if lpips is not None:
+        sums["lpips"] += lpips(pixels, reconstruction).sum().item()
+    for k in tokenizer.prefix_lengths:
+        coarse = reconstruction if k == tokenizer.tokens_per_image else tokenizer.decode(indices[:, :k]).clamp(-1, 1)
+        sums[f"psnr@{k}"] += psnr(pixels, coarse).sum().item()
+
+
+def real_lpips(device: torch.device | str = "cpu") -> PerceptualLoss | None:
+    """LPIPS with its real backbone weights, or None when they are not on this machine."""
+    return PerceptualLoss().to(device) if lpips_missing_reason() is None else None
+
+
+# -- the report -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -57,74 +135,30 @@ def evaluate_tokenizer(args: EvaluateArgs) -> dict:
     source = load_source(args.data, split=args.split, image_column=args.image_column, label_column=args.label_column)
     if args.holdout:
         source = split_holdout(source, args.holdout, seed=0)[1]
-    dataset = ImageDataset(source, ImageTransform(resolution))
-    originals, reconstructions, counts, indices = _reconstruct(tokenizer, dataset, args.batch_size)
-    report = _rate(tokenizer, resolution, len(originals))
-    report |= _distortion(originals, reconstructions)
-    report |= {"codebook_usage": codebook_usage(counts).item(), "code_perplexity": code_perplexity(counts).item(),
-               "dead_codes": int((counts == 0).sum().item())}  # fmt: skip
-    if prefixes := prefix_lengths(tokenizer):
-        report["psnr_at_tokens"] = {  # all L tokens: the reconstruction already measured
-            str(k): report["psnr"] if k == tokenizer.tokens_per_image
-            else _prefix_psnr(tokenizer, originals, indices, k, args.batch_size) for k in prefixes
-        }  # fmt: skip
+    loader = make_loader(ImageDataset(source, ImageTransform(resolution)), args.batch_size, collate_fn=collate_images)
+    batches = (batch["pixels"] for batch in tqdm(loader, desc="reconstructing"))
+    measured = reconstruction_metrics(tokenizer, batches, lpips=real_lpips(tokenizer.device), keep=None)
+    originals, reconstructions = measured.originals, measured.reconstructions
+    report = _rate(tokenizer, resolution) | measured.metrics
+    report["rfid"], reason = rfid(originals, reconstructions)
+    if reason:
+        report["rfid_missing_reason"] = reason
+    report["prior_bits_per_image"] = None
     if args.prior:
-        report["prior_bits_per_image"] = prior_bits_per_image(args.prior, tokenizer, indices, args.batch_size)
-    else:
-        report["prior_bits_per_image"] = None
+        report["prior_bits_per_image"] = prior_bits_per_image(args.prior, tokenizer, measured.indices, args.batch_size)
     codecs = {name: codec_at_rate(originals, fmt, report["bits_per_image"]) for name, fmt in CODEC_FORMATS.items()}
     report |= {name: summary for name, (summary, _) in codecs.items()}
-    report |= {"images": len(originals), "resolution": resolution, "tokenizer": args.tokenizer, "data": args.data}
+    report |= {"images": measured.images, "resolution": resolution, "tokenizer": args.tokenizer, "data": args.data}
     _write(Path(args.output), report, originals, reconstructions, codecs["jpeg"][1])
     return report
 
 
-@torch.inference_mode()
-def _reconstruct(tokenizer, dataset, batch_size: int):
-    device = tokenizer.device
-    counts = torch.zeros(tokenizer.codebook_size, device=device)
-    originals, reconstructions, indices = [], [], []
-    for batch in tqdm(make_loader(dataset, batch_size, collate_fn=collate_images), desc="reconstructing"):
-        if not len(batch["pixels"]):
-            continue
-        pixels = batch["pixels"].to(device)
-        out = tokenizer(pixels)
-        counts += code_histogram(out.indices, tokenizer.codebook_size)
-        originals.append(pixels.cpu())
-        reconstructions.append(out.reconstruction.clamp(-1, 1).cpu())
-        indices.append(out.indices.cpu())
-    if not originals:
-        raise ValueError("no readable images to evaluate")
-    return torch.cat(originals), torch.cat(reconstructions), counts, torch.cat(indices)
-
-
-@torch.inference_mode()
-def _prefix_psnr(tokenizer, originals: torch.Tensor, indices: torch.Tensor, k: int, batch_size: int) -> float:
-    """Mean PSNR of the images decoded from their leading k tokens."""
-    decoded = [tokenizer.decode(chunk[:, :k].to(tokenizer.device)).clamp(-1, 1).cpu() for chunk in indices.split(batch_size)]
-    return psnr(originals, torch.cat(decoded)).mean().item()
-
-
-def _rate(tokenizer, resolution: int, images: int) -> dict:
+def _rate(tokenizer, resolution: int) -> dict:
     tokens = tokenizer.tokens_per_image if tokenizer.is_1d else (resolution // tokenizer.downsample_factor) ** 2
     bits = tokens * math.log2(tokenizer.codebook_size)
     latent_floats = tokens * tokenizer.config.latent_channels
     return {"tokens_per_image": tokens, "bits_per_image": bits, "bits_per_pixel": bits / resolution**2,
             "tsr": 3 * resolution**2 / latent_floats}  # fmt: skip
-
-
-def _distortion(originals: torch.Tensor, reconstructions: torch.Tensor) -> dict:
-    out = {"psnr": psnr(originals, reconstructions).mean().item(), "ssim": ssim(originals, reconstructions).mean().item()}
-    reason = lpips_missing_reason()
-    if reason is None:
-        lpips = PerceptualLoss()
-        out["lpips"] = torch.cat([lpips(a, b) for a, b in zip(originals.split(32), reconstructions.split(32))]).mean().item()
-    else:
-        out["lpips"], out["lpips_missing_reason"] = None, reason
-    out["rfid"], reason = rfid(originals, reconstructions)
-    if reason:
-        out["rfid_missing_reason"] = reason
-    return out
 
 
 def rfid_missing_reason() -> str | None:

@@ -269,20 +269,3 @@ def prefix_from_image(tokenizer, image_path: str, rows: int) -> Tensor:
     if not 1 <= rows < tokens.shape[1]:
         raise ValueError(f"the prefix must lie in [1, {tokens.shape[1]}) for {tokens.shape[1]} {unit}, got {rows}")
     return tokens[:, :rows]
-
-
-def save_images(images: Tensor, output: str, rows: int = 1) -> list[str]:
-    """Write images [B, 3, H, W] in [-1, 1] as PNGs plus `grid.png` with `rows` rows; returns the paths."""
-    from pathlib import Path
-
-    from .data import image_grid
-
-    folder = Path(output)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        paths.append(str(folder / f"{i:04d}.png"))
-        image_grid([image[None]], padding=0).save(paths[-1])
-    per_row = -(-len(images) // rows)
-    image_grid(list(images.split(per_row))).save(folder / "grid.png")
-    return paths

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from test_training import final_weights, run, tiny_args
-from vqar.training.common import EMA, complete_checkpoints
+from vqar.training.checkpoints import complete_checkpoints
+from vqar.training.optim import EMA
 
 STEPS = dict(max_steps=12, save_every=2, keep_checkpoints=10, ema_decay=0.9, warmup_steps=2)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}

@@ -11,7 +11,7 @@ from conftest import CPU_PRESETS
 from test_training import final_weights, run, tiny_args
 from vqar import VQTokenizer
 from vqar.losses import TokenizerLoss
-from vqar.training.common import complete_checkpoints
+from vqar.training.checkpoints import complete_checkpoints
 
 
 @pytest.fixture
@@ -55,8 +55,8 @@ def test_too_many_bad_steps_in_a_row_stop_with_the_last_good_checkpoint_intact(t
 
 def test_a_nan_prior_loss_is_skipped(tmp_path, monkeypatch):
     from conftest import tokenize_digits_with_tiny_tokenizer
-    from vqar.training.common import TrainConfig, parse_recipe
-    from vqar.training.prior import PriorArgs, train_prior
+    from vqar.training.recipes import TrainConfig, parse_recipe
+    from vqar.training.train_prior import PriorArgs, train_prior
 
     tokens = tokenize_digits_with_tiny_tokenizer(tmp_path)
     real = torch.nn.functional.cross_entropy

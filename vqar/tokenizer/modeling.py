@@ -149,6 +149,24 @@ class VQTokenizer(PreTrainedModel):
         return math.prod(self.token_shape)
 
     @property
+    def token_grid(self) -> tuple[int, int] | None:
+        """(h, w) of one image's token grid at the training resolution; None for 1D sequences."""
+        return None if self.is_1d else self.token_shape
+
+    @property
+    def decodes_prefixes(self) -> bool:
+        """Whether any leading k tokens decode (a 1D tokenizer trained with nested dropout)."""
+        return self.is_1d and self.config.nested_dropout
+
+    @property
+    def prefix_lengths(self) -> list[int]:
+        """The prefix lengths a variable-length tokenizer is evaluated at (L/4, L/2, L); [] otherwise."""
+        if not self.decodes_prefixes:
+            return []
+        L = self.tokens_per_image
+        return sorted({max(1, L // 4), max(1, L // 2), L})
+
+    @property
     def bits_per_image(self) -> float:
         """Raw bits of one image's tokens: tokens_per_image * log2(codebook_size)."""
         return self.tokens_per_image * math.log2(self.codebook_size)

@@ -1,0 +1,99 @@
+"""Encode a dataset with a frozen tokenizer: `vqar tokenize --tokenizer DIR --data SOURCE --output DIR`.
+
+Writes a tokens folder (`vqar.tokens`): `train` and `eval` splits, with the same deterministic
+hold-out as the tokenizer trainer, and the `TokensManifest`. Runs on any accelerate setup: each
+process encodes its shard and the main process writes. A re-run with the same tokenizer
+weights, source and options finds the fingerprint and reuses the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from ..data import ImageDataset, ImageTransform, class_names, collate_images, load_source, make_loader, split_holdout
+from ..tokenizer import VQTokenizer
+from ..tokens import TokensManifest, write_tokens
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizeArgs:
+    tokenizer: str  # folder or Hub id of a trained tokenizer
+    data: str  # a data source (see vqar.data)
+    output: str
+    split: str = "train"
+    image_column: str | None = None
+    label_column: str | None = None
+    eval_fraction: float = 0.1
+    batch_size: int = 64
+
+
+def _fingerprint(args: TokenizeArgs, tokenizer: VQTokenizer) -> str:
+    digest = hashlib.sha256()
+    options = {k: v for k, v in asdict(args).items() if k not in ("output", "batch_size")}
+    digest.update(json.dumps(options, sort_keys=True).encode())
+    digest.update(tokenizer.config.to_json_string().encode())
+    for name, tensor in sorted(tokenizer.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.inference_mode()
+def _encode(accelerator: Accelerator, tokenizer: VQTokenizer, dataset: ImageDataset, batch_size: int, name: str):
+    loader = accelerator.prepare(make_loader(dataset, batch_size, collate_fn=collate_images))
+    rows = []
+    for batch in tqdm(loader, desc=f"tokenize {name}", disable=not accelerator.is_main_process):
+        if len(batch["pixels"]):
+            codes = tokenizer.encode(batch["pixels"]).flatten(1).to(torch.int32).cpu().numpy()
+            rows += zip(batch["indices"].tolist(), codes, batch["labels"].tolist())
+    rows = {index: (codes, label) for index, codes, label in gather_object(rows)}  # drops padding repeats
+    ordered = [rows[i] for i in sorted(rows)]
+    return {"tokens": [c for c, _ in ordered], "label": [label for _, label in ordered]}, len(dataset) - len(ordered)
+
+
+def tokenize_dataset(args: TokenizeArgs) -> TokensManifest:
+    """Encode `args.data` into `args.output`; returns the manifest (reused when up to date)."""
+    accelerator = Accelerator()
+    tokenizer = VQTokenizer.from_pretrained(args.tokenizer).to(accelerator.device).eval()
+    fingerprint = _fingerprint(args, tokenizer)
+    manifest = TokensManifest.load(args.output)
+    if manifest and manifest.fingerprint == fingerprint:
+        accelerator.print(f"{args.output} is up to date with this tokenizer and source; reusing it")
+        return manifest
+
+    source = load_source(args.data, split=args.split, image_column=args.image_column, label_column=args.label_column)
+    train_split, eval_split = split_holdout(source, args.eval_fraction, seed=0)
+    transform = ImageTransform(tokenizer.config.resolution)
+    splits, skipped = {}, 0
+    for name, split in (("train", train_split), ("eval", eval_split)):
+        columns, bad = _encode(accelerator, tokenizer, ImageDataset(split, transform), args.batch_size, name)
+        splits[name], skipped = columns, skipped + bad
+    manifest = TokensManifest(
+        tokenizer=args.tokenizer,
+        codebook_size=tokenizer.codebook_size,
+        tokens_per_image=tokenizer.tokens_per_image,
+        grid=list(tokenizer.token_grid) if tokenizer.token_grid else None,
+        fingerprint=fingerprint,
+        decodes_prefixes=tokenizer.decodes_prefixes,
+        class_names=class_names(source) or [],
+        data=args.data,
+        num_images={name: len(columns["tokens"]) for name, columns in splits.items()},
+        skipped_images=skipped,
+    )
+    if accelerator.is_main_process:
+        write_tokens(args.output, splits, manifest)
+        if skipped:
+            logger.warning("skipped %d unreadable images", skipped)
+    accelerator.wait_for_everyone()
+    return manifest

@@ -1,0 +1,290 @@
+"""The loop every vqar trainer runs: epochs of batches until `max_steps`, with logging, held-out
+evaluation, checkpoints, NaN/inf steps skipped, stop signals honoured, and the shared finish.
+
+A trainer builds a `Run` (its prepared model, optimiser, schedule, data and EMA) and plugs its
+own step, evaluation and saving into the loop as `LoopHooks`; everything else is here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .checkpoints import TrainerState, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .optim import EMA, NonFiniteStep, start_trackers
+from .recipes import TrainConfig, resolved_recipe, save_resolved_recipe
+
+logger = logging.getLogger(__name__)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation each epoch, from (seed, epoch) alone: resuming needs only the epoch."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+class Throughput:
+    """Images (or tokens) per second over the steps since the last read."""
+
+    def __init__(self):
+        self.start, self.count = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def read(self) -> float:
+        now = time.perf_counter()
+        rate = self.count / max(now - self.start, 1e-9)
+        self.start, self.count = now, 0
+        return rate
+
+
+@dataclass
+class TrainData:
+    """The prepared training batches and what changes with the epoch."""
+
+    loader: torch.utils.data.DataLoader
+    sampler: EpochSampler | None  # None for a stream
+    dataset: object | None = None  # has set_epoch (random crops change with the epoch), or None
+
+
+@dataclass
+class Run:
+    """What every trainer's `setup` builds and the loop drives."""
+
+    accelerator: Accelerator
+    train: TrainConfig
+    model: torch.nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: TrainData
+    ema: EMA | None
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+
+@dataclass
+class LoopHooks:
+    """What a trainer plugs into `run_loop` and `finish_run`.
+
+    step(batch, step) -> logs (detached scalar tensors), or None when the batch held nothing.
+    count(batch) -> items the batch trained on (images or tokens), for the speed readout.
+    evaluate(step) -> held-out metrics (logged as eval/*); main process only.
+    summary(metrics) -> the one line the progress bar prints after an evaluation.
+    save(model, output_dir) -> writes the trained model's files; returns entries for metrics.json.
+    """
+
+    step: Callable[[dict, int], dict | None]
+    count: Callable[[dict], int]
+    evaluate: Callable[[int], dict]
+    summary: Callable[[dict], str]
+    save: Callable[[torch.nn.Module, Path], dict]
+    speed_unit: str = "img_s"
+
+
+def step_optimizer(run: Run) -> None:
+    """The tail of every training step, after a checked backward: update, schedule, clear, EMA."""
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.unwrapped)
+
+
+def begin_run(run: Run, project: str, configs: tuple) -> TrainerState:
+    """Save the resolved recipe, start the trackers, and return the state to start from:
+    fresh, or restored from the checkpoint `train.resume` names."""
+    accelerator, train = run.accelerator, run.train
+    if accelerator.is_main_process:
+        save_resolved_recipe(Path(train.output_dir) / "recipe.yaml", *configs)
+    start_trackers(accelerator, project, resolved_recipe(*configs))
+    checkpoint = resolve_resume(train.resume, train.output_dir)
+    if checkpoint is None:
+        return TrainerState()
+    state = load_checkpoint(accelerator, checkpoint, run.ema)
+    accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    return state
+
+
+def run_loop(run: Run, state: TrainerState, hooks: LoopHooks) -> TrainerState:
+    """Epochs of batches until `max_steps`, with logging, evaluation and checkpoints.
+
+    The data position lives in `state`, so a resumed run skips exactly the batches it had
+    already trained on. Ends with a checkpoint of the final state.
+    """
+    loop = _Loop(run, state, hooks)
+    try:
+        loop.epochs()
+    finally:  # also when a bad-step limit, a signal or an error ends the run early
+        loop.stop.restore()
+        loop.progress.close()
+    save_checkpoint(run.accelerator, run.train, state, run.ema)
+    return state
+
+
+class _Loop:
+    """One pass of `run_loop`: the state it advances and what it reports to."""
+
+    def __init__(self, run: Run, state: TrainerState, hooks: LoopHooks):
+        self.run, self.state, self.hooks, self.train = run, state, hooks, run.train
+        main = run.accelerator.is_main_process
+        self.progress = tqdm(total=self.train.max_steps, initial=state.step, disable=not main)
+        self.speed, self.bad_in_a_row, self.stop = Throughput(), 0, StopSignals()
+
+    def epochs(self) -> None:
+        data, state = self.run.data, self.state
+        while state.step < self.train.max_steps:
+            for epoch_aware in (data.sampler, data.dataset):
+                if epoch_aware is not None:
+                    epoch_aware.set_epoch(state.epoch)
+            skip = state.batch_in_epoch
+            for batch in self.run.accelerator.skip_first_batches(data.loader, skip) if skip else data.loader:
+                self._train_on(batch)
+                if state.step >= self.train.max_steps:
+                    return
+            state.epoch += 1
+            state.batch_in_epoch = 0
+
+    def _train_on(self, batch: dict) -> None:
+        state = self.state
+        state.batch_in_epoch += 1
+        state.skipped_images += batch.get("skipped", 0)
+        try:
+            logs = self.hooks.step(batch, state.step)
+        except NonFiniteStep as bad:
+            self._after_bad_step(bad)
+            return
+        if logs is None:
+            return
+        self.bad_in_a_row = 0
+        state.step += 1
+        self.speed.add(self.hooks.count(batch) * self.run.accelerator.num_processes)
+        self._after_step(logs)
+        if self.stop.requested(self.run.accelerator):
+            self.stop.exit(self.run.accelerator, save_checkpoint(self.run.accelerator, self.train, state, self.run.ema))
+
+    def _after_bad_step(self, bad: NonFiniteStep) -> None:
+        self.state.skipped_steps += 1
+        self.bad_in_a_row += 1
+        step = self.state.step + 1
+        self.progress.write(f"step {step}: skipped, non-finite ({bad}); {self.bad_in_a_row} in a row")
+        if self.bad_in_a_row > self.train.max_bad_steps:
+            found = complete_checkpoints(self.train.output_dir)
+            raise RuntimeError(
+                f"training stopped: {self.bad_in_a_row} consecutive steps had a non-finite loss or gradient "
+                f"(max_bad_steps={self.train.max_bad_steps}), the last at step {step}. The newest good checkpoint "
+                f"is {found[-1] if found else 'none'}; lower the learning rate or clip gradients, then resume from it."
+            )
+
+    def _after_step(self, logs: dict) -> None:
+        accelerator, train, hooks = self.run.accelerator, self.train, self.hooks
+        step, last = self.state.step, self.state.step == train.max_steps
+        if step % train.log_every == 0 or last:
+            values = {k: v.item() for k, v in logs.items()}  # one host sync per log, not per step
+            values |= {"lr": self.run.scheduler.get_last_lr()[0], hooks.speed_unit: self.speed.read()}
+            accelerator.log(values, step=step)
+            loss = values.get("loss/total", float("nan"))
+            self.progress.set_postfix(loss=f"{loss:.4f}", **{hooks.speed_unit: f"{values[hooks.speed_unit]:.1f}"})
+        self.progress.update(1)
+        if train.eval_every and step % train.eval_every == 0 and not last and accelerator.is_main_process:
+            self.progress.write(f"step {step}: {hooks.summary(hooks.evaluate(step))}")
+        if train.save_every and step % train.save_every == 0 and not last:
+            save_checkpoint(accelerator, train, self.state, self.run.ema)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (pre-emption, Ctrl-C) finish the current step, save a checkpoint and exit.
+
+    Every rank must stop at the same step, or the checkpoint's collectives would hang, so with
+    several processes the flag is reduced across ranks each step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        self.restore()  # a second signal acts as usual: the way out if the step itself hangs
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
+        return accelerator.reduce(flag, "sum").item() > 0
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def exit(self, accelerator: Accelerator, checkpoint: Path) -> None:
+        self.restore()
+        name = signal.Signals(self.received).name if self.received else "a signal on another rank"
+        accelerator.print(f"received {name}: saved {checkpoint}; continue with --resume latest")
+        accelerator.end_training()
+        raise SystemExit(128 + (self.received or signal.SIGTERM))
+
+
+# -- the finish -----------------------------------------------------------------------------
+
+
+def weights_agree_across_ranks(accelerator: Accelerator, model: torch.nn.Module) -> bool:
+    """DDP keeps every rank's weights equal; compare a fingerprint of each rank's copy."""
+    with torch.no_grad():
+        params = [p.detach().double() for p in model.parameters()]
+        fingerprint = torch.stack([sum(p.sum() for p in params), sum(p.pow(2).sum() for p in params)])
+    gathered = accelerator.gather(fingerprint[None].to(accelerator.device))  # [processes, 2]
+    return bool((gathered == gathered[0]).all())
+
+
+def finish_run(run: Run, state: TrainerState, hooks: LoopHooks, started: float) -> dict | None:
+    """The end of every run: the EMA weights become the model, a final held-out evaluation, the
+    model's files and OUTPUT/metrics.json are written. Returns the metrics (None off the main process)."""
+    accelerator, output = run.accelerator, Path(run.train.output_dir)
+    skipped = accelerator.reduce(torch.tensor(state.skipped_images, device=accelerator.device), "sum").item()
+    agree = weights_agree_across_ranks(accelerator, run.unwrapped)
+    metrics = None
+    if accelerator.is_main_process:
+        model = run.unwrapped
+        if run.ema is not None:
+            run.ema.copy_to(model)  # the EMA weights are the model we publish
+        metrics = hooks.evaluate(state.step)
+        metrics |= {"steps": state.step, "seconds": time.time() - started, "skipped_images": int(skipped),
+                    "skipped_steps": state.skipped_steps, "num_processes": accelerator.num_processes,
+                    "weights_identical_across_ranks": agree}  # fmt: skip
+        metrics |= hooks.save(model, output)
+        (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if skipped:
+            logger.warning("skipped %d unreadable images during training", skipped)
+        accelerator.print(json.dumps(metrics, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # also tears down the process group: no collective after it
+    return metrics

@@ -1,0 +1,119 @@
+"""The accelerator, the optimiser and its schedule, the EMA of the weights, and the checked backward.
+
+Every trainer builds its optimiser, schedule and EMA here, and steps through `backward_and_check`,
+which turns a NaN/inf loss or gradient on any rank into a `NonFiniteStep` the loop skips and counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors.torch import load_file, save_file
+
+from .recipes import TrainConfig
+
+
+def make_accelerator(train: TrainConfig) -> Accelerator:
+    """An Accelerator for this run; trackers are started by `start_trackers`."""
+    log_with = None if train.log_with in ("none", "") else train.log_with
+    accelerator = Accelerator(
+        mixed_precision=train.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=train.output_dir, logging_dir=f"{train.output_dir}/logs"),
+    )
+    set_seed(train.seed)  # same on every process: models start identical, data shards differ by rank
+    return accelerator
+
+
+def start_trackers(accelerator: Accelerator, project_name: str, recipe: dict) -> None:
+    if accelerator.log_with:
+        # Trackers take scalars only: lists and dicts are logged as their JSON text.
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in recipe.items()}
+        accelerator.init_trackers(project_name, config=flat)
+
+
+def make_optimizer(params, train: TrainConfig, learning_rate: float | None = None) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        params,
+        lr=learning_rate or train.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        weight_decay=train.weight_decay,
+    )
+
+
+def warmup_cosine(train: TrainConfig):
+    """LR multiplier: linear warm-up, then cosine decay to min_lr_ratio at max_steps."""
+
+    def multiplier(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine
+
+    return multiplier
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train))
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        state = model.state_dict()
+        names = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[k] for k in names], [state[k].detach() for k in names], 1 - self.decay)
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        model.load_state_dict(self.shadow, strict=False)
+
+    def save(self, path: Path) -> None:
+        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path))
+
+    def load(self, path: Path) -> None:
+        loaded = load_file(str(path))
+        if loaded.keys() != self.shadow.keys():
+            raise ValueError(f"EMA weights in {path} do not match the model: {sorted(loaded.keys() ^ self.shadow.keys())[:5]}")
+        for k, v in loaded.items():
+            self.shadow[k].copy_(v)
+
+
+def make_ema(accelerator: Accelerator, model: torch.nn.Module, train: TrainConfig) -> EMA | None:
+    return EMA(accelerator.unwrap_model(model), train.ema_decay) if train.ema_decay > 0 else None
+
+
+class NonFiniteStep(Exception):
+    """A step whose loss or gradient norm was NaN or inf; the loop skips and counts it."""
+
+
+def backward_and_check(accelerator: Accelerator, loss: torch.Tensor, parameters, optimizer, max_norm: float) -> None:
+    """Backward, clip to `max_norm` (0: no clipping), and raise NonFiniteStep (gradients
+    cleared, nothing updated) when the loss or the gradient norm is not finite on any rank.
+
+    One host sync per step: whether to step must be decided on the host, and on every rank
+    alike, as AMP's GradScaler does.
+    """
+    accelerator.backward(loss)
+    parameters = [p for p in parameters if p.grad is not None]
+    if max_norm > 0:
+        norm = accelerator.clip_grad_norm_(parameters, max_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters]))
+    finite = (torch.isfinite(loss.detach()) & torch.isfinite(norm)).float()
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite, "sum") / accelerator.num_processes
+    if finite.item() < 1:
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteStep(f"loss {loss.item():.4g}, gradient norm {norm.item():.4g}")

@@ -1,0 +1,100 @@
+"""Recipes: YAML files read into dataclasses, every field overridable from the command line.
+
+A recipe's values become the defaults of a `transformers.HfArgumentParser` over the trainer's
+dataclasses, so `vqar train-tokenizer RECIPE.yaml --max_steps 10` overrides one field and a
+recipe with a misspelt field is refused by name. The fields a run actually used are saved as
+`OUTPUT/recipe.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, checkpointing and logging, the same for every trainer."""
+
+    output_dir: str = "outputs/run"
+    max_steps: int = 1000
+    batch_size: int = 16  # per process
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95  # LlamaGen's betas for both stages
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # the cosine decays to learning_rate * min_lr_ratio
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    ema_decay: float = 0.0  # EMA of the weights (e.g. 0.999); 0 turns it off
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    save_every: int = 500  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
+    eval_every: int = 500  # steps between held-out evaluations; 0: only at the end
+    log_every: int = 10
+    resume: str | None = None  # "latest", or a checkpoint folder
+    log_with: str = "tensorboard"  # an accelerate tracker, or "none"
+    num_workers: int = 0  # DataLoader workers
+    max_bad_steps: int = 10  # consecutive steps with a NaN/inf loss or gradient skipped before training stops
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.max_bad_steps < 0:
+            raise ValueError(f"max_bad_steps must be >= 0, got {self.max_bad_steps}")
+
+
+def parse_recipe(argv: list[str], dataclass_types: tuple[type, ...]) -> tuple:
+    """`RECIPE.yaml [--field value ...]` -> one instance per dataclass type.
+
+    The YAML's values become the defaults of an HfArgumentParser, so the command line overrides
+    any of them. Dict-valued fields take JSON on the command line.
+    """
+    parser = HfArgumentParser(dataclass_types)
+    for action in parser._actions:  # HfArgumentParser would call dict("...") on a dict field
+        if action.type is dict:
+            action.type = json.loads
+    recipe_args, overrides = _split_recipe(argv)
+    if recipe_args is not None:
+        recipe = yaml.safe_load(Path(recipe_args).read_text()) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(recipe) - known)
+        if unknown:
+            raise ValueError(f"recipe {recipe_args} has unknown field(s) {unknown}; known fields: {sorted(known - {'help'})}")
+        parser.set_defaults(**recipe)
+    return parser.parse_args_into_dataclasses(args=overrides)
+
+
+def _split_recipe(argv: list[str]) -> tuple[str | None, list[str]]:
+    if argv and not argv[0].startswith("-"):
+        if not Path(argv[0]).is_file():
+            raise FileNotFoundError(f"recipe {argv[0]} does not exist")
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def resolved_recipe(*configs) -> dict:
+    """All fields of the recipe dataclasses, merged: what a run actually used."""
+    merged = {}
+    for config in configs:
+        merged.update(dataclasses.asdict(config))
+    return merged
+
+
+def save_resolved_recipe(path: Path, *configs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(resolved_recipe(*configs), sort_keys=False))

@@ -1,0 +1,212 @@
+"""Train the stage-1 tokenizer with accelerate: `vqar train-tokenizer RECIPE.yaml [--field value]`.
+
+The same code runs on one CPU, several CPU processes (gloo), or GPUs; see recipes/accelerate/.
+Three pieces, as in accelerate's examples: build everything (`setup`), one optimisation step
+(`train_step`), and the held-out evaluation (`evaluate`); `training.loop` does the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+
+from ..data import (
+    ImageDataset,
+    ImageTransform,
+    StreamingImageDataset,
+    collate_images,
+    image_grid,
+    load_source,
+    make_loader,
+    split_holdout,
+    split_stream,
+)
+from ..evaluation import real_lpips, reconstruction_metrics
+from ..losses import LossConfig, PerceptualLoss, TokenizerLoss
+from ..tokenizer import TokenizerConfig, VQTokenizer, load_preset
+from .loop import EpochSampler, LoopHooks, Run, TrainData, begin_run, finish_run, run_loop, step_optimizer
+from .optim import NonFiniteStep, backward_and_check, make_accelerator, make_ema, make_optimizer, make_scheduler
+from .recipes import TrainConfig, parse_recipe
+
+
+@dataclass
+class TokenizerModelArgs:
+    preset: str = "fsq-cpu"  # a name from tokenizers/ (see `vqar presets`)
+    tokenizer: dict = field(default_factory=dict)  # overrides of the preset's config fields
+    init_from: str | None = None  # a trained tokenizer (folder or Hub id) to fine-tune instead
+
+
+@dataclass
+class DataArgs:
+    data: str = "digits"  # digits | photos | image folder | *.parquet | Hub dataset id
+    split: str = "train"
+    image_column: str | None = None
+    label_column: str | None = None
+    resolution: int = 32
+    resize_to: int | None = None  # shorter side before cropping (default: resolution)
+    random_crop: bool = False
+    random_flip: bool = False
+    repeats: int = 1  # times each training image appears per epoch (with fresh crops)
+    streaming: bool = False  # read the source as a stream (large Hub or parquet data sets)
+    eval_fraction: float = 0.1  # held out, deterministically
+    eval_size: int = 256  # images held out from a stream (its length is unknown)
+    eval_crops: int = 1  # crops per held-out image (>1 takes fixed random crops)
+    eval_batch_size: int = 64
+
+
+# -- setup ----------------------------------------------------------------------------------
+
+
+def build_tokenizer(model: TokenizerModelArgs, data: DataArgs) -> VQTokenizer:
+    if model.init_from:
+        return VQTokenizer.from_pretrained(model.init_from, resolution=data.resolution)
+    config = {**load_preset(model.preset), "resolution": data.resolution, **model.tokenizer}
+    return VQTokenizer(TokenizerConfig(**config))
+
+
+def build_datasets(data: DataArgs, seed: int) -> tuple[ImageDataset | StreamingImageDataset, ImageDataset]:
+    source = load_source(data.data, split=data.split, image_column=data.image_column,
+                         label_column=data.label_column, streaming=data.streaming)  # fmt: skip
+    train_transform = ImageTransform(data.resolution, data.resize_to, data.random_crop, data.random_flip)
+    eval_transform = ImageTransform(data.resolution, data.resize_to, random_crop=data.eval_crops > 1)
+    if isinstance(source, datasets.IterableDataset):
+        train_split, eval_split = split_stream(source, data.eval_size)
+        train = StreamingImageDataset(train_split, train_transform, seed=seed)
+    else:
+        train_split, eval_split = split_holdout(source, data.eval_fraction, seed=0)
+        train = ImageDataset(train_split, train_transform, repeats=data.repeats, seed=seed)
+    return train, ImageDataset(eval_split, eval_transform, repeats=data.eval_crops, seed=12345)
+
+
+@dataclass
+class TokenizerRun(Run):
+    """A `Run` with the tokenizer's losses, discriminator and held-out images."""
+
+    loss_fn: TokenizerLoss = None
+    discriminator: torch.nn.Module | None = None
+    d_optimizer: torch.optim.Optimizer | None = None
+    d_scheduler: object = None
+    eval_data: ImageDataset = None
+    eval_batch_size: int = 64
+    lpips: PerceptualLoss | None = None  # the LPIPS held-out figures report (real weights only)
+
+
+def _training_loader(train_data, train: TrainConfig, num_processes: int) -> TrainData:
+    sampler = None
+    if isinstance(train_data, ImageDataset):
+        if len(train_data) < train.batch_size * num_processes:
+            raise ValueError(
+                f"{len(train_data)} training images cannot fill one batch of {train.batch_size} x "
+                f"{num_processes} processes; raise `repeats` or lower `batch_size`"
+            )
+        sampler = EpochSampler(len(train_data), train.seed)
+    loader = make_loader(train_data, train.batch_size, sampler=sampler, collate_fn=collate_images,
+                         drop_last=True, num_workers=train.num_workers)  # fmt: skip
+    return TrainData(loader, sampler, train_data)
+
+
+def setup(model_args: TokenizerModelArgs, data_args: DataArgs, loss_config: LossConfig, train: TrainConfig) -> TokenizerRun:
+    accelerator = make_accelerator(train)
+    tokenizer = build_tokenizer(model_args, data_args)  # after the accelerator: VQ syncs EMA codebooks in DDP
+    loss_fn = TokenizerLoss(loss_config).to(accelerator.device)
+    train_data, eval_data = build_datasets(data_args, train.seed)
+    data = _training_loader(train_data, train, accelerator.num_processes)
+    optimizer = make_optimizer(tokenizer.parameters(), train)
+    scheduler = make_scheduler(optimizer, train)
+    tokenizer, optimizer, scheduler, data.loader = accelerator.prepare(tokenizer, optimizer, scheduler, data.loader)
+    run = TokenizerRun(accelerator, train, tokenizer, optimizer, scheduler, data, make_ema(accelerator, tokenizer, train),
+                       loss_fn=loss_fn, eval_data=eval_data, eval_batch_size=data_args.eval_batch_size)  # fmt: skip
+    if loss_fn.discriminator is not None:
+        d_optimizer = make_optimizer(loss_fn.discriminator.parameters(), train, loss_config.disc_learning_rate)
+        prepared = accelerator.prepare(loss_fn.discriminator, d_optimizer, make_scheduler(d_optimizer, train))
+        run.discriminator, run.d_optimizer, run.d_scheduler = prepared
+        loss_fn.discriminator = run.discriminator
+    if accelerator.is_main_process:
+        real = loss_fn.perceptual is not None and not loss_fn.perceptual.random_backbone
+        run.lpips = loss_fn.perceptual if real else real_lpips(accelerator.device)
+    return run
+
+
+# -- one step -------------------------------------------------------------------------------
+
+
+def train_step(run: TokenizerRun, pixels: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    """One update of the tokenizer and, once the GAN is on, one of the discriminator."""
+    out = run.model(pixels)
+    last_layer = run.unwrapped.decoder.last_layer
+    loss, logs = run.loss_fn.generator_loss(pixels, out.reconstruction, out.bottleneck_loss, step, last_layer)
+    backward_and_check(run.accelerator, loss, run.model.parameters(), run.optimizer, run.train.grad_clip)
+    step_optimizer(run)
+    if run.loss_fn.gan_active(step):
+        logs |= _discriminator_step(run, pixels, out.reconstruction)
+    stats = out.code_stats
+    return logs | {"codes/batch_usage": stats.usage, "codes/batch_perplexity": stats.perplexity}
+
+
+def _discriminator_step(run: TokenizerRun, pixels: torch.Tensor, reconstruction: torch.Tensor) -> dict:
+    run.d_optimizer.zero_grad(set_to_none=True)  # drop what the generator's loss left in D
+    d_loss, d_logs = run.loss_fn.discriminator_loss(pixels, reconstruction)
+    try:
+        backward_and_check(run.accelerator, d_loss, run.discriminator.parameters(), run.d_optimizer, run.train.grad_clip)
+        run.d_optimizer.step()
+        d_logs["loss/discriminator_skipped"] = torch.zeros(())
+    except NonFiniteStep:  # the generator has already stepped: skip only D's update, and log it
+        d_logs = {"loss/discriminator_skipped": torch.ones(())}
+    run.d_scheduler.step()
+    run.d_optimizer.zero_grad(set_to_none=True)
+    return d_logs
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+
+def evaluate(run: TokenizerRun, step: int) -> dict:
+    """Held-out reconstruction metrics (`vqar.evaluation.reconstruction_metrics`), logged as
+    eval/*, with OUTPUT/samples/step-XXXXXX.png: held-out originals above their reconstructions."""
+    loader = make_loader(run.eval_data, run.eval_batch_size, collate_fn=collate_images)
+    measured = reconstruction_metrics(run.unwrapped, (b["pixels"] for b in loader), lpips=run.lpips, keep=8)
+    metrics = measured.metrics | {"eval_images": measured.images}
+    samples = Path(run.train.output_dir) / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    image_grid([measured.originals, measured.reconstructions]).save(samples / f"step-{step:06d}.png")
+    run.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+    return metrics
+
+
+def summary(metrics: dict) -> str:
+    line = f"held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, codebook usage {metrics['codebook_usage']:.1%}"
+    by_prefix = ", ".join(f"{k} tokens {v:.2f}" for k, v in metrics.get("psnr_at_tokens", {}).items())
+    return line + (f"; PSNR from the first {by_prefix} dB" if by_prefix else "")
+
+
+def _save(tokenizer: VQTokenizer, output: Path) -> dict:
+    tokenizer.save_pretrained(output / "tokenizer")
+    return {}
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def train_tokenizer(model_args, data_args, loss_config: LossConfig, train: TrainConfig) -> dict | None:
+    """Train, checkpoint, evaluate; save OUTPUT/tokenizer and OUTPUT/metrics.json. Returns the metrics."""
+    started = time.time()
+    run = setup(model_args, data_args, loss_config, train)
+    state = begin_run(run, "tokenizer", (model_args, data_args, loss_config, train))
+    hooks = LoopHooks(
+        step=lambda batch, step: train_step(run, batch["pixels"], step) if len(batch["pixels"]) else None,
+        count=lambda batch: len(batch["pixels"]),
+        evaluate=lambda step: evaluate(run, step),
+        summary=summary,
+        save=_save,
+    )
+    state = run_loop(run, state, hooks)
+    return finish_run(run, state, hooks, started)
+
+
+def main(argv: list[str]) -> dict | None:
+    model_args, data_args, loss_config, train = parse_recipe(argv, (TokenizerModelArgs, DataArgs, LossConfig, TrainConfig))
+    return train_tokenizer(model_args, data_args, loss_config, train)
