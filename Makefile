@@ -24,6 +24,8 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch-installed
 	touch $@
 
 test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 demo: $(VENV)/.installed

@@ -21,8 +21,8 @@ import time
 from collections import Counter
 
 import numpy as np
-
 from summary import record
+
 from vqar.bpe import VisualBPE
 
 CODEBOOK = 1024
@@ -113,11 +113,19 @@ def measure_full(grids: np.ndarray, merges: int) -> dict:
     ids, encode_s = timed(lambda: bpe.encode(grids, padded=True), repeats=3)
     bpe.decode(ids[:1])  # compile the decode kernel outside the timing (once per machine: numba caches it)
     sequences = [row[row >= 0].tolist() for row in ids]
-    codes, decode_s, decoded, reference_decode_s = paired(lambda: bpe.decode(ids), lambda: reference_decode(sequences, bpe.merges))
+    codes, decode_s, decoded, reference_decode_s = paired(
+        lambda: bpe.decode(ids), lambda: reference_decode(sequences, bpe.merges)
+    )
     assert (codes.numpy() == grids.reshape(len(grids), -1)).all() and decoded[0] == codes[0].tolist()
     n = len(grids)
-    return {"merges": bpe.num_merges, "train_s": train_s, "encode_seq_s": n / encode_s, "decode_seq_s": n / decode_s,
-            "reference_decode_seq_s": n / reference_decode_s, "mean_tokens": (ids >= 0).sum().item() / n}  # fmt: skip
+    return {
+        "merges": bpe.num_merges,
+        "train_s": train_s,
+        "encode_seq_s": n / encode_s,
+        "decode_seq_s": n / decode_s,
+        "reference_decode_seq_s": n / reference_decode_s,
+        "mean_tokens": (ids >= 0).sum().item() / n,
+    }
 
 
 def measure_against_reference(grids: np.ndarray, merges: int) -> tuple[dict, dict]:
@@ -125,16 +133,27 @@ def measure_against_reference(grids: np.ndarray, merges: int) -> tuple[dict, dic
     rows = grids.reshape(-1, SIDE).tolist()
     bpe, train_s = timed(lambda: VisualBPE.train(grids, vocab_size=CODEBOOK + merges, codebook_size=CODEBOOK))
     learned, reference_train_s = timed(lambda: reference_train(rows, merges))
-    ids, encode_s, encoded, reference_encode_s = paired(lambda: bpe.encode(grids, padded=True),
-                                                        lambda: reference_encode(rows, learned), repeats=3)  # fmt: skip
+    ids, encode_s, encoded, reference_encode_s = paired(
+        lambda: bpe.encode(grids, padded=True), lambda: reference_encode(rows, learned), repeats=3
+    )
     bpe.decode(ids[:1])
-    codes, decode_s, decoded, reference_decode_s = paired(lambda: bpe.decode(ids), lambda: reference_decode(encoded, learned))
+    codes, decode_s, decoded, reference_decode_s = paired(
+        lambda: bpe.decode(ids), lambda: reference_decode(encoded, learned)
+    )
     assert (codes.numpy() == grids.reshape(len(grids), -1)).all() and decoded == rows
     n = len(grids)
-    ours = {"train_s": train_s, "encode_seq_s": n / encode_s, "decode_seq_s": n / decode_s,
-            "mean_tokens": (ids >= 0).sum().item() / n}  # fmt: skip
-    reference = {"train_s": reference_train_s, "encode_seq_s": n / reference_encode_s,
-                 "decode_seq_s": n / reference_decode_s, "mean_tokens": sum(map(len, encoded)) / n}  # fmt: skip
+    ours = {
+        "train_s": train_s,
+        "encode_seq_s": n / encode_s,
+        "decode_seq_s": n / decode_s,
+        "mean_tokens": (ids >= 0).sum().item() / n,
+    }
+    reference = {
+        "train_s": reference_train_s,
+        "encode_seq_s": n / reference_encode_s,
+        "decode_seq_s": n / reference_decode_s,
+        "mean_tokens": sum(map(len, encoded)) / n,
+    }
     return ours, reference
 
 
@@ -148,11 +167,15 @@ def main():
 
     full = measure_full(synthetic_grids(args.sequences), args.merges)
     print(f"vqar, {args.sequences} sequences x {SIDE * SIDE} codes, {CODEBOOK}-code book\n")
-    print("| merges | train s | encode seq/s | decode seq/s | plain-Python decode seq/s | decode speed-up | tokens/sequence |")
+    print(
+        "| merges | train s | encode seq/s | decode seq/s | plain-Python decode seq/s | decode speed-up | tokens/sequence |"
+    )
     print("|---|---|---|---|---|---|---|")
-    print(f"| {full['merges']} | {full['train_s']:.1f} | {full['encode_seq_s']:.0f} | {full['decode_seq_s']:.0f} | "
-          f"{full['reference_decode_seq_s']:.0f} | {full['decode_seq_s'] / full['reference_decode_seq_s']:.0f}x | "
-          f"{full['mean_tokens']:.1f} (from 256) |\n")  # fmt: skip
+    print(
+        f"| {full['merges']} | {full['train_s']:.1f} | {full['encode_seq_s']:.0f} | {full['decode_seq_s']:.0f} | "
+        f"{full['reference_decode_seq_s']:.0f} | {full['decode_seq_s'] / full['reference_decode_seq_s']:.0f}x | "
+        f"{full['mean_tokens']:.1f} (from 256) |\n"
+    )
 
     subset = synthetic_grids(args.reference_sequences, seed=1)
     ours, ref = measure_against_reference(subset, args.reference_merges)
@@ -160,14 +183,31 @@ def main():
     print("| | train s | encode seq/s | decode seq/s | tokens/sequence |")
     print("|---|---|---|---|---|")
     for name, r in (("vqar", ours), ("plain Python", ref)):
-        print(f"| {name} | {r['train_s']:.2f} | {r['encode_seq_s']:.0f} | {r['decode_seq_s']:.0f} | {r['mean_tokens']:.1f} |")
-    record("visual BPE", f"train {args.reference_merges} merges", 1 / ours["train_s"], "runs/s", "plain Python", 1 / ref["train_s"])
+        print(
+            f"| {name} | {r['train_s']:.2f} | {r['encode_seq_s']:.0f} | {r['decode_seq_s']:.0f} | {r['mean_tokens']:.1f} |"
+        )
+    record(
+        "visual BPE",
+        f"train {args.reference_merges} merges",
+        1 / ours["train_s"],
+        "runs/s",
+        "plain Python",
+        1 / ref["train_s"],
+    )
     for what in ("encode", "decode"):
         record("visual BPE", what, ours[f"{what}_seq_s"], "seq/s", "plain Python", ref[f"{what}_seq_s"])
-    record("visual BPE", f"decode, {args.merges} merges", full["decode_seq_s"], "seq/s", "plain Python",
-           full["reference_decode_seq_s"])
-    print(f"| vqar speed-up | {ref['train_s'] / ours['train_s']:.0f}x | {ours['encode_seq_s'] / ref['encode_seq_s']:.0f}x | "
-          f"{ours['decode_seq_s'] / ref['decode_seq_s']:.0f}x | |")  # fmt: skip
+    record(
+        "visual BPE",
+        f"decode, {args.merges} merges",
+        full["decode_seq_s"],
+        "seq/s",
+        "plain Python",
+        full["reference_decode_seq_s"],
+    )
+    print(
+        f"| vqar speed-up | {ref['train_s'] / ours['train_s']:.0f}x | {ours['encode_seq_s'] / ref['encode_seq_s']:.0f}x | "
+        f"{ours['decode_seq_s'] / ref['decode_seq_s']:.0f}x | |"
+    )
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ import argparse
 import time
 
 import torch
+from summary import record
 from transformers import LogitsProcessorList
 
-from summary import record
 from vqar.ar import VocabLayout, build_prior
 from vqar.generation import ImageTokenSampler, SamplingConfig, build_prompts, generate_ids
 
@@ -41,11 +41,17 @@ def transformers_cfg(prior, layout: VocabLayout, prompts: torch.Tensor, scale: f
     unconditional[:, 0] = layout.null_class
     greedy_legal = ImageTokenSampler(layout.image_vocab_size, SamplingConfig(temperature=0), None)
     return prior.generate(
-        input_ids=prompts, attention_mask=torch.ones_like(prompts), negative_prompt_ids=unconditional,
-        guidance_scale=scale, max_new_tokens=layout.tokens_per_image, min_new_tokens=layout.tokens_per_image,
-        do_sample=False, logits_processor=LogitsProcessorList([greedy_legal]), pad_token_id=layout.pad,
+        input_ids=prompts,
+        attention_mask=torch.ones_like(prompts),
+        negative_prompt_ids=unconditional,
+        guidance_scale=scale,
+        max_new_tokens=layout.tokens_per_image,
+        min_new_tokens=layout.tokens_per_image,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([greedy_legal]),
+        pad_token_id=layout.pad,
         eos_token_id=None,
-    )  # fmt: skip
+    )
 
 
 @torch.inference_mode()
@@ -60,7 +66,9 @@ def main():
     torch.manual_seed(0)
 
     side = int(args.tokens**0.5)
-    layout = VocabLayout(codebook_size=1024, tokens_per_image=side * side, grid=[side, side], class_names=list("0123456789"))
+    layout = VocabLayout(
+        codebook_size=1024, tokens_per_image=side * side, grid=[side, side], class_names=list("0123456789")
+    )
     prior = build_prior(layout, size="S", **PRIOR_20M).eval()
     prompts = build_prompts(layout, classes=[i % 10 for i in range(args.batch)])
     new_tokens = args.batch * layout.tokens_per_image
@@ -68,7 +76,10 @@ def main():
     rows = [
         ("KV cache", lambda: generate_ids(prior, layout, prompts, sampling)),
         ("no cache", lambda: generate_ids(prior, layout, prompts, sampling, use_cache=False)),
-        ("CFG 2.0, batched (vqar)", lambda: generate_ids(prior, layout, prompts, SamplingConfig(seed=0, cfg_scale=2.0))),
+        (
+            "CFG 2.0, batched (vqar)",
+            lambda: generate_ids(prior, layout, prompts, SamplingConfig(seed=0, cfg_scale=2.0)),
+        ),
         ("CFG 2.0, transformers guidance_scale", lambda: transformers_cfg(prior, layout, prompts, 2.0)),
     ]
     generate_ids(prior, layout, prompts[:1], sampling)  # warm-up
@@ -78,8 +89,10 @@ def main():
         rates[name] = new_tokens / best_seconds(fn, repeats)
 
     params = sum(p.numel() for p in prior.parameters()) / 1e6
-    print(f"prior: Llama {params:.1f}M parameters, {layout.tokens_per_image} tokens per image, batch {args.batch}, "
-          f"{torch.get_num_threads()} CPU threads\n")  # fmt: skip
+    print(
+        f"prior: Llama {params:.1f}M parameters, {layout.tokens_per_image} tokens per image, batch {args.batch}, "
+        f"{torch.get_num_threads()} CPU threads\n"
+    )
     print("| sampling | tokens/s | vs baseline |")
     print("|---|---|---|")
     baselines = {"KV cache": "no cache", "CFG 2.0, batched (vqar)": "CFG 2.0, transformers guidance_scale"}

@@ -32,8 +32,10 @@ def main() -> None:
     print("| benchmark | measure | value | baseline | baseline value | ratio |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['benchmark']} | {r['measure']} | {r['value']:.4g} {r['unit']} | {r['baseline']} | "
-              f"{r['baseline_value']:.4g} {r['unit']} | {r['value'] / r['baseline_value']:.2f}x |")  # fmt: skip
+        print(
+            f"| {r['benchmark']} | {r['measure']} | {r['value']:.4g} {r['unit']} | {r['baseline']} | "
+            f"{r['baseline_value']:.4g} {r['unit']} | {r['value'] / r['baseline_value']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

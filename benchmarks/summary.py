@@ -15,7 +15,13 @@ def record(benchmark: str, measure: str, value: float, unit: str, baseline: str,
     path = os.environ.get("VQAR_BENCH_SUMMARY")
     if not path:
         return
-    row = {"benchmark": benchmark, "measure": measure, "value": value, "unit": unit, "baseline": baseline,
-           "baseline_value": baseline_value}  # fmt: skip
+    row = {
+        "benchmark": benchmark,
+        "measure": measure,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "baseline_value": baseline_value,
+    }
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")

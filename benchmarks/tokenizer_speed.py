@@ -13,9 +13,9 @@ import argparse
 import time
 
 import torch
+from summary import record
 from torch.utils.flop_counter import FlopCounterMode
 
-from summary import record
 from vqar import VQTokenizer
 
 PRESETS = ["vq-cpu", "fsq-cpu", "lfq-cpu", "bsq-cpu"]
@@ -79,8 +79,14 @@ def main():
             f"{r['decode_gflop_s'] / peak:.2f} |"
         )
         for stage in ("encode", "decode"):
-            record("tokenizer", f"{r['preset']} {stage} ({r[f'{stage}_img_s']:.0f} img/s)", r[f"{stage}_gflop_s"],
-                   "GFLOP/s", "fp32 matmul", peak)  # fmt: skip
+            record(
+                "tokenizer",
+                f"{r['preset']} {stage} ({r[f'{stage}_img_s']:.0f} img/s)",
+                r[f"{stage}_gflop_s"],
+                "GFLOP/s",
+                "fp32 matmul",
+                peak,
+            )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ import tempfile
 import time
 
 import torch
-
 from summary import record
+
 from vqar import VQTokenizer
 from vqar.losses import LossConfig
 from vqar.training.recipes import TrainConfig
@@ -44,9 +44,15 @@ def main() -> None:
     pixels = torch.rand(args.batch, 3, args.resolution, args.resolution) * 2 - 1
 
     with tempfile.TemporaryDirectory() as output:
-        train = TrainConfig(output_dir=output, batch_size=args.batch, learning_rate=1e-4, ema_decay=0.999, log_with="none")
-        run = setup(TokenizerModelArgs(preset=args.preset), DataArgs(data="digits", resolution=args.resolution),
-                    LossConfig(perceptual_weight=0, adversarial_weight=0), train)  # fmt: skip
+        train = TrainConfig(
+            output_dir=output, batch_size=args.batch, learning_rate=1e-4, ema_decay=0.999, log_with="none"
+        )
+        run = setup(
+            TokenizerModelArgs(preset=args.preset),
+            DataArgs(data="digits", resolution=args.resolution),
+            LossConfig(perceptual_weight=0, adversarial_weight=0),
+            train,
+        )
         ours = images_per_second(lambda: train_step(run, pixels, 0), args.batch, args.steps)
 
     model = VQTokenizer.from_preset(args.preset, resolution=args.resolution).train()
@@ -61,7 +67,9 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
 
     bare = images_per_second(bare_step, args.batch, args.steps)
-    print(f"{args.preset}, batch {args.batch}, {args.resolution}x{args.resolution}, {torch.get_num_threads()} threads\n")
+    print(
+        f"{args.preset}, batch {args.batch}, {args.resolution}x{args.resolution}, {torch.get_num_threads()} threads\n"
+    )
     print("| training step | images/s | vs bare loop |")
     print("|---|---|---|")
     print(f"| vqar train_step (accelerate, EMA, checks) | {ours:.1f} | {ours / bare:.2f}x |")

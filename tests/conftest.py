@@ -23,8 +23,8 @@ def _seed_and_threads():
 @pytest.fixture(scope="session")
 def photo_batch() -> torch.Tensor:
     """Four real 32x32 photographs from scikit-image, [4, 3, 32, 32] in [-1, 1]."""
-    from skimage import data
     from PIL import Image
+    from skimage import data
 
     images = []
     for name in ("astronaut", "coffee", "chelsea", "rocket"):
@@ -33,8 +33,16 @@ def photo_batch() -> torch.Tensor:
     return torch.stack(images).float() / 127.5 - 1
 
 
-TINY_F2 = dict(resolution=16, channels=8, channel_multipliers=[1, 2], num_res_blocks=1, attn_resolutions=[],
-               mid_attention=False, latent_channels=2, quantizer={"kind": "fsq", "levels": [5, 5]})  # fmt: skip
+TINY_F2 = dict(
+    resolution=16,
+    channels=8,
+    channel_multipliers=[1, 2],
+    num_res_blocks=1,
+    attn_resolutions=[],
+    mid_attention=False,
+    latent_channels=2,
+    quantizer={"kind": "fsq", "levels": [5, 5]},
+)
 
 
 def tokenize_digits_with_tiny_tokenizer(root):

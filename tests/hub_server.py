@@ -28,7 +28,9 @@ class Hub:
         self.requests: list[str] = []
 
     def commit(self, repo: str) -> str:
-        digest = hashlib.sha1(json.dumps(sorted((k, hashlib.sha1(v).hexdigest()) for k, v in self.repos[repo].items())).encode())
+        digest = hashlib.sha1(
+            json.dumps(sorted((k, hashlib.sha1(v).hexdigest()) for k, v in self.repos[repo].items())).encode()
+        )
         self.commits[repo] = digest.hexdigest()
         return self.commits[repo]
 
@@ -60,7 +62,9 @@ def _handler(hub: Hub):
                 return self._json({"errors": [], "warnings": []})
             if self.path == "/api/repos/create":
                 data = json.loads(body)
-                repo = f"{data.get('organization') or 'user'}/{data['name']}" if "/" not in data["name"] else data["name"]
+                repo = (
+                    f"{data.get('organization') or 'user'}/{data['name']}" if "/" not in data["name"] else data["name"]
+                )
                 hub.repos.setdefault(repo, {})
                 hub.commits.setdefault(repo, "0" * 40)
                 return self._json({"url": f"http://{self.headers['Host']}/{repo}", "name": repo, "id": repo})
@@ -70,8 +74,12 @@ def _handler(hub: Hub):
             repo, action = match.group(1), match.group(2)
             if action == "preupload":
                 files = json.loads(body)["files"]
-                return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files],
-                                   "commitOid": hub.commits[repo]})
+                return self._json(
+                    {
+                        "files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files],
+                        "commitOid": hub.commits[repo],
+                    }
+                )
             for line in body.decode().splitlines():
                 item = json.loads(line)
                 if item["key"] == "file":
@@ -79,8 +87,13 @@ def _handler(hub: Hub):
                 elif item["key"] not in ("header",):
                     return self._json({"error": f"unsupported commit operation {item['key']}"}, 400)
             oid = hub.commit(repo)
-            return self._json({"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{oid}", "commitOid": oid,
-                               "pullRequestUrl": None})
+            return self._json(
+                {
+                    "commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{oid}",
+                    "commitOid": oid,
+                    "pullRequestUrl": None,
+                }
+            )
 
         def do_GET(self, head: bool = False):
             hub.requests.append(f"{'HEAD' if head else 'GET'} {self.path}")
@@ -91,14 +104,26 @@ def _handler(hub: Hub):
                 if repo not in hub.repos:
                     return self._json({"error": "Repository not found"}, 404)
                 files = [{"rfilename": name, "size": len(data)} for name, data in hub.repos[repo].items()]
-                return self._json({"id": repo, "modelId": repo, "sha": hub.commits[repo], "siblings": files,
-                                   "private": False, "tags": [], "library_name": "vqar"})
+                return self._json(
+                    {
+                        "id": repo,
+                        "modelId": repo,
+                        "sha": hub.commits[repo],
+                        "siblings": files,
+                        "private": False,
+                        "tags": [],
+                        "library_name": "vqar",
+                    }
+                )
             match = re.fullmatch(r"/(.+?/[^/]+)/resolve/([^/]+)/(.+)", path)
             if match and match.group(1) in hub.repos and match.group(3) in hub.repos[match.group(1)]:
                 repo, _, name = match.groups()
                 data = hub.repos[repo][name]
-                headers = {"X-Repo-Commit": hub.commits[repo], "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
-                           "Content-Type": "application/octet-stream"}
+                headers = {
+                    "X-Repo-Commit": hub.commits[repo],
+                    "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
+                    "Content-Type": "application/octet-stream",
+                }
                 return self._send(200, data, headers, head=head)
             headers = {"X-Error-Code": "EntryNotFound" if match and match.group(1) in hub.repos else "RepoNotFound"}
             return self._send(404, b"not found", headers, head=head)

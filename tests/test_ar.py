@@ -39,7 +39,10 @@ def test_sequence_round_trip_keeps_codes_and_conditions():
         (lambda: LAYOUT.to_sequence(None, torch.full((1, 16), 125)), r"image ids must lie in \[0, 125\)"),
         (lambda: LAYOUT.from_sequence(torch.zeros(1, 17, dtype=torch.long)), r"sequences must be \[B, 18\]"),
         (lambda: VocabLayout(codebook_size=8, tokens_per_image=16, grid=[4, 3]), "does not hold"),
-        (lambda: build_prior(LAYOUT, size="tiny", max_position_embeddings=10), "max_position_embeddings=10 is shorter than"),
+        (
+            lambda: build_prior(LAYOUT, size="tiny", max_position_embeddings=10),
+            "max_position_embeddings=10 is shorter than",
+        ),
         (lambda: build_prior(LAYOUT, size="XXL"), "unknown prior size"),
     ],
 )

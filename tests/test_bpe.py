@@ -114,7 +114,11 @@ def test_one_dimensional_sequences_round_trip():
         (lambda b: b.decode(torch.tensor([[0] * 32, [0] * 31 + [-7]])), ValueError, r"got -7 in sequence 1"),
         (lambda b: b.decode(torch.zeros(2, 2, 2, dtype=torch.long)), ValueError, r"must be \[B, L\]"),
         (lambda b: b.decode(torch.zeros(1, 32)), TypeError, "BPE ids must be integers"),
-        (lambda b: VisualBPE.train(torch.zeros(2, 4, dtype=torch.long), 10, 16), ValueError, "must exceed codebook_size"),
+        (
+            lambda b: VisualBPE.train(torch.zeros(2, 4, dtype=torch.long), 10, 16),
+            ValueError,
+            "must exceed codebook_size",
+        ),
     ],
 )
 def test_bad_input_is_named(bpe, call, error, message):

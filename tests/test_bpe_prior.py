@@ -4,15 +4,15 @@ import json
 
 import pytest
 import torch
-
 from conftest import tokenize_digits_with_tiny_tokenizer
+
 from vqar.ar import VocabLayout, build_prior, load_prior, load_prior_bpe
-from vqar.bpe import VisualBPE
+from vqar.bpe import VisualBPE, train_bpe
 from vqar.generation import SamplingConfig, build_prompts, generate_ids
+from vqar.tokens import load_tokens
 from vqar.training.recipes import TrainConfig, parse_recipe
 from vqar.training.train_prior import PriorArgs, train_prior
-from vqar.bpe import train_bpe
-from vqar.tokens import load_tokens
+
 
 @pytest.fixture(scope="module")
 def bpe_tokens(tmp_path_factory):
@@ -23,8 +23,16 @@ def bpe_tokens(tmp_path_factory):
 
 
 def test_train_ar_picks_up_the_tokenizers_bpe(bpe_tokens, tmp_path):
-    options = {"tokens": bpe_tokens, "size": "tiny", "output_dir": tmp_path, "max_steps": 3, "batch_size": 16,
-               "log_with": "none", "save_every": 0, "eval_every": 0}  # fmt: skip
+    options = {
+        "tokens": bpe_tokens,
+        "size": "tiny",
+        "output_dir": tmp_path,
+        "max_steps": 3,
+        "batch_size": 16,
+        "log_with": "none",
+        "save_every": 0,
+        "eval_every": 0,
+    }
     metrics = train_prior(*parse_recipe([f"--{k}={v}" for k, v in options.items()], (PriorArgs, TrainConfig)))
     config = json.loads((tmp_path / "prior" / "config.json").read_text())
     assert config["vqar_vocab"]["num_bpe_tokens"] == 40 and config["vocab_size"] == 25 + 40 + 4 + 10
@@ -39,8 +47,13 @@ def test_train_ar_picks_up_the_tokenizers_bpe(bpe_tokens, tmp_path):
 @pytest.fixture(scope="module")
 def bpe_and_layout(bpe_tokens):
     bpe = VisualBPE.load(bpe_tokens.parent / "tokenizer")
-    layout = VocabLayout(codebook_size=25, tokens_per_image=64, grid=[8, 8], num_bpe_tokens=bpe.num_merges,
-                         class_names=list("0123456789"))  # fmt: skip
+    layout = VocabLayout(
+        codebook_size=25,
+        tokens_per_image=64,
+        grid=[8, 8],
+        num_bpe_tokens=bpe.num_merges,
+        class_names=list("0123456789"),
+    )
     return bpe, layout
 
 
@@ -58,7 +71,9 @@ def test_generation_always_yields_exactly_one_image_of_codes(bpe_and_layout, fav
     try:
         for cfg_scale in (1.0, 2.0):
             prompts = build_prompts(layout, classes=list(range(10)) * 3, bpe=bpe)
-            codes = generate_ids(prior, layout, prompts, SamplingConfig(temperature=1.5, cfg_scale=cfg_scale, seed=3), bpe=bpe)
+            codes = generate_ids(
+                prior, layout, prompts, SamplingConfig(temperature=1.5, cfg_scale=cfg_scale, seed=3), bpe=bpe
+            )
             assert codes.shape == (30, 8, 8)
             assert 0 <= codes.min() and codes.max() < 25
     finally:

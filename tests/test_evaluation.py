@@ -4,8 +4,8 @@ import json
 import math
 
 import pytest
-
 from conftest import tokenize_digits_with_tiny_tokenizer
+
 from vqar.evaluation import EvaluateArgs, codec_at_rate, evaluate_tokenizer, format_table
 from vqar.training.recipes import TrainConfig, parse_recipe
 from vqar.training.train_prior import PriorArgs, train_prior
@@ -15,18 +15,41 @@ from vqar.training.train_prior import PriorArgs, train_prior
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     tokens = tokenize_digits_with_tiny_tokenizer(root)
-    options = {"tokens": tokens, "size": "tiny", "output_dir": root / "ar", "max_steps": 2, "batch_size": 16,
-               "log_with": "none", "eval_every": 0, "save_every": 0}  # fmt: skip
+    options = {
+        "tokens": tokens,
+        "size": "tiny",
+        "output_dir": root / "ar",
+        "max_steps": 2,
+        "batch_size": 16,
+        "log_with": "none",
+        "eval_every": 0,
+        "save_every": 0,
+    }
     train_prior(*parse_recipe([f"--{k}={v}" for k, v in options.items()], (PriorArgs, TrainConfig)))
-    args = EvaluateArgs(tokenizer=str(root / "tokenizer"), prior=str(root / "ar" / "prior"), data="digits",
-                        holdout=0.1, output=str(root / "report"))  # fmt: skip
+    args = EvaluateArgs(
+        tokenizer=str(root / "tokenizer"),
+        prior=str(root / "ar" / "prior"),
+        data="digits",
+        holdout=0.1,
+        output=str(root / "report"),
+    )
     return evaluate_tokenizer(args), root / "report"
 
 
 def test_every_column_is_present_and_finite(report):
     report, _ = report
-    for key in ("tokens_per_image", "bits_per_image", "bits_per_pixel", "tsr", "psnr", "ssim", "codebook_usage",
-                "code_perplexity", "dead_codes", "prior_bits_per_image"):  # fmt: skip
+    for key in (
+        "tokens_per_image",
+        "bits_per_image",
+        "bits_per_pixel",
+        "tsr",
+        "psnr",
+        "ssim",
+        "codebook_usage",
+        "code_perplexity",
+        "dead_codes",
+        "prior_bits_per_image",
+    ):
         assert math.isfinite(report[key]), key
     assert report["tokens_per_image"] == 64 and report["bits_per_image"] == pytest.approx(64 * math.log2(25))
     assert report["bits_per_pixel"] == pytest.approx(report["bits_per_image"] / 256)

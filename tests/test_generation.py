@@ -29,8 +29,13 @@ def prior_preferring_illegal_ids(prior):
 def test_only_image_ids_are_ever_sampled(prior_preferring_illegal_ids):
     prior = prior_preferring_illegal_ids
     prompts = build_prompts(LAYOUT, classes=list(range(10)) * 6)
-    unconstrained = prior.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=16,
-                                   do_sample=True, pad_token_id=LAYOUT.pad)  # fmt: skip
+    unconstrained = prior.generate(
+        input_ids=prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=16,
+        do_sample=True,
+        pad_token_id=LAYOUT.pad,
+    )
     assert (unconstrained[:, 2:] >= LAYOUT.image_vocab_size).all()  # what the constraint prevents
     for cfg_scale in (1.0, 3.0):
         sampling = SamplingConfig(temperature=2.0, cfg_scale=cfg_scale, seed=int(cfg_scale))
@@ -75,8 +80,10 @@ def test_same_seed_same_images_other_seed_other_images(prior):
 def test_kv_cache_generation_equals_no_cache(prior):
     prompts = build_prompts(LAYOUT, classes=[3, 4], prefix=torch.randint(0, 125, (2, 4)))
     greedy = SamplingConfig(temperature=0)
-    assert torch.equal(generate_ids(prior, LAYOUT, prompts, greedy, use_cache=True),
-                       generate_ids(prior, LAYOUT, prompts, greedy, use_cache=False))  # fmt: skip
+    assert torch.equal(
+        generate_ids(prior, LAYOUT, prompts, greedy, use_cache=True),
+        generate_ids(prior, LAYOUT, prompts, greedy, use_cache=False),
+    )
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
@@ -134,7 +141,8 @@ def test_generate_images_refuses_a_mismatched_tokenizer_and_decodes_a_matching_o
     prompts = build_prompts(LAYOUT, classes=[0])
     with pytest.raises(ValueError, match="tokenizer does not match the prior"):
         generate_images(prior, VQTokenizer.from_preset("fsq-cpu", resolution=16), LAYOUT, prompts)
-    matching = VQTokenizer.from_preset("fsq-cpu", resolution=16, quantizer={"kind": "fsq", "levels": [5, 5, 5]},
-                                       latent_channels=3).eval()  # fmt: skip
+    matching = VQTokenizer.from_preset(
+        "fsq-cpu", resolution=16, quantizer={"kind": "fsq", "levels": [5, 5, 5]}, latent_channels=3
+    ).eval()
     images = generate_images(prior, matching, LAYOUT, prompts, SamplingConfig(seed=0))
     assert images.shape == (1, 3, 16, 16) and images.abs().max() <= 1

@@ -5,15 +5,15 @@ import shutil
 
 import pytest
 import torch
+from conftest import tokenize_digits_with_tiny_tokenizer
 from safetensors.torch import load_file
 
-from conftest import tokenize_digits_with_tiny_tokenizer
 from vqar import VQTokenizer
+from vqar.tokens import load_tokens
 from vqar.training.checkpoints import complete_checkpoints
+from vqar.training.encode_dataset import TokenizeArgs, tokenize_dataset
 from vqar.training.recipes import TrainConfig, parse_recipe
 from vqar.training.train_prior import PriorArgs, train_prior
-from vqar.tokens import load_tokens
-from vqar.training.encode_dataset import TokenizeArgs, tokenize_dataset
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,18 @@ def test_tokenize_reuses_what_is_written_and_redoes_it_for_another_tokenizer(tok
 
 
 def prior_args(tokens_dir, output_dir, **overrides) -> list[str]:
-    options = {"tokens": tokens_dir, "size": "tiny", "output_dir": output_dir, "max_steps": 4, "batch_size": 16,
-               "log_with": "none", "eval_every": 0, "save_every": 0, "learning_rate": 3e-3, **overrides}  # fmt: skip
+    options = {
+        "tokens": tokens_dir,
+        "size": "tiny",
+        "output_dir": output_dir,
+        "max_steps": 4,
+        "batch_size": 16,
+        "log_with": "none",
+        "eval_every": 0,
+        "save_every": 0,
+        "learning_rate": 3e-3,
+        **overrides,
+    }
     return [f"--{k}={v}" for k, v in options.items()]
 
 
@@ -93,8 +103,7 @@ def test_missing_tokens_folder_says_what_to_run(tmp_path):
 
 
 def test_train_bpe_on_tokens_shortens_sequences_and_round_trips(tokens_dir, tmp_path):
-    from vqar.bpe import VisualBPE
-    from vqar.bpe import train_bpe
+    from vqar.bpe import VisualBPE, train_bpe
 
     stats = train_bpe(tokens_dir, vocab_size=25 + 30, output=tmp_path)
     assert stats["merges"] == 30 and stats["eval_mean_tokens_after"] < 64

@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import CPU_PRESETS, GPU_PRESETS
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 
-from conftest import CPU_PRESETS, GPU_PRESETS
 from vqar import TokenizerConfig, VQTokenizer, list_presets
 
 

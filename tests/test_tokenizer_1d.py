@@ -5,18 +5,18 @@ import json
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
-
 from test_tokenizer import _preset_text, _train_briefly
 from test_training import TYPES, tiny_args
+
 from vqar import TokenizerConfig, VQTokenizer
 from vqar.ar import load_prior
 from vqar.evaluation import EvaluateArgs, evaluate_tokenizer
 from vqar.generation import SamplingConfig, build_prompts, generate_ids, generate_images
 from vqar.tokenizer.vit import quadtree_regions
-from vqar.training.recipes import TrainConfig, parse_recipe
-from vqar.training.train_prior import PriorArgs, train_prior
 from vqar.tokens import load_tokens
 from vqar.training.encode_dataset import TokenizeArgs, tokenize_dataset
+from vqar.training.recipes import TrainConfig, parse_recipe
+from vqar.training.train_prior import PriorArgs, train_prior
 from vqar.training.train_tokenizer import train_tokenizer
 
 QUANTIZERS = {
@@ -25,13 +25,25 @@ QUANTIZERS = {
     "lfq": {"kind": "lfq", "codebook_size": 32},
     "bsq": {"kind": "bsq", "codebook_size": 32},
 }
-TINY_1D = dict(layout="1d", resolution=32, patch_size=8, num_latent_tokens=8, vit_width=32, vit_depth=1, vit_heads=2,
-               conv_channels=8, nested_dropout=True, latent_channels=3)  # fmt: skip
+TINY_1D = dict(
+    layout="1d",
+    resolution=32,
+    patch_size=8,
+    num_latent_tokens=8,
+    vit_width=32,
+    vit_depth=1,
+    vit_heads=2,
+    conv_channels=8,
+    nested_dropout=True,
+    latent_channels=3,
+)
 
 
 def tiny_1d(kind="fsq", **overrides) -> VQTokenizer:
     latent = {"vq": 4, "fsq": 3, "lfq": 5, "bsq": 5}[kind]
-    return VQTokenizer(TokenizerConfig(**{**TINY_1D, "latent_channels": latent, "quantizer": QUANTIZERS[kind], **overrides}))
+    return VQTokenizer(
+        TokenizerConfig(**{**TINY_1D, "latent_channels": latent, "quantizer": QUANTIZERS[kind], **overrides})
+    )
 
 
 @pytest.mark.parametrize("kind", QUANTIZERS)
@@ -187,8 +199,17 @@ def test_tokenized_1d_dataset_has_sequences_and_no_grid(trained_1d):
 
 
 def _train_prior(tokens, output, **overrides):
-    options = {"tokens": tokens, "size": "tiny", "output_dir": output, "max_steps": 3, "batch_size": 16,
-               "log_with": "none", "eval_every": 0, "save_every": 0, **overrides}  # fmt: skip
+    options = {
+        "tokens": tokens,
+        "size": "tiny",
+        "output_dir": output,
+        "max_steps": 3,
+        "batch_size": 16,
+        "log_with": "none",
+        "eval_every": 0,
+        "save_every": 0,
+        **overrides,
+    }
     return train_prior(*parse_recipe([f"--{k}={v}" for k, v in options.items()], (PriorArgs, TrainConfig)))
 
 

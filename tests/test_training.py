@@ -20,16 +20,34 @@ from vqar.training.train_tokenizer import DataArgs, TokenizerModelArgs, train_to
 
 REPO = Path(__file__).resolve().parent.parent
 TYPES = (TokenizerModelArgs, DataArgs, LossConfig, TrainConfig)
-TINY_FSQ = {"channels": 8, "channel_multipliers": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
-            "mid_attention": False, "latent_channels": 4, "quantizer": {"kind": "fsq", "levels": [5, 5, 5, 5]}}  # fmt: skip
+TINY_FSQ = {
+    "channels": 8,
+    "channel_multipliers": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "mid_attention": False,
+    "latent_channels": 4,
+    "quantizer": {"kind": "fsq", "levels": [5, 5, 5, 5]},
+}
 
 
 def tiny_args(output_dir, tokenizer=TINY_FSQ, **overrides) -> list[str]:
     options = {
-        "data": "digits", "resolution": 16, "tokenizer": json.dumps(tokenizer), "max_steps": 4, "batch_size": 8,
-        "perceptual_weight": 0, "adversarial_weight": 0, "output_dir": str(output_dir), "log_with": "none",
-        "eval_every": 0, "save_every": 0, "eval_fraction": 0.05, "learning_rate": 1e-3, "disc_layers": 2,
-    }  # fmt: skip
+        "data": "digits",
+        "resolution": 16,
+        "tokenizer": json.dumps(tokenizer),
+        "max_steps": 4,
+        "batch_size": 8,
+        "perceptual_weight": 0,
+        "adversarial_weight": 0,
+        "output_dir": str(output_dir),
+        "log_with": "none",
+        "eval_every": 0,
+        "save_every": 0,
+        "eval_fraction": 0.05,
+        "learning_rate": 1e-3,
+        "disc_layers": 2,
+    }
     options.update(overrides)
     return [f"--{k}={v}" for k, v in options.items()]
 
@@ -55,7 +73,18 @@ def test_recipe_fields_are_overridden_from_the_command_line(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("preset: vq-cpu\ndata: photos\nmax_steps: 100\ntokenizer: {channels: 16}\nrandom_flip: true\n")
     model, data, loss, train = parse_recipe(
-        [str(recipe), "--max_steps", "7", "--data", "digits", "--tokenizer", '{"channels": 8}', "--random_flip", "false"], TYPES
+        [
+            str(recipe),
+            "--max_steps",
+            "7",
+            "--data",
+            "digits",
+            "--tokenizer",
+            '{"channels": 8}',
+            "--random_flip",
+            "false",
+        ],
+        TYPES,
     )
     assert (train.max_steps, data.data, model.tokenizer, data.random_flip) == (7, "digits", {"channels": 8}, False)
     assert model.preset == "vq-cpu"  # from the recipe, not overridden
@@ -94,7 +123,11 @@ def pair():
 @pytest.mark.parametrize(
     "weights, present, absent",
     [
-        (dict(perceptual_weight=0, adversarial_weight=0), {"loss/regression"}, {"loss/perceptual", "loss/generator_gan"}),
+        (
+            dict(perceptual_weight=0, adversarial_weight=0),
+            {"loss/regression"},
+            {"loss/perceptual", "loss/generator_gan"},
+        ),
         (dict(perceptual_weight=1, adversarial_weight=0), {"loss/perceptual"}, {"loss/generator_gan"}),
         (dict(perceptual_weight=0, adversarial_weight=0.1, disc_start=0), {"loss/generator_gan"}, {"loss/perceptual"}),
     ],
@@ -158,12 +191,23 @@ def test_disc_start_changes_nothing_in_training_before_it(tmp_path):
 
 # -- resume ---------------------------------------------------------------------------------
 
-TINY_VQ = {**TINY_FSQ, "quantizer": {"kind": "vq", "codebook_size": 32, "kmeans_init": True, "dead_code_threshold": 0.5}}
+TINY_VQ = {
+    **TINY_FSQ,
+    "quantizer": {"kind": "vq", "codebook_size": 32, "kmeans_init": True, "dead_code_threshold": 0.5},
+}
 
 
 def test_resume_after_interruption_is_bit_identical(tmp_path):
-    options = dict(max_steps=6, save_every=3, adversarial_weight=0.5, disc_start=2, lecam_weight=0.01,
-                   ema_decay=0.9, warmup_steps=2, keep_checkpoints=5)  # fmt: skip
+    options = dict(
+        max_steps=6,
+        save_every=3,
+        adversarial_weight=0.5,
+        disc_start=2,
+        lecam_weight=0.01,
+        ema_decay=0.9,
+        warmup_steps=2,
+        keep_checkpoints=5,
+    )
     run(tiny_args(tmp_path / "full", TINY_VQ, **options))
     steps = [p.name for p in complete_checkpoints(tmp_path / "full")]
     assert steps == ["step-000003", "step-000006"]
@@ -186,8 +230,18 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
 def test_gpu_recipes_run_two_tiny_steps(recipe, tmp_path):
     tiny = {k: v for k, v in TINY_FSQ.items() if k != "quantizer"}  # keep the recipe's quantizer
     tiny["channel_multipliers"] = [1, 2, 2]  # 32 px (AlexNet's LPIPS needs it) -> 8x8 tokens
-    overrides = tiny_args(tmp_path, tiny, max_steps=2, batch_size=2, disc_start=1, mixed_precision="no", resolution=32,
-                          num_workers=0, perceptual_net="alex", perceptual_random_backbone=True)  # fmt: skip
+    overrides = tiny_args(
+        tmp_path,
+        tiny,
+        max_steps=2,
+        batch_size=2,
+        disc_start=1,
+        mixed_precision="no",
+        resolution=32,
+        num_workers=0,
+        perceptual_net="alex",
+        perceptual_random_backbone=True,
+    )
     overrides = [o for o in overrides if not o.startswith(("--perceptual_weight", "--adversarial_weight"))]
     metrics = run([str(REPO / "recipes" / recipe), *overrides])
     assert metrics["steps"] == 2 and np.isfinite(metrics["psnr"])
@@ -197,8 +251,18 @@ def test_two_process_cpu_launch_gives_two_ranks_with_identical_weights(tmp_path)
     launcher = Path(sys.executable).parent / "accelerate"
     config = REPO / "recipes" / "accelerate" / "cpu-2proc.yaml"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [str(launcher), "launch", "--config_file", str(config), "--main_process_port", "29533",
-               "-m", "vqar", "train-tokenizer", *tiny_args(tmp_path, max_steps=3, save_every=2)]  # fmt: skip
+    command = [
+        str(launcher),
+        "launch",
+        "--config_file",
+        str(config),
+        "--main_process_port",
+        "29533",
+        "-m",
+        "vqar",
+        "train-tokenizer",
+        *tiny_args(tmp_path, max_steps=3, save_every=2),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -212,6 +276,9 @@ def test_parquet_source_streams_into_training(tmp_path):
     digits.to_parquet(str(tmp_path / "digits.parquet"))
     streamed = load_source(str(tmp_path / "digits.parquet"), streaming=True)
     assert next(iter(streamed))["label"] == digits[0]["label"]
-    metrics = run(tiny_args(tmp_path / "out", data=tmp_path / "digits.parquet", streaming=True, eval_size=20,
-                            max_steps=4, save_every=2))  # fmt: skip
+    metrics = run(
+        tiny_args(
+            tmp_path / "out", data=tmp_path / "digits.parquet", streaming=True, eval_size=20, max_steps=4, save_every=2
+        )
+    )
     assert metrics["steps"] == 4 and metrics["eval_images"] == 20

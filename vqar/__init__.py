@@ -22,7 +22,17 @@ _EXPORTS = {
     "VQTokenizer": ".tokenizer",
     "list_presets": ".tokenizer",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CodeStats",
+    "QuantizerConfig",
+    "QuantizerOutput",
+    "TokenizerConfig",
+    "TokenizerOutput",
+    "VQTokenizer",
+    "VisualBPE",
+    "build_quantizer",
+    "list_presets",
+]
 
 if TYPE_CHECKING:
     from .bpe import VisualBPE

@@ -46,7 +46,9 @@ class VocabLayout:
 
     def __post_init__(self):
         if self.codebook_size < 2 or self.tokens_per_image < 1:
-            raise ValueError(f"bad layout: codebook_size={self.codebook_size}, tokens_per_image={self.tokens_per_image}")
+            raise ValueError(
+                f"bad layout: codebook_size={self.codebook_size}, tokens_per_image={self.tokens_per_image}"
+            )
         if self.grid is not None and math.prod(self.grid) != self.tokens_per_image:
             raise ValueError(f"grid {self.grid} does not hold tokens_per_image={self.tokens_per_image}")
 
@@ -239,14 +241,17 @@ class VocabLayout:
             raise ValueError(
                 f"tokenizer does not match the prior: the prior was trained on {self.tokenizer or 'a tokenizer'} with "
                 f"codebook_size={expected[0]}, tokens_per_image={expected[1]}; got codebook_size={got[0]}, "
-                f"tokens_per_image={got[1]}" + (f" (token grid {grid}, the prior's {self.grid})" if grid != self.grid else "")
+                f"tokens_per_image={got[1]}"
+                + (f" (token grid {grid}, the prior's {self.grid})" if grid != self.grid else "")
             )
 
     def check_bpe(self, bpe: VisualBPE | None) -> None:
         """Refuse a visual BPE that is not the one the prior's ids were made with (or a missing one)."""
         if bpe is None:
             if self.uses_bpe:
-                raise ValueError(f"this prior models {self.num_bpe_tokens} visual-BPE tokens, but no visual BPE was given")
+                raise ValueError(
+                    f"this prior models {self.num_bpe_tokens} visual-BPE tokens, but no visual BPE was given"
+                )
             return
         if bpe.num_merges != self.num_bpe_tokens:
             raise ValueError(

@@ -55,7 +55,9 @@ class VisualBPE:
         self._tokenizer = self._build_tokenizer()
         lengths = np.array([len(e) for e in self._expansions], dtype=np.int64)
         all_codes = np.fromiter((c for e in self._expansions for c in e), np.int64, int(lengths.sum()))
-        self._all_codes = np.concatenate([all_codes, np.zeros(_COPY_BLOCK, np.int64)])  # slack: block copies read past the end
+        self._all_codes = np.concatenate(
+            [all_codes, np.zeros(_COPY_BLOCK, np.int64)]
+        )  # slack: block copies read past the end
         self._starts = np.cumsum(lengths) - lengths  # token t's codes: _all_codes[_starts[t] : _starts[t] + lengths[t]]
         self._lengths = lengths
         self.token_lengths = torch.from_numpy(lengths)  # [V] codes per id
@@ -87,8 +89,9 @@ class VisualBPE:
     # -- training -----------------------------------------------------------------------------
 
     @classmethod
-    def train(cls, sequences, vocab_size: int, codebook_size: int, row_length: int | None = None,
-              min_frequency: int = 2) -> VisualBPE:  # fmt: skip
+    def train(
+        cls, sequences, vocab_size: int, codebook_size: int, row_length: int | None = None, min_frequency: int = 2
+    ) -> VisualBPE:
         """Learn up to `vocab_size - codebook_size` merges from code sequences.
 
         sequences: an int array/tensor [B, N] (or [B, h, w]; rows are then kept apart) or an
@@ -102,9 +105,13 @@ class VisualBPE:
         rows, row_length = _rows(sequences, codebook_size, row_length)
         tokenizer = Tokenizer(models.BPE())
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False, special_tokens=[],
-            initial_alphabet=[_char(c) for c in range(codebook_size)], limit_alphabet=codebook_size,
-        )  # fmt: skip
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            show_progress=False,
+            special_tokens=[],
+            initial_alphabet=[_char(c) for c in range(codebook_size)],
+            limit_alphabet=codebook_size,
+        )
         tokenizer.train_from_iterator((_to_text(r) for r in rows), trainer, length=len(rows))
         learned = json.loads(tokenizer.to_str())["model"]["merges"]
         return cls(codebook_size, _merges_to_ids(learned, codebook_size), row_length)
@@ -141,12 +148,16 @@ class VisualBPE:
         codes = np.empty((len(padded), per_sequence), dtype=np.int64)
         status, row, value = self._run_kernel(padded, codes)
         if status == _OUT_OF_RANGE:
-            raise ValueError(f"BPE ids must lie in [0, {self.vocab_size}) (-1 only as padding), got {value} in sequence {row}")
+            raise ValueError(
+                f"BPE ids must lie in [0, {self.vocab_size}) (-1 only as padding), got {value} in sequence {row}"
+            )
         if status == _AFTER_PADDING:
             raise ValueError(f"sequence {row} has id {value} after its -1 padding; pad only at the end")
         if status == _LENGTH_MISMATCH:
-            raise ValueError(f"id sequences decode to different numbers of codes: sequence 0 to {codes.shape[1]}, "
-                             f"sequence {row} to {value}")  # fmt: skip
+            raise ValueError(
+                f"id sequences decode to different numbers of codes: sequence 0 to {codes.shape[1]}, "
+                f"sequence {row} to {value}"
+            )
         return torch.from_numpy(codes)
 
     def _run_kernel(self, padded: np.ndarray, codes: np.ndarray) -> tuple[int, int, int]:
@@ -172,11 +183,15 @@ class VisualBPE:
         """Any accepted form -> int64 [B, L], -1 after each sequence."""
         if isinstance(ids, (list, tuple)):
             rows = [torch.as_tensor(row).reshape(-1) for row in ids]
-            ids = pad_sequence(rows, batch_first=True, padding_value=-1) if rows else torch.zeros(0, 0, dtype=torch.long)
+            ids = (
+                pad_sequence(rows, batch_first=True, padding_value=-1) if rows else torch.zeros(0, 0, dtype=torch.long)
+            )
         array = self._integers(ids)
         array = array[None] if array.ndim == 1 else array
         if array.ndim != 2:
-            raise ValueError(f"BPE ids must be [B, L] (padded with -1), [L] or a list of sequences, got shape {array.shape}")
+            raise ValueError(
+                f"BPE ids must be [B, L] (padded with -1), [L] or a list of sequences, got shape {array.shape}"
+            )
         return np.ascontiguousarray(array, dtype=np.int64)
 
     @staticmethod
@@ -193,8 +208,12 @@ class VisualBPE:
         path = Path(path)
         if path.is_dir():
             path = path / FILENAME
-        data = {"format_version": FORMAT_VERSION, "codebook_size": self.codebook_size,
-                "row_length": self.row_length, "merges": self.merges}  # fmt: skip
+        data = {
+            "format_version": FORMAT_VERSION,
+            "codebook_size": self.codebook_size,
+            "row_length": self.row_length,
+            "merges": self.merges,
+        }
         path.write_text(json.dumps(data))
         return path
 
@@ -208,7 +227,9 @@ class VisualBPE:
             raise ValueError(f"{path}: unsupported visual BPE format {data.get('format_version')!r}")
         return cls(data["codebook_size"], [tuple(m) for m in data["merges"]], data.get("row_length"))
 
-    def check_codes(self, codebook_size: int, grid: list[int] | tuple[int, int] | None, what: str = "the tokens") -> None:
+    def check_codes(
+        self, codebook_size: int, grid: list[int] | tuple[int, int] | None, what: str = "the tokens"
+    ) -> None:
         """Refuse merges learned on other codes: another codebook size, or another grid row length."""
         row_length = grid[1] if grid else None
         if (self.codebook_size, self.row_length) != (codebook_size, row_length):

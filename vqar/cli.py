@@ -1,14 +1,14 @@
 """The `vqar` command. Thin: it parses arguments and calls the library.
 
-    vqar train-tokenizer RECIPE.yaml [--field value ...]
-    vqar tokenize --tokenizer DIR --data SOURCE --output DIR
-    vqar train-bpe --tokens DIR --vocab-size N --output DIR
-    vqar train-prior RECIPE.yaml [--field value ...]     (also: train-ar)
-    vqar generate --prior DIR [--class C ...] [--prefix-image PNG --prefix-rows R] --output DIR
-    vqar evaluate --tokenizer DIR|HUB_ID [--prior DIR] --data SOURCE [--resolution N] --output DIR
-    vqar push --tokenizer DIR --repo-id NAME --report DIR [--private] [--prior DIR] [--dry-run --output DIR]
-    vqar presets
-    vqar demo [--output DIR]
+vqar train-tokenizer RECIPE.yaml [--field value ...]
+vqar tokenize --tokenizer DIR --data SOURCE --output DIR
+vqar train-bpe --tokens DIR --vocab-size N --output DIR
+vqar train-prior RECIPE.yaml [--field value ...]     (also: train-ar)
+vqar generate --prior DIR [--class C ...] [--prefix-image PNG --prefix-rows R] --output DIR
+vqar evaluate --tokenizer DIR|HUB_ID [--prior DIR] --data SOURCE [--resolution N] --output DIR
+vqar push --tokenizer DIR --repo-id NAME --report DIR [--private] [--prior DIR] [--dry-run --output DIR]
+vqar presets
+vqar demo [--output DIR]
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ def _train_bpe(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     stats = train_bpe(args.tokens, args.vocab_size, args.output)
     print(f"{stats['merges']} merges -> {args.output}/visual_bpe.json")
-    print(f"mean tokens per image: {stats['tokens_per_image']} before; after: "
-          f"{stats['train_mean_tokens_after']:.1f} (train), {stats['eval_mean_tokens_after']:.1f} (held out)")
+    print(
+        f"mean tokens per image: {stats['tokens_per_image']} before; after: "
+        f"{stats['train_mean_tokens_after']:.1f} (train), {stats['eval_mean_tokens_after']:.1f} (held out)"
+    )
 
 
 def _generate(argv: list[str]) -> None:
@@ -73,8 +75,12 @@ def _generate(argv: list[str]) -> None:
     parser.add_argument("--class", dest="classes", action="append", help="class index or name; repeatable")
     parser.add_argument("--num-images", type=int, help="images per class, or in all when unconditional")
     parser.add_argument("--prefix-image", help="complete this image from its first token rows")
-    parser.add_argument("--prefix-rows", type=int, default=1,
-                        help="token rows of a grid tokenizer, or leading tokens of a 1d one, to keep")  # fmt: skip
+    parser.add_argument(
+        "--prefix-rows",
+        type=int,
+        default=1,
+        help="token rows of a grid tokenizer, or leading tokens of a 1d one, to keep",
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)

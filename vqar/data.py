@@ -29,8 +29,15 @@ from PIL import Image, ImageOps
 logger = logging.getLogger(__name__)
 
 PHOTO_NAMES = (
-    "astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "motorcycle",
-)  # fmt: skip
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "motorcycle",
+)
 IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
@@ -272,8 +279,9 @@ def _generator(seed: int, epoch: int, index: int) -> torch.Generator:
 class StreamingImageDataset(torch.utils.data.IterableDataset):
     """An iterable view of a streaming source, shuffled through a buffer; bad images as None."""
 
-    def __init__(self, dataset: datasets.IterableDataset, transform: ImageTransform, *, seed: int = 0,
-                 shuffle_buffer: int = 1000):  # fmt: skip
+    def __init__(
+        self, dataset: datasets.IterableDataset, transform: ImageTransform, *, seed: int = 0, shuffle_buffer: int = 1000
+    ):
         self.dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer else dataset
         self.transform, self.seed, self.epoch = transform, seed, 0
 
@@ -350,8 +358,9 @@ def save_images(images: torch.Tensor, output: str | Path, rows: int = 1) -> list
 # -- loaders ---------------------------------------------------------------------------------
 
 
-def make_loader(dataset, batch_size: int, *, collate_fn, sampler=None, drop_last: bool = False,
-                num_workers: int = 0) -> torch.utils.data.DataLoader:  # fmt: skip
+def make_loader(
+    dataset, batch_size: int, *, collate_fn, sampler=None, drop_last: bool = False, num_workers: int = 0
+) -> torch.utils.data.DataLoader:
     """A DataLoader that never draws from the global RNG.
 
     Each new DataLoader iterator draws a seed from its generator, by default the global one. A
@@ -360,6 +369,11 @@ def make_loader(dataset, batch_size: int, *, collate_fn, sampler=None, drop_last
     here comes from (seed, epoch, index) alone, so a private generator changes nothing else.
     """
     return torch.utils.data.DataLoader(
-        dataset, batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last,
-        num_workers=num_workers, generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+        dataset,
+        batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0),
+    )

@@ -68,11 +68,21 @@ def run_demo(output: str, recipes: str = "recipes") -> dict:
     output_dir, recipes = Path(output), Path(recipes)
     tokenizer_run, tokens, prior_run = output_dir / "tokenizer-run", output_dir / "tokens", output_dir / "prior-run"
 
-    tokenizer_metrics = train_tokenizer(*_recipe(recipes, TOKENIZER_RECIPE, (TokenizerModelArgs, DataArgs, LossConfig,
-                                        TrainConfig), "--output_dir", str(tokenizer_run)))  # fmt: skip
+    tokenizer_metrics = train_tokenizer(
+        *_recipe(
+            recipes,
+            TOKENIZER_RECIPE,
+            (TokenizerModelArgs, DataArgs, LossConfig, TrainConfig),
+            "--output_dir",
+            str(tokenizer_run),
+        )
+    )
     tokenize_dataset(TokenizeArgs(tokenizer=str(tokenizer_run / "tokenizer"), data="digits", output=str(tokens)))
-    prior_metrics = train_prior(*_recipe(recipes, PRIOR_RECIPE, (PriorArgs, TrainConfig),
-                                         "--tokens", str(tokens), "--output_dir", str(prior_run)))  # fmt: skip
+    prior_metrics = train_prior(
+        *_recipe(
+            recipes, PRIOR_RECIPE, (PriorArgs, TrainConfig), "--tokens", str(tokens), "--output_dir", str(prior_run)
+        )
+    )
 
     tokenizer = VQTokenizer.from_pretrained(tokenizer_run / "tokenizer").eval()
     prior, layout = load_prior(str(prior_run / "prior"))
@@ -95,7 +105,9 @@ def run_demo(output: str, recipes: str = "recipes") -> dict:
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     print("\nvqar demo — digits")
     print(f"  reconstruction PSNR (held-out)      {report['recon_psnr']:.2f} dB")
-    print(f"  prior, held-out bits per image       {report['bits_per_image']:.1f} (raw: {report['raw_bits_per_image']:.0f})")
+    print(
+        f"  prior, held-out bits per image       {report['bits_per_image']:.1f} (raw: {report['raw_bits_per_image']:.0f})"
+    )
     print(f"  generated digits of the asked class  {report['class_agreement']:.1%}")
     print(f"  classifier accuracy on real digits   {report['classifier_accuracy_on_real']:.1%}")
     print(f"  samples (one row per class)          {report['samples']}")

@@ -27,7 +27,16 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data import ImageDataset, ImageTransform, collate_images, image_grid, load_source, make_loader, split_holdout, to_pil
+from .data import (
+    ImageDataset,
+    ImageTransform,
+    collate_images,
+    image_grid,
+    load_source,
+    make_loader,
+    split_holdout,
+    to_pil,
+)
 from .losses import PerceptualLoss, lpips_missing_reason
 from .metrics import code_histogram, code_perplexity, codebook_usage, psnr, ssim
 
@@ -83,8 +92,11 @@ def reconstruction_metrics(
     if n == 0:
         raise ValueError("no readable images to evaluate")
     metrics = {name: total / n for name, total in sums.items() if not name.startswith("psnr@")}
-    metrics |= {"codebook_usage": codebook_usage(counts).item(), "code_perplexity": code_perplexity(counts).item(),
-                "dead_codes": int((counts == 0).sum().item())}  # fmt: skip
+    metrics |= {
+        "codebook_usage": codebook_usage(counts).item(),
+        "code_perplexity": code_perplexity(counts).item(),
+        "dead_codes": int((counts == 0).sum().item()),
+    }
     if tokenizer.prefix_lengths:
         metrics["psnr_at_tokens"] = {str(k): sums[f"psnr@{k}"] / n for k in tokenizer.prefix_lengths}
     if lpips is None:
@@ -157,8 +169,12 @@ def _rate(tokenizer, resolution: int) -> dict:
     tokens = tokenizer.tokens_per_image if tokenizer.is_1d else (resolution // tokenizer.downsample_factor) ** 2
     bits = tokens * math.log2(tokenizer.codebook_size)
     latent_floats = tokens * tokenizer.config.latent_channels
-    return {"tokens_per_image": tokens, "bits_per_image": bits, "bits_per_pixel": bits / resolution**2,
-            "tsr": 3 * resolution**2 / latent_floats}  # fmt: skip
+    return {
+        "tokens_per_image": tokens,
+        "bits_per_image": bits,
+        "bits_per_pixel": bits / resolution**2,
+        "tsr": 3 * resolution**2 / latent_floats,
+    }
 
 
 def rfid_missing_reason() -> str | None:
@@ -193,8 +209,13 @@ def rfid(originals: torch.Tensor, reconstructions: torch.Tensor) -> tuple[float 
         def __getitem__(self, i):
             return self.images[i]
 
-    metrics = torch_fidelity.calculate_metrics(input1=Images(originals), input2=Images(reconstructions), fid=True,
-                                               verbose=False, cuda=torch.cuda.is_available())  # fmt: skip
+    metrics = torch_fidelity.calculate_metrics(
+        input1=Images(originals),
+        input2=Images(reconstructions),
+        fid=True,
+        verbose=False,
+        cuda=torch.cuda.is_available(),
+    )
     return float(metrics["frechet_inception_distance"]), None
 
 
@@ -221,12 +242,22 @@ def codec_at_rate(originals: torch.Tensor, fmt: str, target_bits: float) -> tupl
         low, high = (middle, high) if mean_bits(middle) < target_bits else (low, middle)
     quality = min((low, high), key=lambda q: abs(mean_bits(q) - target_bits))
     encoded = [encode_with(im, fmt, quality) for im in images]
-    decoded = torch.stack([
-        torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)
-        for data in encoded
-    ]).float() / 127.5 - 1  # fmt: skip
-    summary = {"quality": quality, "bits_per_image": 8 * float(np.mean([len(d) for d in encoded])),
-               "psnr": psnr(originals, decoded).mean().item(), "ssim": ssim(originals, decoded).mean().item()}  # fmt: skip
+    decoded = (
+        torch.stack(
+            [
+                torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)
+                for data in encoded
+            ]
+        ).float()
+        / 127.5
+        - 1
+    )
+    summary = {
+        "quality": quality,
+        "bits_per_image": 8 * float(np.mean([len(d) for d in encoded])),
+        "psnr": psnr(originals, decoded).mean().item(),
+        "ssim": ssim(originals, decoded).mean().item(),
+    }
     return summary, decoded
 
 
@@ -238,8 +269,10 @@ def prior_bits_per_image(prior_path: str, tokenizer, indices: torch.Tensor, batc
     prior, layout = load_prior(prior_path)
     layout.check_tokenizer(tokenizer)
     if layout.uses_bpe:
-        raise ValueError("prior_bits_per_image reads code sequences; this prior models visual-BPE ids "
-                         "(its held-out bits per image are in its metrics.json)")  # fmt: skip
+        raise ValueError(
+            "prior_bits_per_image reads code sequences; this prior models visual-BPE ids "
+            "(its held-out bits per image are in its metrics.json)"
+        )
     codes = indices.flatten(1)[:, : layout.tokens_per_image]
     sequences = (layout.to_sequence(None, chunk).to(prior.device) for chunk in codes.split(batch_size))
     nats = sum(image_nll(prior, layout, ids)[0] for ids in sequences)
@@ -249,12 +282,19 @@ def prior_bits_per_image(prior_path: str, tokenizer, indices: torch.Tensor, batc
 # -- output -----------------------------------------------------------------------------------
 
 COLUMNS = [
-    ("tokens_per_image", "tokens/image", "{:.0f}"), ("bits_per_image", "bits/image", "{:.0f}"),
-    ("bits_per_pixel", "bits/pixel", "{:.3f}"), ("tsr", "TSR", "{:.1f}"),
-    ("prior_bits_per_image", "prior bits/image", "{:.0f}"), ("psnr", "PSNR dB", "{:.2f}"),
-    ("ssim", "SSIM", "{:.3f}"), ("lpips", "LPIPS", "{:.3f}"), ("rfid", "rFID", "{:.2f}"),
-    ("codebook_usage", "usage", "{:.1%}"), ("code_perplexity", "perplexity", "{:.0f}"), ("dead_codes", "dead codes", "{}"),
-]  # fmt: skip
+    ("tokens_per_image", "tokens/image", "{:.0f}"),
+    ("bits_per_image", "bits/image", "{:.0f}"),
+    ("bits_per_pixel", "bits/pixel", "{:.3f}"),
+    ("tsr", "TSR", "{:.1f}"),
+    ("prior_bits_per_image", "prior bits/image", "{:.0f}"),
+    ("psnr", "PSNR dB", "{:.2f}"),
+    ("ssim", "SSIM", "{:.3f}"),
+    ("lpips", "LPIPS", "{:.3f}"),
+    ("rfid", "rFID", "{:.2f}"),
+    ("codebook_usage", "usage", "{:.1%}"),
+    ("code_perplexity", "perplexity", "{:.0f}"),
+    ("dead_codes", "dead codes", "{}"),
+]
 
 
 def format_table(report: dict) -> str:
@@ -264,9 +304,14 @@ def format_table(report: dict) -> str:
     lines.append("| tokenizer | " + " | ".join(cell(k, f, report) for k, _, f in COLUMNS) + " |")
     for name in CODEC_FORMATS:
         codec = {**report[name], "bits_per_pixel": report[name]["bits_per_image"] / report["resolution"] ** 2}
-        lines.append(f"| {name} q={codec['quality']} | " + " | ".join(
-            cell(k, f, codec) if k in ("bits_per_image", "bits_per_pixel", "psnr", "ssim") else "" for k, _, f in COLUMNS
-        ) + " |")  # fmt: skip
+        lines.append(
+            f"| {name} q={codec['quality']} | "
+            + " | ".join(
+                cell(k, f, codec) if k in ("bits_per_image", "bits_per_pixel", "psnr", "ssim") else ""
+                for k, _, f in COLUMNS
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -275,11 +320,16 @@ def _write(output: Path, report: dict, originals, reconstructions, jpeg) -> None
     (output / "report.json").write_text(json.dumps(report, indent=2))
     notes = [f"- {key}: {report[key]}" for key in ("lpips_missing_reason", "rfid_missing_reason") if key in report]
     if "psnr_at_tokens" in report:
-        notes.insert(0, "- PSNR from the leading k tokens: " + ", ".join(
-            f"k={k}: {value:.2f} dB" for k, value in report["psnr_at_tokens"].items()))  # fmt: skip
-    text = (f"# Tokenizer evaluation\n\n{report['images']} images of `{report['data']}` at "
-            f"{report['resolution']} px, tokenizer `{report['tokenizer']}`.\n\n{format_table(report)}\n\n"
-            "Rows of samples.png: originals, reconstructions, JPEG at the matched rate.\n")  # fmt: skip
+        notes.insert(
+            0,
+            "- PSNR from the leading k tokens: "
+            + ", ".join(f"k={k}: {value:.2f} dB" for k, value in report["psnr_at_tokens"].items()),
+        )
+    text = (
+        f"# Tokenizer evaluation\n\n{report['images']} images of `{report['data']}` at "
+        f"{report['resolution']} px, tokenizer `{report['tokenizer']}`.\n\n{format_table(report)}\n\n"
+        "Rows of samples.png: originals, reconstructions, JPEG at the matched rate.\n"
+    )
     (output / "report.md").write_text(text + ("\n" + "\n".join(notes) + "\n" if notes else ""))
     n = min(8, len(originals))
     image_grid([originals[:n], reconstructions[:n], jpeg[:n]]).save(output / "samples.png")

@@ -90,8 +90,13 @@ class CodeBudget:
 class ImageTokenSampler(LogitsProcessor):
     """Samples the next image token itself and returns scores where only that token is finite."""
 
-    def __init__(self, legal_ids: int, sampling: SamplingConfig, generator: torch.Generator | None,
-                 budget: CodeBudget | None = None):  # fmt: skip
+    def __init__(
+        self,
+        legal_ids: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+        budget: CodeBudget | None = None,
+    ):
         self.legal_ids, self.sampling, self.generator, self.budget = legal_ids, sampling, generator, budget
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
@@ -148,7 +153,9 @@ def build_prompts(
 
 def _encode_prefix(bpe: VisualBPE, prefix: Tensor) -> Tensor:
     if bpe.row_length and prefix.shape[1] % bpe.row_length:
-        raise ValueError(f"a BPE prior completes whole rows: prefix of {prefix.shape[1]} codes is not rows of {bpe.row_length}")
+        raise ValueError(
+            f"a BPE prior completes whole rows: prefix of {prefix.shape[1]} codes is not rows of {bpe.row_length}"
+        )
     if bpe.row_length:
         encoded = bpe.encode(prefix.reshape(len(prefix), -1, bpe.row_length))
     else:
@@ -191,17 +198,24 @@ def _check_prefix(layout: VocabLayout, prefix: Tensor, batch: int, bpe: VisualBP
 
 def _check_prompt_ids(layout: VocabLayout, prompt_ids: Tensor, bpe: VisualBPE | None) -> Tensor:
     if not isinstance(prompt_ids, Tensor) or prompt_ids.is_floating_point() or prompt_ids.dtype == torch.bool:
-        raise TypeError(f"prompt_ids must be an integer tensor, got {getattr(prompt_ids, 'dtype', type(prompt_ids).__name__)}")
+        raise TypeError(
+            f"prompt_ids must be an integer tensor, got {getattr(prompt_ids, 'dtype', type(prompt_ids).__name__)}"
+        )
     if prompt_ids.ndim != 2 or prompt_ids.shape[1] < PROMPT_LENGTH or prompt_ids.shape[0] < 1:
-        raise ValueError(f"prompt_ids must be [B >= 1, >= {PROMPT_LENGTH}] (condition, BOI, ...), got {tuple(prompt_ids.shape)}")
+        raise ValueError(
+            f"prompt_ids must be [B >= 1, >= {PROMPT_LENGTH}] (condition, BOI, ...), got {tuple(prompt_ids.shape)}"
+        )
     prompt_ids = prompt_ids.long()
     if prompt_ids.min() < 0 or prompt_ids.max() >= layout.vocab_size:
-        raise ValueError(f"prompt ids must lie in [0, {layout.vocab_size}), got values in "
-                         f"[{prompt_ids.min().item()}, {prompt_ids.max().item()}]")  # fmt: skip
+        raise ValueError(
+            f"prompt ids must lie in [0, {layout.vocab_size}), got values in "
+            f"[{prompt_ids.min().item()}, {prompt_ids.max().item()}]"
+        )
     conditions = prompt_ids[:, 0]
     if ((conditions != layout.null_class) & (conditions < layout.null_class + 1)).any():
-        raise ValueError(f"prompt_ids[:, 0] must be a class token or the null class ({layout.null_class}), "
-                         f"got {conditions.tolist()}")  # fmt: skip
+        raise ValueError(
+            f"prompt_ids[:, 0] must be a class token or the null class ({layout.null_class}), got {conditions.tolist()}"
+        )
     if (prompt_ids[:, 1] != layout.boi).any():
         raise ValueError(f"prompt_ids[:, 1] must be begin-of-image ({layout.boi}), got {prompt_ids[:, 1].tolist()}")
     _check_prefix(layout, prompt_ids[:, PROMPT_LENGTH:], len(prompt_ids), bpe)
@@ -213,13 +227,18 @@ def _check_prompt_ids(layout: VocabLayout, prompt_ids: Tensor, bpe: VisualBPE | 
 
 @torch.inference_mode()
 def generate_ids(
-    prior: PreTrainedModel, layout: VocabLayout, prompts: Tensor, sampling: SamplingConfig = SamplingConfig(),
-    use_cache: bool = True, bpe: VisualBPE | None = None,
-) -> Tensor:  # fmt: skip
+    prior: PreTrainedModel,
+    layout: VocabLayout,
+    prompts: Tensor,
+    sampling: SamplingConfig | None = None,
+    use_cache: bool = True,
+    bpe: VisualBPE | None = None,
+) -> Tensor:
     """Complete prompts [B, 2 + P] to full images: codes [B, N] (a grid [B, h, w] if any).
 
     A BPE prior samples BPE ids under a `CodeBudget` and its output is decoded through `bpe`.
     """
+    sampling = sampling or SamplingConfig()
     if layout.uses_bpe and bpe is None:
         raise ValueError("this prior models visual-BPE ids: pass its VisualBPE (see vqar.ar.load_prior_bpe)")
     device = prior.device
@@ -247,8 +266,14 @@ def generate_ids(
     return layout.to_grid(bpe.decode(images.cpu())) if budget else images
 
 
-def generate_images(prior, tokenizer, layout: VocabLayout, prompts: Tensor, sampling: SamplingConfig = SamplingConfig(),
-                    bpe: VisualBPE | None = None) -> Tensor:  # fmt: skip
+def generate_images(
+    prior,
+    tokenizer,
+    layout: VocabLayout,
+    prompts: Tensor,
+    sampling: SamplingConfig | None = None,
+    bpe: VisualBPE | None = None,
+) -> Tensor:
     """Prompts -> pixels [B, 3, H, W] in [-1, 1], decoded by the (matching) tokenizer."""
     layout.check_tokenizer(tokenizer)
     codes = generate_ids(prior, layout, prompts, sampling, bpe=bpe)

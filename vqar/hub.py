@@ -26,24 +26,35 @@ def tokenizer_card(repo_id: str, report: dict, config: dict) -> str:
     kind = config["quantizer"]["kind"]
     dataset = report.get("data", "")
     results = [
-        EvalResult(task_type="image-to-image", task_name="image tokenization", dataset_type=dataset,
-                   dataset_name=dataset, metric_type=name, metric_name=name, metric_value=report[name])
-        for name in CARD_METRICS if report.get(name) is not None
-    ]  # fmt: skip
+        EvalResult(
+            task_type="image-to-image",
+            task_name="image tokenization",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            metric_type=name,
+            metric_name=name,
+            metric_value=report[name],
+        )
+        for name in CARD_METRICS
+        if report.get(name) is not None
+    ]
     data = ModelCardData(
-        library_name="vqar", tags=["vqar", "image-tokenizer", kind, config.get("layout", "grid")],
-        datasets=[dataset] if "/" in dataset else None, model_name=repo_id, eval_results=results or None,
-    )  # fmt: skip
+        library_name="vqar",
+        tags=["vqar", "image-tokenizer", kind, config.get("layout", "grid")],
+        datasets=[dataset] if "/" in dataset else None,
+        model_name=repo_id,
+        eval_results=results or None,
+    )
     layout = f"{report['tokens_per_image']} tokens" + (" (1D)" if config.get("layout") == "1d" else " (grid)")
     body = f"""
 # {repo_id}
 
 A discrete image tokenizer trained with [vqar](https://github.com/vqar/vqar): {kind.upper()} bottleneck,
-{layout} of {report['bits_per_image'] / report['tokens_per_image']:.1f} bits each at {report['resolution']} px.
+{layout} of {report["bits_per_image"] / report["tokens_per_image"]:.1f} bits each at {report["resolution"]} px.
 
 ## Evaluation
 
-{report['images']} images of `{dataset}` at {report['resolution']} px (`vqar evaluate`); JPEG and WebP at
+{report["images"]} images of `{dataset}` at {report["resolution"]} px (`vqar evaluate`); JPEG and WebP at
 the quality whose file size is closest to the tokenizer's rate.
 
 {format_table(report)}
@@ -53,8 +64,7 @@ the quality whose file size is closest to the tokenizer's rate.
 ## Usage
 
 ```python
-import vqar  # registers the model with transformers' Auto classes
-from vqar import VQTokenizer
+from vqar import VQTokenizer  # also registers it with transformers' AutoModel
 
 tokenizer = VQTokenizer.from_pretrained("{repo_id}")
 indices = tokenizer.encode(images)   # images [B, 3, H, W] in [-1, 1]
@@ -67,17 +77,29 @@ images = tokenizer.decode(indices)
 def prior_card(repo_id: str, tokenizer_repo: str, metrics: dict) -> str:
     """README.md for a prior repo: a stock causal LM over the tokens of `tokenizer_repo`."""
     results = [
-        EvalResult(task_type="unconditional-image-generation", dataset_type="tokens", dataset_name="held-out tokens",
-                   metric_type=name, metric_name=name, metric_value=metrics[name])
-        for name in ("bits_per_token", "bits_per_image") if metrics.get(name) is not None
-    ]  # fmt: skip
-    data = ModelCardData(library_name="vqar", tags=["vqar", "image-generation", "autoregressive"],
-                         base_model=tokenizer_repo, model_name=repo_id, eval_results=results or None)  # fmt: skip
+        EvalResult(
+            task_type="unconditional-image-generation",
+            dataset_type="tokens",
+            dataset_name="held-out tokens",
+            metric_type=name,
+            metric_name=name,
+            metric_value=metrics[name],
+        )
+        for name in ("bits_per_token", "bits_per_image")
+        if metrics.get(name) is not None
+    ]
+    data = ModelCardData(
+        library_name="vqar",
+        tags=["vqar", "image-generation", "autoregressive"],
+        base_model=tokenizer_repo,
+        model_name=repo_id,
+        eval_results=results or None,
+    )
     body = f"""
 # {repo_id}
 
 An autoregressive prior over the tokens of [{tokenizer_repo}](https://huggingface.co/{tokenizer_repo}),
-trained with [vqar](https://github.com/vqar/vqar). Held-out: {metrics.get('bits_per_image', float('nan')):.1f} bits per image.
+trained with [vqar](https://github.com/vqar/vqar). Held-out: {metrics.get("bits_per_image", float("nan")):.1f} bits per image.
 
 ```python
 from vqar import VQTokenizer
@@ -122,8 +144,15 @@ def upload(folder: Path, repo_id: str, private: bool) -> str:
     return str(getattr(info, "commit_url", info))
 
 
-def push(tokenizer_dir: str, repo_id: str, report_dir: str, private: bool = False, prior_dir: str | None = None,
-         dry_run: bool = False, output: str | None = None) -> list[Path]:  # fmt: skip
+def push(
+    tokenizer_dir: str,
+    repo_id: str,
+    report_dir: str,
+    private: bool = False,
+    prior_dir: str | None = None,
+    dry_run: bool = False,
+    output: str | None = None,
+) -> list[Path]:
     """Stage (and unless dry_run, upload) the tokenizer as `repo_id` and a prior as `repo_id`-prior."""
     report_path = Path(report_dir) / "report.json"
     if not report_path.is_file():

@@ -171,7 +171,13 @@ class LossConfig:
     lecam_weight: float = 0.0  # 0.001 in MAGVIT-v2; 0 turns it off
 
     def __post_init__(self):
-        for name in ("regression_weight", "perceptual_weight", "bottleneck_weight", "adversarial_weight", "lecam_weight"):
+        for name in (
+            "regression_weight",
+            "perceptual_weight",
+            "bottleneck_weight",
+            "adversarial_weight",
+            "lecam_weight",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.regression not in ("l1", "l2"):
@@ -234,8 +240,11 @@ class TokenizerLoss(nn.Module):
         logits_real = self.discriminator(images.detach())
         logits_fake = self.discriminator(reconstruction.detach())
         loss = D_LOSSES[self.config.disc_loss](logits_real, logits_fake)
-        logs = {"disc/loss": loss.detach(), "disc/logits_real": logits_real.detach().mean(),
-                "disc/logits_fake": logits_fake.detach().mean()}  # fmt: skip
+        logs = {
+            "disc/loss": loss.detach(),
+            "disc/logits_real": logits_real.detach().mean(),
+            "disc/logits_fake": logits_fake.detach().mean(),
+        }
         if self.lecam is not None:
             lecam = self.lecam(logits_real, logits_fake)
             loss = loss + self.config.lecam_weight * lecam

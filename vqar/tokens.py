@@ -62,7 +62,9 @@ def write_tokens(output: str | Path, splits: dict[str, dict], manifest: TokensMa
     The manifest is removed first and written last, so an interrupted rewrite never looks up to date.
     """
     output = Path(output)
-    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("int32")), "label": datasets.Value("int64")})
+    features = datasets.Features(
+        {"tokens": datasets.Sequence(datasets.Value("int32")), "label": datasets.Value("int64")}
+    )
     dataset = datasets.DatasetDict(
         {
             name: datasets.Dataset.from_dict(

@@ -42,8 +42,13 @@ def tokenizer():
 @given(any_array())
 def test_tokenizer_decode_works_or_names_the_problem(tokenizer, array):
     indices = torch.from_numpy(array)
-    valid = (array.ndim == 3 and array.size > 0 and np.issubdtype(array.dtype, np.integer)
-             and array.min() >= 0 and array.max() < 1000)  # fmt: skip
+    valid = (
+        array.ndim == 3
+        and array.size > 0
+        and np.issubdtype(array.dtype, np.integer)
+        and array.min() >= 0
+        and array.max() < 1000
+    )
     if valid:
         assert tokenizer.decode(indices).shape == (array.shape[0], 3, 4 * array.shape[1], 4 * array.shape[2])
     else:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_training import final_weights, run, tiny_args
+
 from vqar.training.checkpoints import complete_checkpoints
 from vqar.training.optim import EMA
 
@@ -25,8 +25,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONHASHS
 
 def start(output_dir, **overrides) -> subprocess.Popen:
     """`python -m vqar train-tokenizer` on a tiny digits config, as a user runs it."""
-    command = [sys.executable, "-c", "import torch, sys; torch.set_num_threads(1); from vqar.cli import main; "
-               "sys.exit(main(sys.argv[1:]))", "train-tokenizer", *tiny_args(output_dir, **{**STEPS, **overrides})]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        "import torch, sys; torch.set_num_threads(1); from vqar.cli import main; sys.exit(main(sys.argv[1:]))",
+        "train-tokenizer",
+        *tiny_args(output_dir, **{**STEPS, **overrides}),
+    ]
     return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -71,7 +76,7 @@ def test_sigkill_mid_checkpoint_and_at_random_moments_resumes_to_the_same_result
         newest = len(complete_checkpoints(tmp_path))
         process = start(tmp_path, resume="latest")
         try:
-            wait_for(lambda: len(complete_checkpoints(tmp_path)) > newest, process)
+            wait_for(lambda newest=newest: len(complete_checkpoints(tmp_path)) > newest, process)
         except AssertionError:  # it finished first: nothing left to interrupt
             break
         time.sleep(rng.uniform(0.0, 0.4))  # somewhere in the next steps or the next checkpoint
@@ -111,7 +116,9 @@ def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_intact(t
         real_save(self, path)
 
     monkeypatch.setattr(EMA, "save", save_until_the_disk_fills)
-    with pytest.raises(OSError, match=r"could not write checkpoint step-000004 \(No space left on device\).*step-000002, is untouched"):
+    with pytest.raises(
+        OSError, match=r"could not write checkpoint step-000004 \(No space left on device\).*step-000002, is untouched"
+    ):
         run(tiny_args(tmp_path, **STEPS))
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000002"]
     assert not list((tmp_path / "checkpoints").glob(".partial-*"))  # the half-written folder is gone

@@ -6,8 +6,8 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from test_training import run, tiny_args
+
 from vqar import TokenizerConfig, VQTokenizer
 
 
@@ -81,10 +81,13 @@ def test_weights_that_do_not_match_are_named(saved_tokenizer, damage):
         VQTokenizer.from_pretrained(saved_tokenizer)
 
 
-@pytest.mark.parametrize("filename, message", [
-    ("config.json", "config.json|JSON|Expecting"),
-    ("model.safetensors", "(?i)safetensor|incomplete|header|deserializ"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "filename, message",
+    [
+        ("config.json", "config.json|JSON|Expecting"),
+        ("model.safetensors", "(?i)safetensor|incomplete|header|deserializ"),
+    ],
+)
 def test_a_half_written_file_is_refused(saved_tokenizer, filename, message):
     data = (saved_tokenizer / filename).read_bytes()
     (saved_tokenizer / filename).write_bytes(data[: len(data) // 2])
@@ -92,12 +95,16 @@ def test_a_half_written_file_is_refused(saved_tokenizer, filename, message):
         VQTokenizer.from_pretrained(saved_tokenizer)
 
 
-@pytest.mark.parametrize("tokenizer_overrides, message", [
-    ({"quantizer": {"kind": "fsq", "levels": [5, 5, 5]}}, r"codebook_size=125, tokens_per_image=64"),
-    ({"resolution": 32}, r"tokens_per_image=256"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "tokenizer_overrides, message",
+    [
+        ({"quantizer": {"kind": "fsq", "levels": [5, 5, 5]}}, r"codebook_size=125, tokens_per_image=64"),
+        ({"resolution": 32}, r"tokens_per_image=256"),
+    ],
+)
 def test_a_tokenizer_that_does_not_match_the_prior_is_refused(tokenizer_overrides, message):
     from conftest import TINY_F2
+
     from vqar.ar import VocabLayout, build_prior
     from vqar.generation import build_prompts, generate_images
 

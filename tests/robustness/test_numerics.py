@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import CPU_PRESETS
 from test_training import final_weights, run, tiny_args
+
 from vqar import VQTokenizer
 from vqar.losses import TokenizerLoss
 from vqar.training.checkpoints import complete_checkpoints
@@ -55,6 +55,7 @@ def test_too_many_bad_steps_in_a_row_stop_with_the_last_good_checkpoint_intact(t
 
 def test_a_nan_prior_loss_is_skipped(tmp_path, monkeypatch):
     from conftest import tokenize_digits_with_tiny_tokenizer
+
     from vqar.training.recipes import TrainConfig, parse_recipe
     from vqar.training.train_prior import PriorArgs, train_prior
 
@@ -68,8 +69,16 @@ def test_a_nan_prior_loss_is_skipped(tmp_path, monkeypatch):
         return loss * float("nan") if calls[0] == 1 else loss
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", cross_entropy)
-    options = {"tokens": tokens, "size": "tiny", "output_dir": tmp_path / "out", "max_steps": 3, "batch_size": 16,
-               "log_with": "none", "eval_every": 0, "save_every": 0}  # fmt: skip
+    options = {
+        "tokens": tokens,
+        "size": "tiny",
+        "output_dir": tmp_path / "out",
+        "max_steps": 3,
+        "batch_size": 16,
+        "log_with": "none",
+        "eval_every": 0,
+        "save_every": 0,
+    }
     metrics = train_prior(*parse_recipe([f"--{k}={v}" for k, v in options.items()], (PriorArgs, TrainConfig)))
     assert metrics["steps"] == 3 and metrics["skipped_steps"] == 1
 
@@ -80,8 +89,11 @@ def test_autocast_never_runs_the_quantizer_below_fp32(preset, dtype, photo_batch
     tokenizer = VQTokenizer.from_preset(preset)
     seen = []
     inner = tokenizer.quantizer.inner
-    inner.register_forward_pre_hook(lambda module, args: seen.append((args[0].dtype, torch.get_autocast_dtype("cpu"),
-                                                                      torch.is_autocast_enabled("cpu"))))  # fmt: skip
+    inner.register_forward_pre_hook(
+        lambda module, args: seen.append(
+            (args[0].dtype, torch.get_autocast_dtype("cpu"), torch.is_autocast_enabled("cpu"))
+        )
+    )
     with torch.autocast("cpu", dtype=dtype):
         out = tokenizer(photo_batch)
     assert seen and all(d == torch.float32 and not enabled for d, _, enabled in seen)

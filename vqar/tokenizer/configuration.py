@@ -13,9 +13,19 @@ LAYOUTS = ("grid", "1d")
 _SHARED = ("resolution", "latent_channels", "quantizer")
 REQUIRED_FIELDS = {  # in every saved config.json of that layout (`layout` itself defaults to "grid")
     "grid": _SHARED + ("channels", "channel_multipliers", "num_res_blocks", "attn_resolutions", "mid_attention"),
-    "1d": _SHARED + ("layout", "num_latent_tokens", "patch_size", "vit_width", "vit_depth", "vit_heads",
-                     "vit_mlp_ratio", "conv_channels", "nested_dropout"),
-}  # fmt: skip
+    "1d": _SHARED
+    + (
+        "layout",
+        "num_latent_tokens",
+        "patch_size",
+        "vit_width",
+        "vit_depth",
+        "vit_heads",
+        "vit_mlp_ratio",
+        "conv_channels",
+        "nested_dropout",
+    ),
+}
 
 
 @strict
@@ -57,10 +67,15 @@ class TokenizerConfig(PretrainedConfig):
     def __post_init__(self, **kwargs):
         # transformers hands unknown keys to __post_init__ and would keep them as attributes: a
         # misspelt field would silently fall back to its default. Its own bookkeeping is allowed.
-        unknown = sorted(k for k in kwargs if not (k.startswith("_") or k in ("model_type", "name_or_path")
-                                                   or hasattr(PretrainedConfig, k)))  # fmt: skip
+        unknown = sorted(
+            k
+            for k in kwargs
+            if not (k.startswith("_") or k in ("model_type", "name_or_path") or hasattr(PretrainedConfig, k))
+        )
         if unknown:
-            raise ValueError(f"unknown TokenizerConfig field(s) {unknown}; known fields: {sorted(self.__annotations__)}")
+            raise ValueError(
+                f"unknown TokenizerConfig field(s) {unknown}; known fields: {sorted(self.__annotations__)}"
+            )
         # Save every quantizer option, defaults included, so a saved tokenizer never changes
         # meaning when a default does.
         self.quantizer = QuantizerConfig.from_dict(self.quantizer).to_dict()
@@ -70,11 +85,15 @@ class TokenizerConfig(PretrainedConfig):
     def from_dict(cls, config_dict: dict, **kwargs):
         """Read a saved config, refusing one that lacks a field its layout needs (a truncated or
         hand-edited config.json would otherwise build a different model from defaults)."""
-        needed = REQUIRED_FIELDS[config_dict.get("layout", "grid")] if config_dict.get("layout", "grid") in LAYOUTS else ()
+        needed = (
+            REQUIRED_FIELDS[config_dict.get("layout", "grid")] if config_dict.get("layout", "grid") in LAYOUTS else ()
+        )
         missing = sorted(set(needed) - config_dict.keys())
         if missing:
-            raise ValueError(f"tokenizer config lacks field(s) {missing}, which a {config_dict.get('layout', 'grid')!r} "
-                             "tokenizer needs; was config.json truncated or edited?")  # fmt: skip
+            raise ValueError(
+                f"tokenizer config lacks field(s) {missing}, which a {config_dict.get('layout', 'grid')!r} "
+                "tokenizer needs; was config.json truncated or edited?"
+            )
         return super().from_dict(config_dict, **kwargs)
 
     def validate_architecture(self):
@@ -104,7 +123,9 @@ class TokenizerConfig(PretrainedConfig):
         if self.vit_width % self.vit_heads:
             raise ValueError(f"vit_width {self.vit_width} is not divisible by vit_heads {self.vit_heads}")
         if self.vit_mlp_ratio <= 0 or self.conv_channels < 0:
-            raise ValueError(f"vit_mlp_ratio must be > 0 and conv_channels >= 0, got {self.vit_mlp_ratio}, {self.conv_channels}")
+            raise ValueError(
+                f"vit_mlp_ratio must be > 0 and conv_channels >= 0, got {self.vit_mlp_ratio}, {self.conv_channels}"
+            )
 
     @property
     def quantizer_config(self) -> QuantizerConfig:

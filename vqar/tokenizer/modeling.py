@@ -87,13 +87,17 @@ class VQTokenizer(PreTrainedModel):
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("use_safetensors", True)
         try:
-            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
         except RuntimeError as error:
             if "ignore_mismatched_sizes" not in str(error):
                 raise
             # transformers names the tensors only in a logged report: name them in the error.
-            raise ValueError(f"weights in {pretrained_model_name_or_path} do not match its config.json: "
-                             f"{cls._shape_mismatches(pretrained_model_name_or_path, **kwargs)}") from error  # fmt: skip
+            raise ValueError(
+                f"weights in {pretrained_model_name_or_path} do not match its config.json: "
+                f"{cls._shape_mismatches(pretrained_model_name_or_path, **kwargs)}"
+            ) from error
         problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
         if problems or info.get("error_msgs"):
             raise ValueError(
@@ -269,9 +273,7 @@ class VQTokenizer(PreTrainedModel):
             raise ValueError(f"indices must not be empty, got shape {tuple(indices.shape)}")
         low, high = (v.item() for v in torch.aminmax(indices))  # Python ints: uint8 would wrap the bound
         if low < 0 or high >= self.codebook_size:
-            raise ValueError(
-                f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]"
-            )
+            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
 
 
 AutoConfig.register(TokenizerConfig.model_type, TokenizerConfig)

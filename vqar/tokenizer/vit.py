@@ -113,7 +113,9 @@ class ViTEncoder(nn.Module):
         self.stem = _conv_pair(3, c, c) if c else nn.Identity()
         self.patch_embed = nn.Conv2d(c or 3, width, config.patch_size, stride=config.patch_size)
         self.patch_positions = _embedding(1, config.num_patches, width)
-        self.latent_tokens = _embedding(1, config.num_latent_tokens, width, std=LATENT_INIT_STD)  # queries and positions
+        self.latent_tokens = _embedding(
+            1, config.num_latent_tokens, width, std=LATENT_INIT_STD
+        )  # queries and positions
         regions = quadtree_regions(config.num_latent_tokens, config.resolution // config.patch_size)
         self.region_pool = nn.Parameter(regions / regions.sum(1, keepdim=True))  # [L, P]: region means
         self.blocks = _transformer(config)
@@ -157,7 +159,9 @@ class ViTDecoder(nn.Module):
         masks = self.mask_token + self.patch_positions + self.region_unpool @ tokens
         x = self.blocks(torch.cat([masks, tokens + self.latent_positions], dim=1))
         patches = self.to_patches(self.norm(x[:, : masks.shape[1]]))
-        image = rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=self.side, p=self.patch_size, q=self.patch_size)
+        image = rearrange(
+            patches, "b (h w) (p q c) -> b c (h p) (w q)", h=self.side, p=self.patch_size, q=self.patch_size
+        )
         return self.head(image)
 
     @property

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator

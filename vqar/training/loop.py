@@ -277,9 +277,14 @@ def finish_run(run: Run, state: TrainerState, hooks: LoopHooks, started: float) 
         if run.ema is not None:
             run.ema.copy_to(model)  # the EMA weights are the model we publish
         metrics = hooks.evaluate(state.step)
-        metrics |= {"steps": state.step, "seconds": time.time() - started, "skipped_images": int(skipped),
-                    "skipped_steps": state.skipped_steps, "num_processes": accelerator.num_processes,
-                    "weights_identical_across_ranks": agree}  # fmt: skip
+        metrics |= {
+            "steps": state.step,
+            "seconds": time.time() - started,
+            "skipped_images": int(skipped),
+            "skipped_steps": state.skipped_steps,
+            "num_processes": accelerator.num_processes,
+            "weights_identical_across_ranks": agree,
+        }
         metrics |= hooks.save(model, output)
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if skipped:

@@ -85,7 +85,9 @@ class EMA:
     def load(self, path: Path) -> None:
         loaded = load_file(str(path))
         if loaded.keys() != self.shadow.keys():
-            raise ValueError(f"EMA weights in {path} do not match the model: {sorted(loaded.keys() ^ self.shadow.keys())[:5]}")
+            raise ValueError(
+                f"EMA weights in {path} do not match the model: {sorted(loaded.keys() ^ self.shadow.keys())[:5]}"
+            )
         for k, v in loaded.items():
             self.shadow[k].copy_(v)
 

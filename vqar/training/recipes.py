@@ -74,7 +74,9 @@ def parse_recipe(argv: list[str], dataclass_types: tuple[type, ...]) -> tuple:
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(recipe) - known)
         if unknown:
-            raise ValueError(f"recipe {recipe_args} has unknown field(s) {unknown}; known fields: {sorted(known - {'help'})}")
+            raise ValueError(
+                f"recipe {recipe_args} has unknown field(s) {unknown}; known fields: {sorted(known - {'help'})}"
+            )
         parser.set_defaults(**recipe)
     return parser.parse_args_into_dataclasses(args=overrides)
 

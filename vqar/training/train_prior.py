@@ -56,10 +56,14 @@ def find_bpe(choice: str, manifest: TokensManifest) -> VisualBPE | None:
 
 def leading_tokens(tokens: datasets.DatasetDict, k: int) -> datasets.DatasetDict:
     """Keep each image's first k tokens: a 1d nested-dropout tokenizer decodes any prefix."""
-    return datasets.DatasetDict({
-        name: split.map(lambda batch: {"tokens": [t[:k] for t in batch["tokens"]]}, batched=True, keep_in_memory=True)
-        for name, split in tokens.items()
-    })  # fmt: skip
+    return datasets.DatasetDict(
+        {
+            name: split.map(
+                lambda batch: {"tokens": [t[:k] for t in batch["tokens"]]}, batched=True, keep_in_memory=True
+            )
+            for name, split in tokens.items()
+        }
+    )
 
 
 def bpe_encoded(tokens: datasets.DatasetDict, manifest: TokensManifest, bpe: VisualBPE) -> datasets.DatasetDict:
@@ -74,7 +78,10 @@ def bpe_encoded(tokens: datasets.DatasetDict, manifest: TokensManifest, bpe: Vis
 
 
 def collate_tokens(rows: list[dict]) -> dict:
-    return {"tokens": torch.stack([r["tokens"] for r in rows]).long(), "labels": torch.stack([r["label"] for r in rows])}
+    return {
+        "tokens": torch.stack([r["tokens"] for r in rows]).long(),
+        "labels": torch.stack([r["label"] for r in rows]),
+    }
 
 
 def training_sequences(layout: VocabLayout, tokens: torch.Tensor, labels: torch.Tensor, label_dropout: float):
@@ -104,8 +111,9 @@ def _sequences(args: PriorArgs) -> tuple[datasets.DatasetDict, VocabLayout, Visu
     """The tokens to train on (prefixes, BPE ids) and the layout of the prior over them."""
     tokens, manifest = load_tokens(args.tokens)
     bpe = find_bpe(args.bpe, manifest)
-    layout = VocabLayout.from_manifest(manifest, conditional=args.conditional and bool(manifest.class_names),
-                                       bpe=bpe, num_tokens=args.num_tokens)  # fmt: skip
+    layout = VocabLayout.from_manifest(
+        manifest, conditional=args.conditional and bool(manifest.class_names), bpe=bpe, num_tokens=args.num_tokens
+    )
     if args.num_tokens:
         tokens = leading_tokens(tokens, args.num_tokens)
     if bpe is not None:
@@ -125,8 +133,19 @@ def setup(args: PriorArgs, train: TrainConfig) -> PriorRun:
     optimizer = make_optimizer(model.parameters(), train)
     scheduler = make_scheduler(optimizer, train)
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
-    return PriorRun(accelerator, train, model, optimizer, scheduler, TrainData(loader, sampler), make_ema(accelerator, model, train),
-                    layout=layout, bpe=bpe, eval_split=tokens["eval"].with_format("torch"), args=args)  # fmt: skip
+    return PriorRun(
+        accelerator,
+        train,
+        model,
+        optimizer,
+        scheduler,
+        TrainData(loader, sampler),
+        make_ema(accelerator, model, train),
+        layout=layout,
+        bpe=bpe,
+        eval_split=tokens["eval"].with_format("torch"),
+        args=args,
+    )
 
 
 # -- one step -------------------------------------------------------------------------------

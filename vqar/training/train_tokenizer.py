@@ -69,8 +69,13 @@ def build_tokenizer(model: TokenizerModelArgs, data: DataArgs) -> VQTokenizer:
 
 
 def build_datasets(data: DataArgs, seed: int) -> tuple[ImageDataset | StreamingImageDataset, ImageDataset]:
-    source = load_source(data.data, split=data.split, image_column=data.image_column,
-                         label_column=data.label_column, streaming=data.streaming)  # fmt: skip
+    source = load_source(
+        data.data,
+        split=data.split,
+        image_column=data.image_column,
+        label_column=data.label_column,
+        streaming=data.streaming,
+    )
     train_transform = ImageTransform(data.resolution, data.resize_to, data.random_crop, data.random_flip)
     eval_transform = ImageTransform(data.resolution, data.resize_to, random_crop=data.eval_crops > 1)
     if isinstance(source, datasets.IterableDataset):
@@ -104,12 +109,20 @@ def _training_loader(train_data, train: TrainConfig, num_processes: int) -> Trai
                 f"{num_processes} processes; raise `repeats` or lower `batch_size`"
             )
         sampler = EpochSampler(len(train_data), train.seed)
-    loader = make_loader(train_data, train.batch_size, sampler=sampler, collate_fn=collate_images,
-                         drop_last=True, num_workers=train.num_workers)  # fmt: skip
+    loader = make_loader(
+        train_data,
+        train.batch_size,
+        sampler=sampler,
+        collate_fn=collate_images,
+        drop_last=True,
+        num_workers=train.num_workers,
+    )
     return TrainData(loader, sampler, train_data)
 
 
-def setup(model_args: TokenizerModelArgs, data_args: DataArgs, loss_config: LossConfig, train: TrainConfig) -> TokenizerRun:
+def setup(
+    model_args: TokenizerModelArgs, data_args: DataArgs, loss_config: LossConfig, train: TrainConfig
+) -> TokenizerRun:
     accelerator = make_accelerator(train)
     tokenizer = build_tokenizer(model_args, data_args)  # after the accelerator: VQ syncs EMA codebooks in DDP
     loss_fn = TokenizerLoss(loss_config).to(accelerator.device)
@@ -118,8 +131,18 @@ def setup(model_args: TokenizerModelArgs, data_args: DataArgs, loss_config: Loss
     optimizer = make_optimizer(tokenizer.parameters(), train)
     scheduler = make_scheduler(optimizer, train)
     tokenizer, optimizer, scheduler, data.loader = accelerator.prepare(tokenizer, optimizer, scheduler, data.loader)
-    run = TokenizerRun(accelerator, train, tokenizer, optimizer, scheduler, data, make_ema(accelerator, tokenizer, train),
-                       loss_fn=loss_fn, eval_data=eval_data, eval_batch_size=data_args.eval_batch_size)  # fmt: skip
+    run = TokenizerRun(
+        accelerator,
+        train,
+        tokenizer,
+        optimizer,
+        scheduler,
+        data,
+        make_ema(accelerator, tokenizer, train),
+        loss_fn=loss_fn,
+        eval_data=eval_data,
+        eval_batch_size=data_args.eval_batch_size,
+    )
     if loss_fn.discriminator is not None:
         d_optimizer = make_optimizer(loss_fn.discriminator.parameters(), train, loss_config.disc_learning_rate)
         prepared = accelerator.prepare(loss_fn.discriminator, d_optimizer, make_scheduler(d_optimizer, train))
@@ -151,7 +174,9 @@ def _discriminator_step(run: TokenizerRun, pixels: torch.Tensor, reconstruction:
     run.d_optimizer.zero_grad(set_to_none=True)  # drop what the generator's loss left in D
     d_loss, d_logs = run.loss_fn.discriminator_loss(pixels, reconstruction)
     try:
-        backward_and_check(run.accelerator, d_loss, run.discriminator.parameters(), run.d_optimizer, run.train.grad_clip)
+        backward_and_check(
+            run.accelerator, d_loss, run.discriminator.parameters(), run.d_optimizer, run.train.grad_clip
+        )
         run.d_optimizer.step()
         d_logs["loss/discriminator_skipped"] = torch.zeros(())
     except NonFiniteStep:  # the generator has already stepped: skip only D's update, and log it
@@ -208,5 +233,7 @@ def train_tokenizer(model_args, data_args, loss_config: LossConfig, train: Train
 
 
 def main(argv: list[str]) -> dict | None:
-    model_args, data_args, loss_config, train = parse_recipe(argv, (TokenizerModelArgs, DataArgs, LossConfig, TrainConfig))
+    model_args, data_args, loss_config, train = parse_recipe(
+        argv, (TokenizerModelArgs, DataArgs, LossConfig, TrainConfig)
+    )
     return train_tokenizer(model_args, data_args, loss_config, train)

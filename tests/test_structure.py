@@ -1,0 +1,49 @@
+"""DESIGN.md's arrows: cli -> training -> evaluation -> (tokenizer, ar, generation, bpe, metrics) ->
+quantizers, data. Nothing reaches back into training/, and only training/ imports accelerate."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "vqar"
+ENTRY_POINTS = {"cli.py", "demo.py", "__main__.py"}  # they run the trainers, so they may import them
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute names of what a module of the package imports (relative imports resolved)."""
+    package = ".".join(("vqar", *path.relative_to(PACKAGE).parent.parts))
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            module = f"{base}.{node.module}" if node.level and node.module else base if node.level else node.module
+            names |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def library_modules():
+    return [p for p in PACKAGE.rglob("*.py") if "training" not in p.parts and p.name not in ENTRY_POINTS]
+
+
+@pytest.mark.parametrize("path", library_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_library_module_imports_the_trainers_or_accelerate(path):
+    imports = imported_modules(path)
+    assert not {m for m in imports if m.startswith("vqar.training")}, "reaches back into training/"
+    assert not {m for m in imports if m.split(".")[0] == "accelerate"}, "only training/ imports accelerate"
+
+
+@pytest.mark.parametrize("command", ["evaluate", "push"])
+def test_evaluate_and_push_help_run_without_accelerate(command):
+    code = (
+        "import sys\nfrom vqar.cli import main\ntry:\n    main([sys.argv[1], '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('accelerate loaded:', 'accelerate' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, command], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"vqar {command}" in result.stdout  # the help was printed
+    assert result.stdout.strip().endswith("accelerate loaded: False")
