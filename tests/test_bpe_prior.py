@@ -94,3 +94,28 @@ def test_a_bpe_prior_needs_its_bpe(bpe_and_layout):
     _, layout = bpe_and_layout
     with pytest.raises(ValueError, match="pass its VisualBPE"):
         build_prompts(layout, classes=[1])
+
+
+def test_a_bpe_that_does_not_match_the_prior_or_the_tokens_is_refused(bpe_tokens, tmp_path):
+    from vqar.bpe import train_bpe as learn
+
+    options = {
+        "tokens": bpe_tokens,
+        "size": "tiny",
+        "output_dir": tmp_path / "run",
+        "max_steps": 1,
+        "batch_size": 16,
+        "log_with": "none",
+        "save_every": 0,
+        "eval_every": 0,
+    }
+    train_prior(*parse_recipe([f"--{k}={v}" for k, v in options.items()], (PriorArgs, TrainConfig)))
+    prior_dir = tmp_path / "run" / "prior"
+    learn(bpe_tokens, vocab_size=25 + 10, output=prior_dir)  # overwrite with 10 merges instead of 40
+    with pytest.raises(ValueError, match="visual BPE does not match the prior: it has 10 merges, the prior models 40"):
+        load_prior_bpe(str(prior_dir))
+    other = VisualBPE.train(torch.randint(0, 30, (50, 8, 8)), vocab_size=30 + 5, codebook_size=30)
+    other.save(tmp_path)
+    options |= {"bpe": tmp_path / "visual_bpe.json", "output_dir": tmp_path / "other"}
+    with pytest.raises(ValueError, match="learned on 30 codes in rows of 8, the tokens of .* have 25 codes"):
+        train_prior(*parse_recipe([f"--{k}={v}" for k, v in options.items()], (PriorArgs, TrainConfig)))
