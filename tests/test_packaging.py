@@ -66,3 +66,54 @@ def test_presets_work_after_a_plain_install(wheel, tmp_path):
     module_path, presets_path, size = _run_python(code, tmp_path, PYTHONPATH=str(target)).split()
     assert module_path.startswith(str(target)) and presets_path.startswith(str(target))
     assert size == "1000"
+
+
+def _third_party_imports() -> dict[str, bool]:
+    """Top-level third-party modules vqar imports -> whether some module imports it at import time."""
+    import ast
+
+    found = {}
+
+    class Imports(ast.NodeVisitor):
+        depth = 0  # inside how many function bodies
+
+        def visit_FunctionDef(self, node):
+            self.depth += 1
+            self.generic_visit(node)
+            self.depth -= 1
+
+        def visit_Import(self, node):
+            self.add([alias.name for alias in node.names])
+
+        def visit_ImportFrom(self, node):
+            if not node.level:
+                self.add([node.module])
+
+        def add(self, names):
+            for name in {n.split(".")[0] for n in names} - {"vqar"} - set(sys.stdlib_module_names):
+                found[name] = found.get(name, False) or self.depth == 0
+
+    for path in (REPO / "vqar").rglob("*.py"):
+        Imports().visit(ast.parse(path.read_text()))
+    return found
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    from importlib.metadata import packages_distributions, requires
+
+    from packaging.requirements import Requirement
+
+    def normal(name):
+        return name.lower().replace("_", "-")
+
+    requirements = [Requirement(r) for r in requires("vqar")]
+    core = {normal(r.name) for r in requirements if r.marker is None}
+    optional = {normal(r.name) for r in requirements if r.marker is not None}
+    distributions = packages_distributions()
+    for module, at_import_time in _third_party_imports().items():
+        names = {normal(d) for d in distributions.get(module, [module])}
+        if at_import_time:
+            assert names & core, f"vqar imports {module} at import time but does not depend on it"
+        else:
+            assert names & (core | optional), f"vqar imports {module} but declares it nowhere"
+    assert {"scikit-learn", "scikit-image"} <= optional and not {"scikit-learn", "scikit-image"} & core

@@ -14,6 +14,7 @@ corrupt file is skipped and counted by `ImageDataset` instead of crashing a run 
 from __future__ import annotations
 
 import glob
+import importlib
 import io
 import logging
 import os
@@ -48,10 +49,19 @@ class UnreadableImage(ValueError):
 # -- sources --------------------------------------------------------------------------------
 
 
-def _digits() -> datasets.Dataset:
-    from sklearn.datasets import load_digits
+def _bundled(module: str, source: str):
+    """Import the package that ships a bundled source's images, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        package = {"sklearn.datasets": "scikit-learn", "skimage.data": "scikit-image"}[module]
+        raise ImportError(
+            f"the bundled '{source}' images ship inside {package}, which is not installed: pip install 'vqar[demo]'"
+        ) from error
 
-    digits = load_digits()
+
+def _digits() -> datasets.Dataset:
+    digits = _bundled("sklearn.datasets", "digits").load_digits()
     pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
@@ -62,8 +72,7 @@ def _digits() -> datasets.Dataset:
 
 
 def _photo(name: str) -> np.ndarray:
-    from skimage import data
-
+    data = _bundled("skimage.data", "photos")
     return data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
 
 

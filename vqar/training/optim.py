@@ -7,13 +7,13 @@ which turns a NaN/inf loss or gradient on any rank into a `NonFiniteStep` the lo
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from .recipes import TrainConfig
 
@@ -46,21 +46,14 @@ def make_optimizer(params, train: TrainConfig, learning_rate: float | None = Non
     )
 
 
-def warmup_cosine(train: TrainConfig):
-    """LR multiplier: linear warm-up, then cosine decay to min_lr_ratio at max_steps."""
-
-    def multiplier(step: int) -> float:
-        if step < train.warmup_steps:
-            return (step + 1) / train.warmup_steps
-        progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine
-
-    return multiplier
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train))
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0, then a cosine decay to learning_rate * min_lr_ratio at max_steps."""
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=train.warmup_steps,
+        num_training_steps=train.max_steps,
+        min_lr_rate=train.min_lr_ratio,
+    )
 
 
 class EMA:

@@ -58,25 +58,32 @@ class TrainConfig:
             raise ValueError(f"max_bad_steps must be >= 0, got {self.max_bad_steps}")
 
 
+class JSONDict(dict):
+    """The type of a dict-valued recipe field: the command line gives it as JSON.
+
+    `--tokenizer '{"channels": 64}'` (HfArgumentParser calls a field's type on the string; a
+    plain `dict` would not parse it). A recipe's YAML mapping arrives as a dict and is kept.
+    Calling it returns a plain dict, so recipes save and compare as plain data.
+    """
+
+    def __new__(cls, value=(), /) -> dict:
+        return dict(json.loads(value) if isinstance(value, str) else value)
+
+
 def parse_recipe(argv: list[str], dataclass_types: tuple[type, ...]) -> tuple:
     """`RECIPE.yaml [--field value ...]` -> one instance per dataclass type.
 
     The YAML's values become the defaults of an HfArgumentParser, so the command line overrides
-    any of them. Dict-valued fields take JSON on the command line.
+    any of them. Dict-valued fields (typed `JSONDict`) take JSON on the command line.
     """
     parser = HfArgumentParser(dataclass_types)
-    for action in parser._actions:  # HfArgumentParser would call dict("...") on a dict field
-        if action.type is dict:
-            action.type = json.loads
-    recipe_args, overrides = _split_recipe(argv)
-    if recipe_args is not None:
-        recipe = yaml.safe_load(Path(recipe_args).read_text()) or {}
-        known = {action.dest for action in parser._actions}
+    recipe_path, overrides = _split_recipe(argv)
+    if recipe_path is not None:
+        recipe = yaml.safe_load(Path(recipe_path).read_text()) or {}
+        known = {f.name for dataclass_type in dataclass_types for f in dataclasses.fields(dataclass_type)}
         unknown = sorted(set(recipe) - known)
         if unknown:
-            raise ValueError(
-                f"recipe {recipe_args} has unknown field(s) {unknown}; known fields: {sorted(known - {'help'})}"
-            )
+            raise ValueError(f"recipe {recipe_path} has unknown field(s) {unknown}; known fields: {sorted(known)}")
         parser.set_defaults(**recipe)
     return parser.parse_args_into_dataclasses(args=overrides)
 

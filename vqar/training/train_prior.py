@@ -24,7 +24,7 @@ from ..data import make_loader
 from ..tokens import TokensManifest, code_arrays, load_tokens
 from .loop import EpochSampler, LoopHooks, Run, TrainData, begin_run, finish_run, run_loop, step_optimizer
 from .optim import backward_and_check, make_accelerator, make_ema, make_optimizer, make_scheduler
-from .recipes import TrainConfig, parse_recipe
+from .recipes import JSONDict, TrainConfig, parse_recipe
 
 
 @dataclass
@@ -32,7 +32,7 @@ class PriorArgs:
     tokens: str = "outputs/tokens"  # a dataset written by `vqar tokenize`
     model_type: str = "llama"  # any AutoModelForCausalLM config type
     size: str = "cpu"  # a name of vqar.ar.PRIOR_SIZES
-    prior: dict = field(default_factory=dict)  # overrides of the model config (hidden_size, ...)
+    prior: JSONDict = field(default_factory=JSONDict)  # overrides of the model config (hidden_size, ...)
     bpe: str = "auto"  # visual_bpe.json to train on: "auto" (the tokenizer's, if any), "none", or a path
     num_tokens: int | None = None  # 1d nested-dropout tokenizers: model only each image's first k tokens
     conditional: bool = True  # class-conditional when the tokens have labels

@@ -30,13 +30,13 @@ from ..losses import LossConfig, PerceptualLoss, TokenizerLoss
 from ..tokenizer import TokenizerConfig, VQTokenizer, load_preset
 from .loop import EpochSampler, LoopHooks, Run, TrainData, begin_run, finish_run, run_loop, step_optimizer
 from .optim import NonFiniteStep, backward_and_check, make_accelerator, make_ema, make_optimizer, make_scheduler
-from .recipes import TrainConfig, parse_recipe
+from .recipes import JSONDict, TrainConfig, parse_recipe
 
 
 @dataclass
 class TokenizerModelArgs:
     preset: str = "fsq-cpu"  # a name from tokenizers/ (see `vqar presets`)
-    tokenizer: dict = field(default_factory=dict)  # overrides of the preset's config fields
+    tokenizer: JSONDict = field(default_factory=JSONDict)  # overrides of the preset's config fields
     init_from: str | None = None  # a trained tokenizer (folder or Hub id) to fine-tune instead
 
 
