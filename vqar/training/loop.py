@@ -188,8 +188,11 @@ class _Loop:
 
     def _after_bad_step(self, bad: NonFiniteStep) -> None:
         self.state.skipped_steps += 1
-        self.bad_in_a_row += 1
         step = self.state.step + 1
+        if not bad.persistent:  # an fp16 overflow the loss scaler absorbs: counted, never fatal
+            self.progress.write(f"step {step}: skipped, fp16 gradient overflow ({bad})")
+            return
+        self.bad_in_a_row += 1
         self.progress.write(f"step {step}: skipped, non-finite ({bad}); {self.bad_in_a_row} in a row")
         if self.bad_in_a_row > self.train.max_bad_steps:
             found = complete_checkpoints(self.train.output_dir)

@@ -7,19 +7,24 @@ which turns a NaN/inf loss or gradient on any rank into a `NonFiniteStep` the lo
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from .recipes import TrainConfig
 
+logger = logging.getLogger(__name__)
+
 
 def make_accelerator(train: TrainConfig) -> Accelerator:
     """An Accelerator for this run; trackers are started by `start_trackers`."""
+    _allow_new_mixed_precision(train.mixed_precision)
     log_with = None if train.log_with in ("none", "") else train.log_with
     accelerator = Accelerator(
         mixed_precision=train.mixed_precision,
@@ -27,7 +32,22 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=train.output_dir, logging_dir=f"{train.output_dir}/logs"),
     )
     set_seed(train.seed)  # same on every process: models start identical, data shards differ by rank
+    if train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        logger.warning("mixed_precision fp16 needs a GPU: on the CPU accelerate trains in fp32; use bf16 there")
     return accelerator
+
+
+def _allow_new_mixed_precision(mixed_precision: str) -> None:
+    """Let this run use another mixed precision than an earlier run in the same process.
+
+    accelerate keeps one AcceleratorState per process and refuses an Accelerator with another
+    `mixed_precision` ("restart your runtime"); vqar's trainers are functions that a notebook,
+    the demo or a test may call several times. Only that state is dropped: the process group
+    (PartialState) stays. accelerate has no public call for this.
+    """
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != mixed_precision:
+        AcceleratorState._reset_state()
 
 
 def start_trackers(accelerator: Accelerator, project_name: str, recipe: dict) -> None:
@@ -89,8 +109,19 @@ def make_ema(accelerator: Accelerator, model: torch.nn.Module, train: TrainConfi
     return EMA(accelerator.unwrap_model(model), train.ema_decay) if train.ema_decay > 0 else None
 
 
+MIN_LOSS_SCALE = 1.0  # fp16: overflows at a loss scale below this are not the scaler's to absorb (DeepSpeed's floor)
+
+
 class NonFiniteStep(Exception):
-    """A step whose loss or gradient norm was NaN or inf; the loop skips and counts it."""
+    """A step whose loss or gradient norm was NaN or inf; the loop skips and counts it.
+
+    `persistent` is False for an fp16 gradient overflow that the loss scaler absorbs (it lowers
+    the scale and the next step usually succeeds); only persistent ones count towards `max_bad_steps`.
+    """
+
+    def __init__(self, message: str, persistent: bool = True):
+        super().__init__(message)
+        self.persistent = persistent
 
 
 def backward_and_check(accelerator: Accelerator, loss: torch.Tensor, parameters, optimizer, max_norm: float) -> None:
@@ -98,7 +129,9 @@ def backward_and_check(accelerator: Accelerator, loss: torch.Tensor, parameters,
     cleared, nothing updated) when the loss or the gradient norm is not finite on any rank.
 
     One host sync per step: whether to step must be decided on the host, and on every rank
-    alike, as AMP's GradScaler does.
+    alike, as AMP's GradScaler does. With fp16's GradScaler a non-finite step still goes through
+    `optimizer.step()`: the scaler, which saw the inf while unscaling, skips the update and lowers
+    the scale, as it expects to; skipping that call would leave it half-way and fail the next step.
     """
     accelerator.backward(loss)
     parameters = [p for p in parameters if p.grad is not None]
@@ -106,9 +139,17 @@ def backward_and_check(accelerator: Accelerator, loss: torch.Tensor, parameters,
         norm = accelerator.clip_grad_norm_(parameters, max_norm)
     else:
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters]))
-    finite = (torch.isfinite(loss.detach()) & torch.isfinite(norm)).float()
+    loss_finite = torch.isfinite(loss.detach())
+    finite = torch.stack([loss_finite, loss_finite & torch.isfinite(norm)]).float()
     if accelerator.num_processes > 1:
         finite = accelerator.reduce(finite, "sum") / accelerator.num_processes
-    if finite.item() < 1:
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteStep(f"loss {loss.item():.4g}, gradient norm {norm.item():.4g}")
+    loss_ok, step_ok = (finite >= 1).tolist()
+    if step_ok:
+        return
+    scaler = accelerator.scaler
+    if scaler is not None:
+        optimizer.step()  # GradScaler: no update, a lower scale
+    optimizer.zero_grad(set_to_none=True)
+    overflow = scaler is not None and loss_ok and scaler.get_scale() >= MIN_LOSS_SCALE
+    detail = f", loss scale now {scaler.get_scale():g}" if scaler is not None else ""
+    raise NonFiniteStep(f"loss {loss.item():.4g}, gradient norm {norm.item():.4g}{detail}", persistent=not overflow)
