@@ -1,6 +1,7 @@
 """Shared fixtures: tiny seeded models and real images from installed packages (no network)."""
 
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -54,3 +55,20 @@ def tokenize_digits_with_tiny_tokenizer(root):
     VQTokenizer(TokenizerConfig(**TINY_F2)).save_pretrained(root / "tokenizer")
     tokenize_dataset(TokenizeArgs(tokenizer=str(root / "tokenizer"), data="digits", output=str(root / "tokens")))
     return root / "tokens"
+
+
+@pytest.fixture
+def no_hang():
+    """Fail a test that takes more than a minute instead of letting it hang the suite."""
+
+    class Hung(BaseException):  # not an OSError or Exception: no handler in the code under test swallows it
+        pass
+
+    def timeout(signum, frame):
+        raise Hung("the run hung for a minute")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

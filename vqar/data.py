@@ -175,6 +175,16 @@ def decode_image(value) -> Image.Image:
     return image
 
 
+def read_image(value) -> Image.Image:
+    """`decode_image` then `to_rgb`: an RGB PIL image, or UnreadableImage naming the file."""
+    image = decode_image(value)
+    try:
+        return to_rgb(image)
+    except Exception as error:  # a mode or EXIF block Pillow cannot convert
+        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        raise UnreadableImage(f"cannot convert image {path or '<bytes>'} ({image.mode}) to RGB: {error}") from error
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode (1, L, LA, P, RGBA, I;16, I, F, CMYK, ...) -> RGB; transparency onto white."""
     image = ImageOps.exif_transpose(image)
@@ -205,6 +215,15 @@ class ImageTransform:
     random_crop: bool = False
     random_flip: bool = False
 
+    def __post_init__(self):
+        if self.resolution < 1:
+            raise ValueError(f"resolution must be >= 1, got {self.resolution}")
+        if self.resize_to is not None and self.resize_to < self.resolution:
+            raise ValueError(
+                f"resize_to ({self.resize_to}) must be >= resolution ({self.resolution}): the shorter side is "
+                "resized to it before a resolution-sized square is cropped"
+            )
+
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.augment(self.prepare(image), generator)
 
@@ -212,8 +231,6 @@ class ImageTransform:
         """The deterministic part: RGB, shorter side resized to `resize_to`."""
         image = to_rgb(image)
         short = self.resize_to or self.resolution
-        if short < self.resolution:
-            raise ValueError(f"resize_to ({short}) must be >= resolution ({self.resolution})")
         w, h = image.size
         scale = short / min(w, h)
         size = (max(short, round(w * scale)), max(short, round(h * scale)))
@@ -237,8 +254,17 @@ class ImageTransform:
         return left, top
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """What a dataset gives in place of an image it cannot read: which one, and why."""
+
+    key: int | str  # the row of a map-style dataset; the file (or position) of a stream
+    reason: str
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """A map-style view of a source for a DataLoader: decoded, transformed, bad images as None.
+    """A map-style view of a source for a DataLoader: decoded, transformed; an `Unreadable` in
+    place of an image that cannot be read (the consumer counts and reports it, once per row).
 
     `repeats` lists every example several times per epoch (with different random crops), so a
     handful of photographs still fills batches. `set_epoch` changes the crops of the next epoch.
@@ -247,12 +273,13 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     PREPARED_CACHE_LIMIT = 1024
+    PROBE_LIMIT = 1000  # `require_readable` gives up after this many unreadable images
 
     def __init__(self, dataset: datasets.Dataset, transform: ImageTransform, *, repeats: int = 1, seed: int = 0):
         self.dataset, self.transform, self.repeats, self.seed = dataset, transform, repeats, seed
         self.has_labels = "label" in dataset.column_names
         self.epoch = 0
-        self._prepared: dict[int, Image.Image] | None = {} if len(dataset) <= self.PREPARED_CACHE_LIMIT else None
+        self._prepared: dict[int, tuple] | None = {} if len(dataset) <= self.PREPARED_CACHE_LIMIT else None
 
     def __len__(self) -> int:
         return len(self.dataset) * self.repeats
@@ -260,24 +287,37 @@ class ImageDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _prepare(self, row_index: int) -> tuple[Image.Image, int]:
+    def _prepare(self, row_index: int) -> tuple[Image.Image, int] | Unreadable:
         if self._prepared is not None and row_index in self._prepared:
             return self._prepared[row_index]
         row = self.dataset[row_index]
-        prepared = self.transform.prepare(decode_image(row["image"])), row["label"] if self.has_labels else -1
+        try:
+            prepared = self.transform.prepare(read_image(row["image"])), row["label"] if self.has_labels else -1
+        except UnreadableImage as error:
+            prepared = Unreadable(row_index, str(error))  # kept: a broken file is read (and reported) once
         if self._prepared is not None:
             self._prepared[row_index] = prepared
         return prepared
 
-    def __getitem__(self, index: int) -> dict | None:
-        row_index = index % len(self.dataset)
-        try:
-            image, label = self._prepare(row_index)
-        except (UnreadableImage, OSError, ValueError) as error:
-            logger.warning("skipping image %d: %s", row_index, error)
-            return None
+    def __getitem__(self, index: int) -> dict | Unreadable:
+        prepared = self._prepare(index % len(self.dataset))
+        if isinstance(prepared, Unreadable):
+            return prepared
+        image, label = prepared
         pixels = self.transform.augment(image, _generator(self.seed, self.epoch, index))
         return {"pixels": pixels, "label": label, "index": index}
+
+    def require_readable(self, name: str) -> None:
+        """Raise unless some image of the source can be read: a folder of broken files is an error
+        at start-up, not a run that waits forever for a batch. Reads until the first good image."""
+        problems = []
+        for row_index in range(min(len(self.dataset), self.PROBE_LIMIT)):
+            prepared = self._prepare(row_index)
+            if not isinstance(prepared, Unreadable):
+                return
+            problems.append(prepared.reason)
+        tried = f"all {len(problems)}" if len(problems) == len(self.dataset) else f"the first {len(problems)}"
+        raise ValueError(f"no image of {name} can be read ({tried} images tried); the first: {problems[0]}")
 
 
 def _generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -286,7 +326,8 @@ def _generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 
 class StreamingImageDataset(torch.utils.data.IterableDataset):
-    """An iterable view of a streaming source, shuffled through a buffer; bad images as None."""
+    """An iterable view of a streaming source, shuffled through a buffer; an `Unreadable` in place
+    of a bad image (keyed by its file when the stream has one, else by its position)."""
 
     def __init__(
         self, dataset: datasets.IterableDataset, transform: ImageTransform, *, seed: int = 0, shuffle_buffer: int = 1000
@@ -301,10 +342,10 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         for index, row in enumerate(self.dataset):
             try:
-                image = self.transform.prepare(decode_image(row["image"]))
-            except (UnreadableImage, OSError, ValueError) as error:
-                logger.warning("skipping streamed image %d: %s", index, error)
-                yield None
+                image = self.transform.prepare(read_image(row["image"]))
+            except UnreadableImage as error:
+                value = row["image"]
+                yield Unreadable((value.get("path") if isinstance(value, dict) else None) or f"#{index}", str(error))
                 continue
             pixels = self.transform.augment(image, _generator(self.seed, self.epoch, index))
             yield {"pixels": pixels, "label": row.get("label", -1), "index": index}
@@ -318,17 +359,32 @@ def split_stream(dataset: datasets.IterableDataset, eval_size: int):
     return dataset.skip(eval_size), datasets.Dataset.from_list(held_out, features=dataset.features)
 
 
-def collate_images(batch: list[dict | None]) -> dict:
-    """Stack the readable examples; `skipped` counts the unreadable ones in this batch.
+def collate_images(batch: list[dict | Unreadable]) -> dict:
+    """Stack the readable examples of a batch and list the unreadable ones.
 
     Returns pixels [B, 3, R, R], labels [B] (-1 without labels), indices [B] (positions in
-    the dataset) and skipped (an int).
+    the dataset), unreadable (the `Unreadable`s) and skipped (how many there were).
     """
-    good = [example for example in batch if example is not None]
+    good = [example for example in batch if not isinstance(example, Unreadable)]
+    unreadable = [example for example in batch if isinstance(example, Unreadable)]
     pixels = torch.stack([e["pixels"] for e in good]) if good else torch.empty(0, 3, 0, 0)
     labels = torch.tensor([e["label"] for e in good], dtype=torch.long)
     indices = torch.tensor([e["index"] for e in good], dtype=torch.long)
-    return {"pixels": pixels, "labels": labels, "indices": indices, "skipped": len(batch) - len(good)}
+    return {
+        "pixels": pixels,
+        "labels": labels,
+        "indices": indices,
+        "unreadable": unreadable,
+        "skipped": len(unreadable),
+    }
+
+
+def report_unreadable(batch: dict, seen: set) -> None:
+    """Warn once for each unreadable image of a batch not already in `seen` (which it joins)."""
+    for bad in batch["unreadable"]:
+        if bad.key not in seen:
+            seen.add(bad.key)
+            logger.warning("skipping an unreadable image (reported once): %s", bad.reason)
 
 
 # -- writing images -------------------------------------------------------------------------

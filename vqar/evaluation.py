@@ -34,6 +34,7 @@ from .data import (
     image_grid,
     load_source,
     make_loader,
+    report_unreadable,
     split_holdout,
     to_pil,
 )
@@ -147,8 +148,11 @@ def evaluate_tokenizer(args: EvaluateArgs) -> dict:
     source = load_source(args.data, split=args.split, image_column=args.image_column, label_column=args.label_column)
     if args.holdout:
         source = split_holdout(source, args.holdout, seed=0)[1]
-    loader = make_loader(ImageDataset(source, ImageTransform(resolution)), args.batch_size, collate_fn=collate_images)
-    batches = (batch["pixels"] for batch in tqdm(loader, desc="reconstructing"))
+    dataset = ImageDataset(source, ImageTransform(resolution))
+    dataset.require_readable(args.data)
+    loader = make_loader(dataset, args.batch_size, collate_fn=collate_images)
+    unreadable = set()
+    batches = (_readable(batch, unreadable) for batch in tqdm(loader, desc="reconstructing"))
     measured = reconstruction_metrics(tokenizer, batches, lpips=real_lpips(tokenizer.device), keep=None)
     originals, reconstructions = measured.originals, measured.reconstructions
     report = _rate(tokenizer, resolution) | measured.metrics
@@ -163,6 +167,11 @@ def evaluate_tokenizer(args: EvaluateArgs) -> dict:
     report |= {"images": measured.images, "resolution": resolution, "tokenizer": args.tokenizer, "data": args.data}
     _write(Path(args.output), report, originals, reconstructions, codecs["jpeg"][1])
     return report
+
+
+def _readable(batch: dict, unreadable: set) -> Tensor:
+    report_unreadable(batch, unreadable)
+    return batch["pixels"]
 
 
 def _rate(tokenizer, resolution: int) -> dict:

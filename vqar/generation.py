@@ -286,9 +286,9 @@ def prefix_from_image(tokenizer, image_path: str, rows: int) -> Tensor:
     Grid tokenizers: the first `rows` token rows [1, rows, w]. 1d tokenizers: the first `rows`
     tokens [1, rows] (the coarsest part of the image, with nested dropout).
     """
-    from .data import ImageTransform, decode_image
+    from .data import ImageTransform, read_image
 
-    pixels = ImageTransform(tokenizer.config.resolution)(decode_image(image_path))[None].to(tokenizer.device)
+    pixels = ImageTransform(tokenizer.config.resolution)(read_image(image_path))[None].to(tokenizer.device)
     tokens = tokenizer.encode(pixels)
     unit = "tokens of a 1d sequence" if tokenizer.is_1d else "token rows of a grid"
     if not 1 <= rows < tokens.shape[1]:

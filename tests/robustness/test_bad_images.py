@@ -113,3 +113,45 @@ def test_nan_pixels_are_refused_by_name():
     pixels[0, 1, 5, 5] = float("nan")
     with pytest.raises(ValueError, match="pixel_values contain NaN"):
         VQTokenizer.from_preset("fsq-cpu").encode(pixels)
+
+
+# -- no image to train on: errors at start-up, never a run that waits forever ------------------
+
+
+def test_a_folder_of_only_broken_images_is_an_error_at_start_up_naming_it(tmp_path, no_hang):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"{i:02d}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    with pytest.raises(ValueError, match=rf"no image of {folder} \(training split\) can be read \(all 3\d images"):
+        run(tiny_args(tmp_path / "out", data=folder, batch_size=4))
+
+
+def test_resize_to_below_the_resolution_is_a_configuration_error_at_start_up(tmp_path, no_hang):
+    with pytest.raises(ValueError, match=r"resize_to \(8\) must be >= resolution \(16\)"):
+        run(tiny_args(tmp_path, resize_to=8))
+
+
+def test_a_run_of_empty_batches_is_an_error(tmp_path, monkeypatch, no_hang):
+    from vqar.data import Unreadable
+    from vqar.training import train_tokenizer
+
+    def nothing_readable(batch):  # every training batch loses all its images
+        return collate_images([Unreadable(i, "broken") for i in range(len(batch))])
+
+    monkeypatch.setattr(train_tokenizer, "collate_images", nothing_readable)
+    with pytest.raises(RuntimeError, match="8 batches in a row held no readable image"):
+        run(tiny_args(tmp_path, max_steps=100))
+
+
+def test_a_broken_file_is_one_skipped_image_reported_once(tmp_path, caplog):
+    broken = odd_image_folder(tmp_path / "images")
+    with caplog.at_level("WARNING", logger="vqar"):
+        metrics = run(
+            tiny_args(
+                tmp_path / "out", data=tmp_path / "images", batch_size=4, max_steps=9, repeats=3, eval_fraction=0.2
+            )
+        )
+    reports = [r for r in caplog.records if "unreadable image (reported once)" in r.getMessage()]
+    assert 0 < metrics["skipped_images"] <= broken  # distinct files, though each came up in every epoch
+    assert len(reports) == metrics["skipped_images"]

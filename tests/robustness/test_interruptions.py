@@ -125,3 +125,27 @@ def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_intact(t
     monkeypatch.setattr(EMA, "save", real_save)
     metrics = run(tiny_args(tmp_path, **STEPS, resume="latest"))
     assert metrics["steps"] == STEPS["max_steps"]
+
+
+def test_a_stop_signal_is_honoured_between_batches_that_make_no_step(tmp_path, monkeypatch, no_hang):
+    import threading
+
+    from vqar.losses import TokenizerLoss
+
+    real = TokenizerLoss.generator_loss
+
+    def always_nan(self, *args, **kwargs):  # every step is skipped: no step ever completes
+        loss, logs = real(self, *args, **kwargs)
+        return loss * float("nan"), logs
+
+    monkeypatch.setattr(TokenizerLoss, "generator_loss", always_nan)
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            run(tiny_args(tmp_path, max_steps=10, max_bad_steps=100_000))
+    finally:
+        timer.cancel()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    (checkpoint,) = complete_checkpoints(tmp_path)
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 0

@@ -12,7 +12,7 @@ import json
 import pickle
 import re
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -32,7 +32,7 @@ class TrainerState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of this epoch already trained on: a resumed run skips them
-    skipped_images: int = 0  # unreadable images met so far
+    unreadable: list[int | str] = field(default_factory=list)  # this rank's unreadable images, each once
     skipped_steps: int = 0  # steps skipped for a NaN/inf loss or gradient
 
     def to_json(self) -> str:

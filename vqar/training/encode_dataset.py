@@ -18,7 +18,16 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from ..data import ImageDataset, ImageTransform, class_names, collate_images, load_source, make_loader, split_holdout
+from ..data import (
+    ImageDataset,
+    ImageTransform,
+    class_names,
+    collate_images,
+    load_source,
+    make_loader,
+    report_unreadable,
+    split_holdout,
+)
 from ..tokenizer import VQTokenizer
 from ..tokens import TokensManifest, write_tokens
 
@@ -51,8 +60,9 @@ def _fingerprint(args: TokenizeArgs, tokenizer: VQTokenizer) -> str:
 @torch.inference_mode()
 def _encode(accelerator: Accelerator, tokenizer: VQTokenizer, dataset: ImageDataset, batch_size: int, name: str):
     loader = accelerator.prepare(make_loader(dataset, batch_size, collate_fn=collate_images))
-    rows = []
+    rows, unreadable = [], set()
     for batch in tqdm(loader, desc=f"tokenize {name}", disable=not accelerator.is_main_process):
+        report_unreadable(batch, unreadable)
         if len(batch["pixels"]):
             codes = tokenizer.encode(batch["pixels"]).flatten(1).to(torch.int32).cpu().numpy()
             rows += zip(batch["indices"].tolist(), codes, batch["labels"].tolist())
@@ -76,7 +86,9 @@ def tokenize_dataset(args: TokenizeArgs) -> TokensManifest:
     transform = ImageTransform(tokenizer.config.resolution)
     splits, skipped = {}, 0
     for name, split in (("train", train_split), ("eval", eval_split)):
-        columns, bad = _encode(accelerator, tokenizer, ImageDataset(split, transform), args.batch_size, name)
+        dataset = ImageDataset(split, transform)
+        dataset.require_readable(f"{args.data} ({name} split)")
+        columns, bad = _encode(accelerator, tokenizer, dataset, args.batch_size, name)
         splits[name], skipped = columns, skipped + bad
     manifest = TokensManifest(
         tokenizer=args.tokenizer,
@@ -93,6 +105,6 @@ def tokenize_dataset(args: TokenizeArgs) -> TokensManifest:
     if accelerator.is_main_process:
         write_tokens(args.output, splits, manifest)
         if skipped:
-            logger.warning("skipped %d unreadable images", skipped)
+            logger.warning("skipped %d unreadable images in all", skipped)
     accelerator.wait_for_everyone()
     return manifest

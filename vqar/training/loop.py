@@ -18,13 +18,17 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from ..data import report_unreadable
 from .checkpoints import TrainerState, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .optim import EMA, NonFiniteStep, start_trackers
 from .recipes import TrainConfig, resolved_recipe, save_resolved_recipe
 
 logger = logging.getLogger(__name__)
+
+MAX_EMPTY_BATCHES = 8  # in a row, without one readable image: the source is broken, not unlucky
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -90,14 +94,14 @@ class Run:
 class LoopHooks:
     """What a trainer plugs into `run_loop` and `finish_run`.
 
-    step(batch, step) -> logs (detached scalar tensors), or None when the batch held nothing.
-    count(batch) -> items the batch trained on (images or tokens), for the speed readout.
+    step(batch, step) -> logs (detached scalar tensors); never called for an empty batch.
+    count(batch) -> items the batch holds to train on (images or tokens): 0 skips it.
     evaluate(step) -> held-out metrics (logged as eval/*); main process only.
     summary(metrics) -> the one line the progress bar prints after an evaluation.
     save(model, output_dir) -> writes the trained model's files; returns entries for metrics.json.
     """
 
-    step: Callable[[dict, int], dict | None]
+    step: Callable[[dict, int], dict]
     count: Callable[[dict], int]
     evaluate: Callable[[int], dict]
     summary: Callable[[dict], str]
@@ -152,7 +156,9 @@ class _Loop:
         self.run, self.state, self.hooks, self.train = run, state, hooks, run.train
         main = run.accelerator.is_main_process
         self.progress = tqdm(total=self.train.max_steps, initial=state.step, disable=not main)
-        self.speed, self.bad_in_a_row, self.stop = Throughput(), 0, StopSignals()
+        self.speed, self.stop = Throughput(), StopSignals()
+        self.bad_in_a_row = self.empty_in_a_row = 0
+        self.unreadable = set(state.unreadable)
 
     def epochs(self) -> None:
         data, state = self.run.data, self.state
@@ -169,22 +175,48 @@ class _Loop:
             state.batch_in_epoch = 0
 
     def _train_on(self, batch: dict) -> None:
-        state = self.state
+        """One batch: a step, or a skipped empty batch; then, either way, honour a stop signal."""
+        accelerator, state = self.run.accelerator, self.state
         state.batch_in_epoch += 1
-        state.skipped_images += batch.get("skipped", 0)
+        if batch.get("unreadable"):
+            report_unreadable(batch, self.unreadable)
+            state.unreadable = sorted(self.unreadable, key=str)
+        if self._empty_on_some_rank(batch):
+            self._after_empty_batch()
+        else:
+            self.empty_in_a_row = 0
+            self._step(batch)
+        if self.stop.requested(accelerator):
+            self.stop.exit(accelerator, save_checkpoint(accelerator, self.train, state, self.run.ema))
+
+    def _empty_on_some_rank(self, batch: dict) -> bool:
+        """Whether the batch held nothing to train on here or on another rank: all ranks skip it
+        together (one rank stepping alone would wait forever in DDP's gradient all-reduce)."""
+        count = self.hooks.count(batch)
+        accelerator = self.run.accelerator
+        if accelerator.num_processes == 1:
+            return count == 0
+        counts = accelerator.gather(torch.tensor([count], device=accelerator.device))
+        return bool((counts == 0).any())
+
+    def _after_empty_batch(self) -> None:
+        self.empty_in_a_row += 1
+        if self.empty_in_a_row >= MAX_EMPTY_BATCHES:
+            raise RuntimeError(
+                f"{self.empty_in_a_row} batches in a row held no readable image ({len(self.unreadable)} unreadable "
+                "images so far on this process); is the data source mostly broken files?"
+            )
+
+    def _step(self, batch: dict) -> None:
         try:
-            logs = self.hooks.step(batch, state.step)
+            logs = self.hooks.step(batch, self.state.step)
         except NonFiniteStep as bad:
             self._after_bad_step(bad)
             return
-        if logs is None:
-            return
         self.bad_in_a_row = 0
-        state.step += 1
+        self.state.step += 1
         self.speed.add(self.hooks.count(batch) * self.run.accelerator.num_processes)
         self._after_step(logs)
-        if self.stop.requested(self.run.accelerator):
-            self.stop.exit(self.run.accelerator, save_checkpoint(self.run.accelerator, self.train, state, self.run.ema))
 
     def _after_bad_step(self, bad: NonFiniteStep) -> None:
         self.state.skipped_steps += 1
@@ -272,7 +304,7 @@ def finish_run(run: Run, state: TrainerState, hooks: LoopHooks, started: float) 
     """The end of every run: the EMA weights become the model, a final held-out evaluation, the
     model's files and OUTPUT/metrics.json are written. Returns the metrics (None off the main process)."""
     accelerator, output = run.accelerator, Path(run.train.output_dir)
-    skipped = accelerator.reduce(torch.tensor(state.skipped_images, device=accelerator.device), "sum").item()
+    skipped = len(set().union(*gather_object([state.unreadable])))  # each broken file once, whichever rank met it
     agree = weights_agree_across_ranks(accelerator, run.unwrapped)
     metrics = None
     if accelerator.is_main_process:

@@ -84,7 +84,10 @@ def build_datasets(data: DataArgs, seed: int) -> tuple[ImageDataset | StreamingI
     else:
         train_split, eval_split = split_holdout(source, data.eval_fraction, seed=0)
         train = ImageDataset(train_split, train_transform, repeats=data.repeats, seed=seed)
-    return train, ImageDataset(eval_split, eval_transform, repeats=data.eval_crops, seed=12345)
+        train.require_readable(f"{data.data} (training split)")
+    held_out = ImageDataset(eval_split, eval_transform, repeats=data.eval_crops, seed=12345)
+    held_out.require_readable(f"{data.data} (held-out split)")
+    return train, held_out
 
 
 @dataclass
@@ -222,7 +225,7 @@ def train_tokenizer(model_args, data_args, loss_config: LossConfig, train: Train
     run = setup(model_args, data_args, loss_config, train)
     state = begin_run(run, "tokenizer", (model_args, data_args, loss_config, train))
     hooks = LoopHooks(
-        step=lambda batch, step: train_step(run, batch["pixels"], step) if len(batch["pixels"]) else None,
+        step=lambda batch, step: train_step(run, batch["pixels"], step),
         count=lambda batch: len(batch["pixels"]),
         evaluate=lambda step: evaluate(run, step),
         summary=summary,
