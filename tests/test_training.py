@@ -268,7 +268,7 @@ def test_two_process_cpu_launch_gives_two_ranks_with_identical_weights(tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["num_processes"] == 2
     assert metrics["weights_identical_across_ranks"] is True
-    assert (tmp_path / "checkpoints" / "step-000002" / "random_states_1.pkl").is_file()  # rank 1's RNG
+    assert (tmp_path / "checkpoints" / "step-000002" / "rng_state_1.safetensors").is_file()  # rank 1's RNG
 
 
 def test_parquet_source_streams_into_training(tmp_path):

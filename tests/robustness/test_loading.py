@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -113,3 +114,59 @@ def test_a_tokenizer_that_does_not_match_the_prior_is_refused(tokenizer_override
     tokenizer = VQTokenizer(TokenizerConfig(**{**TINY_F2, **tokenizer_overrides})).eval()
     with pytest.raises(ValueError, match="tokenizer does not match the prior.*" + message):
         generate_images(prior, tokenizer, layout, build_prompts(layout, num_images=1))
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "not safetensors"])
+def test_a_bad_rng_state_file_stops_the_resume(tmp_path, damage):
+    run(tiny_args(tmp_path, max_steps=2, save_every=2))
+    rng_file = tmp_path / "checkpoints" / "step-000002" / "rng_state_0.safetensors"
+    if damage == "missing":
+        rng_file.unlink()
+    elif damage == "truncated":
+        rng_file.write_bytes(rng_file.read_bytes()[:100])
+    else:
+        rng_file.write_bytes(pickle.dumps({"torch_manual_seed": torch.get_rng_state()}))
+    with pytest.raises((FileNotFoundError, ValueError), match=r"rng_state_0\.safetensors"):
+        run(tiny_args(tmp_path, max_steps=4, resume="latest"))
+
+
+def test_a_pickle_payload_in_accelerates_rng_file_never_runs_and_resume_stays_exact(tmp_path, monkeypatch):
+    from conftest import tokenize_digits_with_tiny_tokenizer
+    from safetensors.torch import load_file
+
+    from vqar.training import checkpoints
+    from vqar.training.recipes import TrainConfig, parse_recipe
+    from vqar.training.train_prior import PriorArgs, train_prior
+
+    tokens = tokenize_digits_with_tiny_tokenizer(tmp_path)
+
+    def train(output, **overrides):  # label dropout draws from the global RNG every step
+        options = {
+            "tokens": tokens,
+            "size": "tiny",
+            "output_dir": output,
+            "batch_size": 16,
+            "log_with": "none",
+            "eval_every": 0,
+            "max_steps": 4,
+            "save_every": 2,
+            "keep_checkpoints": 3,
+            **overrides,
+        }
+        train_prior(*parse_recipe([f"--{k}={v}" for k, v in options.items()], (PriorArgs, TrainConfig)))
+        return load_file(output / "prior" / "model.safetensors")
+
+    full = train(tmp_path / "full")
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step-000002"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-000002", checkpoint)
+    assert not (checkpoint / "random_states_0.pkl").exists()  # vqar keeps its own, pickle-free
+    marker = tmp_path / "pwned"
+    (checkpoint / "random_states_0.pkl").write_bytes(pickle.dumps(RunsCode(marker)))
+    resumed = train(tmp_path / "resumed", resume="latest")
+    assert not marker.exists()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    # and the RNG states matter here: resumed with other ones, the weights differ
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
+    monkeypatch.setattr(checkpoints, "load_rng_state", lambda folder, rank: torch.manual_seed(1))
+    other = train(tmp_path / "resumed", resume="latest")
+    assert any(not torch.equal(full[k], other[k]) for k in full)

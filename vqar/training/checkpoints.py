@@ -1,21 +1,31 @@
 """Checkpoints: written atomically, resumed exactly.
 
-`accelerator.save_state` writes models, optimizers, schedulers and RNG states into a temporary
+`accelerator.save_state` writes models, optimizers and schedulers into a temporary
 `.partial-step-XXXXXX` folder, which is renamed into place only once `trainer_state.json` (our
 step and data position) and `ema.safetensors` are in it, so a crash mid-write never leaves a
 checkpoint that looks whole. Nothing of ours is pickled.
+
+The random number generators' states are ours too (`rng_state_<rank>.safetensors`): accelerate
+pickles them and, on load, takes any failure to read them — a missing, damaged or tampered file —
+for a log line at INFO level, and the run goes on with other random numbers. vqar removes that
+file, writes its own without pickle, and refuses to resume without it.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
+import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .optim import EMA
 from .recipes import TrainConfig
@@ -23,6 +33,8 @@ from .recipes import TrainConfig
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 TRAINER_STATE = "trainer_state.json"
 EMA_WEIGHTS = "ema.safetensors"
+RNG_STATE = "rng_state_{rank}.safetensors"
+ACCELERATE_RNG_STATE = "random_states_{rank}.pkl"
 
 
 @dataclass
@@ -42,6 +54,55 @@ class TrainerState:
     def from_json(cls, text: str) -> TrainerState:
         data = json.loads(text)  # checkpoints from before a field existed lack it: it keeps its default
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+# -- random number generators ------------------------------------------------------------------
+
+
+def save_rng_state(folder: Path, rank: int) -> None:
+    """This process's Python, NumPy, torch (and CUDA) generator states, as tensors in safetensors."""
+    version, python_state, gauss = random.getstate()
+    _, numpy_keys, numpy_pos, has_gauss, cached_gaussian = np.random.get_state()
+    tensors = {
+        "python": torch.tensor(python_state, dtype=torch.int64),
+        "numpy": torch.from_numpy(numpy_keys.astype(np.int64)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    extra = {
+        "python_version": version,
+        "python_gauss": gauss,
+        "numpy_pos": int(numpy_pos),
+        "numpy_has_gauss": int(has_gauss),
+        "numpy_cached_gaussian": float(cached_gaussian),
+    }
+    save_file(tensors, str(folder / RNG_STATE.format(rank=rank)), metadata={"vqar": json.dumps(extra)})
+    (folder / ACCELERATE_RNG_STATE.format(rank=rank)).unlink(missing_ok=True)  # ours is the one record
+
+
+def load_rng_state(folder: Path, rank: int) -> None:
+    """Restore what `save_rng_state` wrote, or refuse the resume naming the file."""
+    path = folder / RNG_STATE.format(rank=rank)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {folder} has no {path.name}: without this process's random number generator states "
+            "the run cannot resume exactly (a damaged checkpoint, or one written by an older vqar)"
+        )
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors, extra = {name: f.get_tensor(name) for name in f.keys()}, json.loads(f.metadata()["vqar"])
+        random.setstate((extra["python_version"], tuple(tensors["python"].tolist()), extra["python_gauss"]))
+        numpy_state = ("MT19937", tensors["numpy"].numpy().astype(np.uint32), extra["numpy_pos"])
+        np.random.set_state((*numpy_state, extra["numpy_has_gauss"], extra["numpy_cached_gaussian"]))
+        torch.set_rng_state(tensors["torch"])
+        if "cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(tensors["cuda"]))
+    except (SafetensorError, KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"cannot restore the random number generators from {path} (damaged?): {error}") from error
+
+
+# -- the checkpoint folders --------------------------------------------------------------------
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -81,6 +142,8 @@ def save_checkpoint(accelerator: Accelerator, train: TrainConfig, state: Trainer
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(partial))
+        save_rng_state(partial, accelerator.process_index)
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if ema is not None:
                 ema.save(partial / EMA_WEIGHTS)
@@ -103,10 +166,11 @@ def save_checkpoint(accelerator: Accelerator, train: TrainConfig, state: Trainer
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMA | None) -> TrainerState:
-    """Restore everything accelerate prepared and the EMA weights; return the trainer state.
+    """Restore everything accelerate prepared, the random number generators and the EMA
+    weights; return the trainer state.
 
-    accelerate reads optimizer, scheduler and RNG files with `torch.load(weights_only=True)`;
-    a file that would need arbitrary unpickling is refused here with its checkpoint named.
+    accelerate reads optimizer and scheduler files with `torch.load(weights_only=True)`; a file
+    that would need arbitrary unpickling is refused here with its checkpoint named.
     """
     try:
         accelerator.load_state(str(path))
@@ -115,6 +179,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMA | None) -> Tr
             f"checkpoint {path} holds a file that needs unpickling arbitrary Python objects, which "
             f"vqar refuses (it could run code); only plain tensors and numbers load: {error}"
         ) from error
+    load_rng_state(path, accelerator.process_index)
     if ema is not None:
         if not (path / EMA_WEIGHTS).is_file():
             raise FileNotFoundError(f"checkpoint {path} has no {EMA_WEIGHTS}, but this run keeps an EMA")
