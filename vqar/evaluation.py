@@ -3,8 +3,9 @@
 - rate: tokens per image, raw bits per image (tokens x log2 K), bits per pixel, tensor-size
   reduction (input floats / latent floats) and, with a prior, the prior's bits per image: the
   rate an entropy coder driven by the prior would reach;
-- distortion: PSNR, SSIM, LPIPS (real backbone weights only) and rFID (torch-fidelity with its
-  Inception weights present), each null with the reason when it cannot be computed;
+- distortion: PSNR, SSIM, LPIPS (real backbone weights only) and rFID (torch-fidelity's
+  Inception), each null with the reason when it cannot be computed; their weights are fetched
+  once into torch's hub cache unless offline (vqar.weights);
 - codebook health over the whole set: usage, perplexity, dead codes;
 - for a 1d tokenizer trained with nested dropout, `psnr_at_tokens`: PSNR decoding only the
   leading k = L/4, L/2, L tokens (the rate then is k x log2 K bits);
@@ -40,8 +41,8 @@ from .data import (
 )
 from .losses import PerceptualLoss, lpips_missing_reason
 from .metrics import code_histogram, code_perplexity, codebook_usage, psnr, ssim
+from .weights import FID_INCEPTION, missing_reason
 
-FID_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's Inception, in torch's hub cache
 CODEC_FORMATS = {"jpeg": "JPEG", "webp": "WEBP"}
 
 
@@ -101,7 +102,8 @@ def reconstruction_metrics(
     if tokenizer.prefix_lengths:
         metrics["psnr_at_tokens"] = {str(k): sums[f"psnr@{k}"] / n for k in tokenizer.prefix_lengths}
     if lpips is None:
-        metrics["lpips"], metrics["lpips_missing_reason"] = None, lpips_missing_reason() or "LPIPS disabled"
+        metrics["lpips"] = None
+        metrics["lpips_missing_reason"] = lpips_missing_reason(download=False) or "LPIPS not requested"
     indices = torch.cat(kept["indices"]) if keep is None else None
     return Reconstructions(metrics, n, torch.cat(kept["originals"]), torch.cat(kept["reconstructions"]), indices)
 
@@ -117,9 +119,9 @@ def _accumulate(sums: dict, tokenizer, pixels: Tensor, reconstruction: Tensor, i
         sums[f"psnr@{k}"] += psnr(pixels, coarse).sum().item()
 
 
-def real_lpips(device: torch.device | str = "cpu") -> PerceptualLoss | None:
-    """LPIPS with its real backbone weights, or None when they are not on this machine."""
-    return PerceptualLoss().to(device) if lpips_missing_reason() is None else None
+def real_lpips(device: torch.device | str = "cpu", *, download: bool = True) -> PerceptualLoss | None:
+    """LPIPS with its real backbone weights (fetched once if `download` and online), or None."""
+    return PerceptualLoss(download=download).to(device) if lpips_missing_reason(download=download) is None else None
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -186,16 +188,13 @@ def _rate(tokenizer, resolution: int) -> dict:
     }
 
 
-def rfid_missing_reason() -> str | None:
-    """None when torch-fidelity and its Inception weights are present, else why not and the fix."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS
+def rfid_missing_reason(*, download: bool = True) -> str | None:
+    """None when torch-fidelity and its Inception weights are here (fetched once if allowed), else why not."""
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
-        return f"rFID needs torch-fidelity (pip install torch-fidelity) and its Inception weights at {path}"
-    if not path.is_file():
-        return f"rFID needs torch-fidelity's Inception weights at {path} (TORCH_HOME sets the folder); vqar never downloads"
-    return None
+        return "rFID needs torch-fidelity and its Inception weights: pip install 'vqar[metrics]' (the weights follow)"
+    return missing_reason(FID_INCEPTION, download=download)
 
 
 def rfid(originals: torch.Tensor, reconstructions: torch.Tensor) -> tuple[float | None, str | None]:

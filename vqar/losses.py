@@ -1,8 +1,9 @@
 """The tokenizer's training losses: regression, LPIPS, PatchGAN adversarial, bottleneck.
 
-- LPIPS: Zhang et al. 2018, through the `lpips` package. Its ImageNet backbone comes from
-  torchvision's cache and is never downloaded here; a missing file stops start-up with the
-  path to put it at. `random_backbone=True` is for plumbing tests only: its value is not LPIPS.
+- LPIPS: Zhang et al. 2018, through the `lpips` package (its network and calibrated linear
+  heads); the ImageNet backbone weights are fetched once into torch's hub cache by
+  `vqar.weights` (offline, a missing file stops start-up saying where to put it).
+  `random_backbone=True` is for plumbing tests only: its value is not LPIPS.
 - PatchGAN discriminator: Isola et al. 2017 (pix2pix), as used by VQGAN (Esser et al. 2021).
 - Hinge and non-saturating GAN losses; VQGAN's adaptive weight (ratio of gradient norms at the
   decoder's last layer); LeCAM regularisation (Tseng et al. 2021, arXiv 2104.03310).
@@ -12,49 +13,37 @@ Losses return `(loss, logs)`: logs are detached scalars; only the training loop 
 
 from __future__ import annotations
 
-import os
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LPIPS_BACKBONE_URLS = {
-    "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
-    "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
-}
+from .weights import LPIPS_BACKBONES, fetch, missing_reason
 
 
-def lpips_backbone_path(net: str) -> Path:
-    """Where torchvision looks for the ImageNet weights of LPIPS's backbone."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(LPIPS_BACKBONE_URLS[net])
-
-
-def lpips_missing_reason(net: str = "vgg") -> str | None:
-    """None when LPIPS can run with real weights here, else why not and how to fix it."""
-    path = lpips_backbone_path(net)
-    if path.is_file():
-        return None
-    return (
-        f"LPIPS needs the ImageNet {net} backbone weights at {path} (torchvision's cache, set by TORCH_HOME); "
-        f"download {LPIPS_BACKBONE_URLS[net]} and place it there, or set the LPIPS weight to 0"
-    )
+def lpips_missing_reason(net: str = "vgg", *, download: bool = True) -> str | None:
+    """None when LPIPS can run with real weights here (fetching them if allowed), else why not and the fix."""
+    return missing_reason(LPIPS_BACKBONES[net], download=download)
 
 
 class PerceptualLoss(nn.Module):
     """LPIPS distance per image. Images [B, 3, H, W] in [-1, 1] -> [B]. Frozen."""
 
-    def __init__(self, net: Literal["vgg", "alex"] = "vgg", random_backbone: bool = False):
+    def __init__(self, net: Literal["vgg", "alex"] = "vgg", random_backbone: bool = False, download: bool = True):
         super().__init__()
-        if net not in LPIPS_BACKBONE_URLS:
-            raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_BACKBONE_URLS)}, got {net!r}")
-        if not random_backbone and (reason := lpips_missing_reason(net)):
-            raise FileNotFoundError(reason)
+        if net not in LPIPS_BACKBONES:
+            raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_BACKBONES)}, got {net!r}")
+        if not random_backbone:
+            fetch(LPIPS_BACKBONES[net], download=download)  # torchvision then finds them in its cache
         import lpips
 
-        self.net = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False).eval()
+        with warnings.catch_warnings():  # lpips 0.1.4 still calls torchvision's pre-0.13 `pretrained=` API
+            warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated")
+            warnings.filterwarnings("ignore", message="Arguments other than a weight enum")
+            self.net = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False).eval()
         self.random_backbone = random_backbone
         self.requires_grad_(False)
 

@@ -153,7 +153,9 @@ def setup(
         loss_fn.discriminator = run.discriminator
     if accelerator.is_main_process:
         real = loss_fn.perceptual is not None and not loss_fn.perceptual.random_backbone
-        run.lpips = loss_fn.perceptual if real else real_lpips(accelerator.device)
+        # LPIPS for the held-out figures: the training term's, or one whose weights are already cached
+        # (a run that does not train with LPIPS does not fetch 500 MB to report it; `vqar evaluate` does)
+        run.lpips = loss_fn.perceptual if real else real_lpips(accelerator.device, download=False)
     return run
 
 
