@@ -282,3 +282,44 @@ def test_parquet_source_streams_into_training(tmp_path):
         )
     )
     assert metrics["steps"] == 4 and metrics["eval_images"] == 20
+
+
+# -- the GAN phase --------------------------------------------------------------------------
+
+
+def test_the_gan_phase_reports_discriminator_accuracy_and_the_adaptive_weight(tmp_path):
+    metrics = run(tiny_args(tmp_path, adversarial_weight=0.5, disc_start=1, lecam_weight=0.01, log_every=1))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("disc_accuracy_real", "disc_accuracy_fake"):
+        assert 0 <= saved[key] <= 1 and saved[key] == metrics[key]
+    assert saved["adaptive_weight"] > 0
+
+
+def test_the_adversarial_term_ramps_up_over_the_warm_up():
+    loss = TokenizerLoss(LossConfig(perceptual_weight=0, adversarial_weight=0.1, disc_start=10, disc_warmup_steps=4))
+    assert [loss.gan_ramp(step) for step in (0, 9, 10, 11, 13, 50)] == [0, 0, 0.25, 0.5, 1, 1]
+    no_warmup = TokenizerLoss(LossConfig(perceptual_weight=0, adversarial_weight=0.1, disc_start=10))
+    assert [no_warmup.gan_ramp(step) for step in (9, 10)] == [0, 1]
+
+
+def test_training_warns_of_a_collapsed_codebook_and_of_a_gan_that_costs_psnr(caplog):
+    from types import SimpleNamespace
+
+    from vqar import VQTokenizer
+    from vqar.training.train_tokenizer import _warn_about_health
+
+    tokenizer = VQTokenizer.from_preset("fsq-cpu", resolution=16)  # 1,000 codes, 16 tokens per image
+    loss_fn = TokenizerLoss(LossConfig(perceptual_weight=0, adversarial_weight=0.1, disc_start=100))
+    run = SimpleNamespace(unwrapped=tokenizer, min_codebook_usage=0.1, loss_fn=loss_fn, psnr_before_gan=None)
+    healthy = {"eval_images": 100, "codebook_usage": 0.5, "code_perplexity": 300.0}  # 1,600 tokens: all 1,000 reachable
+    with caplog.at_level("WARNING"):
+        _warn_about_health(run, healthy | {"psnr": 25.0}, step=50)
+        _warn_about_health(run, healthy | {"psnr": 24.5}, step=150)  # -0.5 dB: the usual GAN trade
+        assert not caplog.records
+        _warn_about_health(run, healthy | {"psnr": 23.5, "disc_accuracy_real": 1.0, "disc_accuracy_fake": 0.9}, 200)
+        _warn_about_health(run, healthy | {"psnr": 25.0, "codebook_usage": 0.05, "code_perplexity": 20.0}, 250)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "PSNR fell from 25.00 to 23.50 dB since the discriminator started (step 100)" in messages[0]
+    assert "100% / 90%" in messages[0]
+    assert "codebook collapsed: the held-out images use 5.00% of the codes" in messages[1]

@@ -123,6 +123,20 @@ def adaptive_weight(reconstruction_loss: Tensor, generator_loss: Tensor, last_la
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
 
 
+def discriminator_accuracy(logits_real: Tensor, logits_fake: Tensor) -> dict[str, Tensor]:
+    """How often D calls real patches real (logit > 0) and reconstructed ones fake, and its mean logits.
+
+    Near 0.5 / 0.5 D has nothing to teach; near 1 / 1 it has won, and its gradients push G away
+    from the data. Logits: [B, 1, h, w].
+    """
+    return {
+        "disc/accuracy_real": (logits_real > 0).float().mean(),
+        "disc/accuracy_fake": (logits_fake < 0).float().mean(),
+        "disc/logits_real": logits_real.mean(),
+        "disc/logits_fake": logits_fake.mean(),
+    }
+
+
 class LeCAM(nn.Module):
     """LeCAM regulariser: keeps D's outputs near EMAs of its outputs on the other class."""
 
@@ -151,6 +165,7 @@ class LossConfig:
     bottleneck_weight: float = 1.0  # multiplies the quantizer's own (already weighted) loss
     adversarial_weight: float = 0.1  # LlamaGen / Open-MAGVIT2 use 0.1 to 0.5
     disc_start: int = 20000  # step from which D is trained and applied (LlamaGen: 20k)
+    disc_warmup_steps: int = 0  # after disc_start, G's adversarial term ramps from 0 to full over these steps
     disc_loss: Literal["hinge", "non_saturating"] = "hinge"
     disc_layers: int = 3
     disc_channels: int = 64
@@ -166,6 +181,7 @@ class LossConfig:
             "bottleneck_weight",
             "adversarial_weight",
             "lecam_weight",
+            "disc_warmup_steps",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -203,6 +219,12 @@ class TokenizerLoss(nn.Module):
     def gan_active(self, step: int) -> bool:
         return self.discriminator is not None and step >= self.config.disc_start
 
+    def gan_ramp(self, step: int) -> float:
+        """The share of G's adversarial term at `step`: 0 before disc_start, then up to 1 over the warm-up."""
+        if not self.gan_active(step):
+            return 0.0
+        return min(1.0, (step - self.config.disc_start + 1) / max(1, self.config.disc_warmup_steps))
+
     def generator_loss(
         self, images: Tensor, reconstruction: Tensor, bottleneck_loss: Tensor, step: int, last_layer: Tensor | None
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -219,7 +241,7 @@ class TokenizerLoss(nn.Module):
         if self.gan_active(step):
             gan = generator_adversarial_loss(c.disc_loss, self.discriminator(reconstruction))
             weight = adaptive_weight(rec, gan, last_layer) if c.adaptive_weight else torch.ones(())
-            loss = loss + c.adversarial_weight * weight * gan
+            loss = loss + self.gan_ramp(step) * c.adversarial_weight * weight * gan
             logs |= {"loss/generator_gan": gan.detach(), "loss/adaptive_weight": weight}
         logs["loss/total"] = loss.detach()
         return loss, logs
@@ -229,11 +251,7 @@ class TokenizerLoss(nn.Module):
         logits_real = self.discriminator(images.detach())
         logits_fake = self.discriminator(reconstruction.detach())
         loss = D_LOSSES[self.config.disc_loss](logits_real, logits_fake)
-        logs = {
-            "disc/loss": loss.detach(),
-            "disc/logits_real": logits_real.detach().mean(),
-            "disc/logits_fake": logits_fake.detach().mean(),
-        }
+        logs = {"disc/loss": loss.detach()} | discriminator_accuracy(logits_real.detach(), logits_fake.detach())
         if self.lecam is not None:
             lecam = self.lecam(logits_real, logits_fake)
             loss = loss + self.config.lecam_weight * lecam

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -84,6 +84,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     data: TrainData
     ema: EMA | None
+    latest_logs: dict = field(default_factory=dict)  # the training figures of the last logged step, as floats
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -99,6 +100,7 @@ class LoopHooks:
     evaluate(step) -> held-out metrics (logged as eval/*); main process only.
     summary(metrics) -> the one line the progress bar prints after an evaluation.
     save(model, output_dir) -> writes the trained model's files; returns entries for metrics.json.
+    progress: {short name: log key} of the figures the progress bar shows beside the loss and speed.
     """
 
     step: Callable[[dict, int], dict]
@@ -107,6 +109,7 @@ class LoopHooks:
     summary: Callable[[dict], str]
     save: Callable[[torch.nn.Module, Path], dict]
     speed_unit: str = "img_s"
+    progress: dict[str, str] = field(default_factory=dict)
 
 
 def step_optimizer(run: Run) -> None:
@@ -241,8 +244,10 @@ class _Loop:
             values = {k: v.item() for k, v in logs.items()}  # one host sync per log, not per step
             values |= {"lr": self.run.scheduler.get_last_lr()[0], hooks.speed_unit: self.speed.read()}
             accelerator.log(values, step=step)
-            loss = values.get("loss/total", float("nan"))
-            self.progress.set_postfix(loss=f"{loss:.4f}", **{hooks.speed_unit: f"{values[hooks.speed_unit]:.1f}"})
+            self.run.latest_logs = values
+            shown = {"loss": f"{values.get('loss/total', float('nan')):.4f}"}
+            shown |= {short: f"{values[key]:.3g}" for short, key in hooks.progress.items() if key in values}
+            self.progress.set_postfix(**shown, **{hooks.speed_unit: f"{values[hooks.speed_unit]:.1f}"})
         self.progress.update(1)
         if train.eval_every and step % train.eval_every == 0 and not last and accelerator.is_main_process:
             self.progress.write(f"step {step}: {hooks.summary(hooks.evaluate(step))}")

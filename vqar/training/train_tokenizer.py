@@ -7,6 +7,7 @@ Three pieces, as in accelerate's examples: build everything (`setup`), one optim
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,13 @@ from ..data import (
     split_stream,
 )
 from ..evaluation import real_lpips, reconstruction_metrics
-from ..losses import LossConfig, PerceptualLoss, TokenizerLoss
+from ..losses import LossConfig, PerceptualLoss, TokenizerLoss, discriminator_accuracy
 from ..tokenizer import TokenizerConfig, VQTokenizer, load_preset
 from .loop import EpochSampler, LoopHooks, Run, TrainData, begin_run, finish_run, run_loop, step_optimizer
 from .optim import NonFiniteStep, backward_and_check, make_accelerator, make_ema, make_optimizer, make_scheduler
 from .recipes import JSONDict, TrainConfig, parse_recipe
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +41,8 @@ class TokenizerModelArgs:
     preset: str = "fsq-cpu"  # a name from tokenizers/ (see `vqar presets`)
     tokenizer: JSONDict = field(default_factory=JSONDict)  # overrides of the preset's config fields
     init_from: str | None = None  # a trained tokenizer (folder or Hub id) to fine-tune instead
+    # warn when the held-out set uses fewer than this share of the codes it could use (min(1, tokens / K))
+    min_codebook_usage: float = 0.1
 
 
 @dataclass
@@ -101,6 +106,8 @@ class TokenizerRun(Run):
     eval_data: ImageDataset = None
     eval_batch_size: int = 64
     lpips: PerceptualLoss | None = None  # the LPIPS held-out figures report (real weights only)
+    min_codebook_usage: float = 0.1
+    psnr_before_gan: float | None = None  # the last held-out PSNR before disc_start, to watch the GAN phase by
 
 
 def _training_loader(train_data, train: TrainConfig, num_processes: int) -> TrainData:
@@ -145,6 +152,7 @@ def setup(
         loss_fn=loss_fn,
         eval_data=eval_data,
         eval_batch_size=data_args.eval_batch_size,
+        min_codebook_usage=model_args.min_codebook_usage,
     )
     if loss_fn.discriminator is not None:
         d_optimizer = make_optimizer(loss_fn.discriminator.parameters(), train, loss_config.disc_learning_rate)
@@ -196,19 +204,69 @@ def _discriminator_step(run: TokenizerRun, pixels: torch.Tensor, reconstruction:
 
 def evaluate(run: TokenizerRun, step: int) -> dict:
     """Held-out reconstruction metrics (`vqar.evaluation.reconstruction_metrics`), logged as
-    eval/*, with OUTPUT/samples/step-XXXXXX.png: held-out originals above their reconstructions."""
+    eval/*, with OUTPUT/samples/step-XXXXXX.png: held-out originals above their reconstructions.
+
+    Once the GAN is on, also how well D tells held-out images from their reconstructions and the
+    latest adaptive weight; warns when the codebook collapses or the GAN phase costs PSNR.
+    """
     loader = make_loader(run.eval_data, run.eval_batch_size, collate_fn=collate_images)
     measured = reconstruction_metrics(run.unwrapped, (b["pixels"] for b in loader), lpips=run.lpips, keep=8)
     metrics = measured.metrics | {"eval_images": measured.images}
+    if run.loss_fn.gan_active(step):
+        metrics |= _discriminator_metrics(run, measured.originals, measured.reconstructions)
     samples = Path(run.train.output_dir) / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     image_grid([measured.originals, measured.reconstructions]).save(samples / f"step-{step:06d}.png")
     run.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+    _warn_about_health(run, metrics, step)
     return metrics
+
+
+@torch.inference_mode()
+def _discriminator_metrics(run: TokenizerRun, originals: torch.Tensor, reconstructions: torch.Tensor) -> dict:
+    discriminator = run.accelerator.unwrap_model(run.discriminator)
+    device = next(discriminator.parameters()).device
+    logits = [discriminator(images.to(device)) for images in (originals, reconstructions)]
+    metrics = {k.replace("disc/", "disc_"): v.item() for k, v in discriminator_accuracy(*logits).items()}
+    adaptive = run.latest_logs.get("loss/adaptive_weight")
+    return metrics | ({"adaptive_weight": adaptive} if adaptive is not None else {})
+
+
+def _warn_about_health(run: TokenizerRun, metrics: dict, step: int) -> None:
+    """The two ways a tokenizer run goes wrong without a NaN: a collapsed codebook, a GAN that costs PSNR."""
+    tokenizer = run.unwrapped
+    reachable = min(1.0, metrics["eval_images"] * tokenizer.tokens_per_image / tokenizer.codebook_size)
+    if metrics["codebook_usage"] < run.min_codebook_usage * reachable:
+        logger.warning(
+            "step %d: the codebook collapsed: the held-out images use %.2f%% of the codes (perplexity %.0f), "
+            "where they could use %.0f%%",
+            step,
+            100 * metrics["codebook_usage"],
+            metrics["code_perplexity"],
+            100 * reachable,
+        )
+    if not run.loss_fn.gan_active(step):
+        run.psnr_before_gan = metrics["psnr"]
+    elif run.psnr_before_gan is not None and metrics["psnr"] < run.psnr_before_gan - 1:
+        logger.warning(
+            "step %d: held-out PSNR fell from %.2f to %.2f dB since the discriminator started (step %d); D tells "
+            "real from reconstructed %.0f%% / %.0f%% of the time: if D is winning, lower adversarial_weight or "
+            "disc_learning_rate, start it later, or raise disc_warmup_steps",
+            step,
+            run.psnr_before_gan,
+            metrics["psnr"],
+            run.loss_fn.config.disc_start,
+            100 * metrics.get("disc_accuracy_real", float("nan")),
+            100 * metrics.get("disc_accuracy_fake", float("nan")),
+        )
 
 
 def summary(metrics: dict) -> str:
     line = f"held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, codebook usage {metrics['codebook_usage']:.1%}"
+    if "disc_accuracy_real" in metrics:
+        line += (
+            f"; D right on {metrics['disc_accuracy_real']:.0%} real / {metrics['disc_accuracy_fake']:.0%} reconstructed"
+        )
     by_prefix = ", ".join(f"{k} tokens {v:.2f}" for k, v in metrics.get("psnr_at_tokens", {}).items())
     return line + (f"; PSNR from the first {by_prefix} dB" if by_prefix else "")
 
@@ -232,6 +290,7 @@ def train_tokenizer(model_args, data_args, loss_config: LossConfig, train: Train
         evaluate=lambda step: evaluate(run, step),
         summary=summary,
         save=_save,
+        progress={"d_real": "disc/accuracy_real", "d_fake": "disc/accuracy_fake", "ada": "loss/adaptive_weight"},
     )
     state = run_loop(run, state, hooks)
     return finish_run(run, state, hooks, started)
