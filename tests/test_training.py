@@ -323,3 +323,15 @@ def test_training_warns_of_a_collapsed_codebook_and_of_a_gan_that_costs_psnr(cap
     assert "PSNR fell from 25.00 to 23.50 dB since the discriminator started (step 100)" in messages[0]
     assert "100% / 90%" in messages[0]
     assert "codebook collapsed: the held-out images use 5.00% of the codes" in messages[1]
+
+
+def test_compile_wraps_the_model_but_ema_and_saving_see_the_module_itself(tmp_path):
+    from vqar.training.train_tokenizer import setup
+
+    torch.set_num_threads(1)
+    model_args, data_args, loss, _ = parse_recipe(tiny_args(tmp_path), TYPES)
+    for compile in (False, True):  # one process may change its mind: accelerate's state is per process
+        run = setup(model_args, data_args, loss, TrainConfig(output_dir=str(tmp_path), compile=compile, ema_decay=0.9))
+        assert isinstance(run.model, torch._dynamo.eval_frame.OptimizedModule) == compile
+        assert not isinstance(run.unwrapped, torch._dynamo.eval_frame.OptimizedModule)
+        assert set(run.ema.shadow) <= set(run.unwrapped.state_dict())  # no "_orig_mod." prefixes

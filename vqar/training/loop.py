@@ -88,7 +88,9 @@ class Run:
 
     @property
     def unwrapped(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        return self.accelerator.unwrap_model(
+            self.model, keep_torch_compile=False
+        )  # the module itself, not its compiled wrapper
 
 
 @dataclass

@@ -24,10 +24,15 @@ logger = logging.getLogger(__name__)
 
 def make_accelerator(train: TrainConfig) -> Accelerator:
     """An Accelerator for this run; trackers are started by `start_trackers`."""
-    _allow_new_mixed_precision(train.mixed_precision)
+    _fresh_accelerator_state()
+    if train.compile:
+        # VQGAN's adaptive weight differentiates twice through one graph (retain_graph=True), which
+        # compiled backwards with donated buffers refuse; the error message names this switch.
+        torch._functorch.config.donated_buffer = False
     log_with = None if train.log_with in ("none", "") else train.log_with
     accelerator = Accelerator(
         mixed_precision=train.mixed_precision,
+        dynamo_backend="inductor" if train.compile else None,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=train.output_dir, logging_dir=f"{train.output_dir}/logs"),
     )
@@ -37,17 +42,17 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def _allow_new_mixed_precision(mixed_precision: str) -> None:
-    """Let this run use another mixed precision than an earlier run in the same process.
+def _fresh_accelerator_state() -> None:
+    """Let this run choose its own mixed precision and compilation, whatever an earlier run in
+    this process chose.
 
-    accelerate keeps one AcceleratorState per process and refuses an Accelerator with another
-    `mixed_precision` ("restart your runtime"); vqar's trainers are functions that a notebook,
-    the demo or a test may call several times. Only that state is dropped: the process group
-    (PartialState) stays. accelerate has no public call for this.
+    accelerate keeps one AcceleratorState per process: it refuses an Accelerator with another
+    `mixed_precision` ("restart your runtime") and silently keeps the first `dynamo_backend`.
+    vqar's trainers are functions that a notebook, the demo or a test may call several times.
+    Only that state is dropped; the process group (PartialState) stays. accelerate has no public
+    call for this.
     """
-    current = AcceleratorState._shared_state.get("_mixed_precision")
-    if current is not None and current != mixed_precision:
-        AcceleratorState._reset_state()
+    AcceleratorState._reset_state()
 
 
 def start_trackers(accelerator: Accelerator, project_name: str, recipe: dict) -> None:
@@ -106,7 +111,9 @@ class EMA:
 
 
 def make_ema(accelerator: Accelerator, model: torch.nn.Module, train: TrainConfig) -> EMA | None:
-    return EMA(accelerator.unwrap_model(model), train.ema_decay) if train.ema_decay > 0 else None
+    return (
+        EMA(accelerator.unwrap_model(model, keep_torch_compile=False), train.ema_decay) if train.ema_decay > 0 else None
+    )
 
 
 MIN_LOSS_SCALE = 1.0  # fp16: overflows at a loss scale below this are not the scaler's to absorb (DeepSpeed's floor)

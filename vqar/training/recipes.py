@@ -35,6 +35,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # EMA of the weights (e.g. 0.999); 0 turns it off
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    compile: bool = False  # torch.compile the trained models (inductor), through accelerate
     save_every: int = 500  # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
     eval_every: int = 500  # steps between held-out evaluations; 0: only at the end

@@ -224,7 +224,7 @@ def evaluate(run: TokenizerRun, step: int) -> dict:
 
 @torch.inference_mode()
 def _discriminator_metrics(run: TokenizerRun, originals: torch.Tensor, reconstructions: torch.Tensor) -> dict:
-    discriminator = run.accelerator.unwrap_model(run.discriminator)
+    discriminator = run.accelerator.unwrap_model(run.discriminator, keep_torch_compile=False)
     device = next(discriminator.parameters()).device
     logits = [discriminator(images.to(device)) for images in (originals, reconstructions)]
     metrics = {k.replace("disc/", "disc_"): v.item() for k, v in discriminator_accuracy(*logits).items()}
