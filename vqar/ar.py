@@ -16,14 +16,16 @@ inside the AR model's config.json (key `vqar_vocab`), so a checkpoint describes 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from .bpe import VisualBPE, load_bpe
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from .tokens import TokensManifest
 
 CONFIG_KEY = "vqar_vocab"
+IDS_KEY = "vqar_ids"  # derived from the layout; for readers of config.json without vqar
 PROMPT_LENGTH = 2  # condition, BOI
 
 
@@ -42,7 +45,8 @@ class VocabLayout:
     grid: list[int] | None = None  # [h, w] for grid tokenizers; None for 1D sequences
     num_bpe_tokens: int = 0
     class_names: list[str] = field(default_factory=list)  # empty: unconditional
-    tokenizer: str = ""  # path or Hub id of the tokenizer the model was trained on
+    tokenizer: str = ""  # the tokenizer trained on: a Hub id, or its folder relative to the prior's
+    tokenizer_fingerprint: str = ""  # its `VQTokenizer.fingerprint`: no other tokenizer's codes mean the same
 
     def __post_init__(self):
         if self.codebook_size < 2 or self.tokens_per_image < 1:
@@ -199,20 +203,37 @@ class VocabLayout:
             )
         if bpe is not None:
             bpe.check_codes(manifest.codebook_size, manifest.grid, what=f"the tokens of {manifest.tokenizer}")
-        tokenizer = manifest.tokenizer
-        if Path(tokenizer).exists():
-            tokenizer = str(Path(tokenizer).resolve())  # generation may run from another folder
         return cls(
             codebook_size=manifest.codebook_size,
             tokens_per_image=num_tokens or manifest.tokens_per_image,
             grid=manifest.grid,
             num_bpe_tokens=bpe.num_merges if bpe else 0,
             class_names=manifest.class_names if conditional else [],
-            tokenizer=tokenizer,
+            tokenizer=manifest.tokenizer,
+            tokenizer_fingerprint=manifest.tokenizer_fingerprint,
         )
+
+    def saved_in(self, prior_folder: str | Path) -> VocabLayout:
+        """This layout as the prior saved in `prior_folder` records it: a local tokenizer by its path
+        relative to that folder, so that the two folders can move together."""
+        if not Path(self.tokenizer).is_absolute():
+            return self
+        return replace(self, tokenizer=os.path.relpath(self.tokenizer, Path(prior_folder).resolve()))
+
+    def tokenizer_location(self, prior: str | Path) -> str:
+        """Where the prior's tokenizer is: its folder (resolved from the prior's), or its Hub id."""
+        if not self.tokenizer:
+            raise ValueError(f"the prior {prior} does not name its tokenizer: pass --tokenizer DIR_OR_HUB_ID")
+        local = Path(prior) / self.tokenizer
+        return str(local.resolve()) if Path(prior).is_dir() and local.exists() else self.tokenizer
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def special_ids(self) -> dict:
+        """The ids a prompt is made of, for users of plain transformers: saved in the config as `vqar_ids`."""
+        classes = {name: self.image_vocab_size + 4 + i for i, name in enumerate(self.class_names)}
+        return {"boi": self.boi, "eoi": self.eoi, "pad": self.pad, "null_class": self.null_class, "classes": classes}
 
     @classmethod
     def from_model_config(cls, config) -> VocabLayout:
@@ -221,11 +242,24 @@ class VocabLayout:
             raise ValueError(f"this model's config has no `{CONFIG_KEY}`: it was not trained by vqar")
         return cls(**data)
 
-    def check_tokenizer(self, tokenizer: VQTokenizer) -> None:
-        """Refuse a tokenizer whose codes do not mean what the model was trained on.
+    def check_tokenizer(self, tokenizer: VQTokenizer, *, allow_other: bool = False) -> None:
+        """Refuse a tokenizer whose codes do not mean what the model was trained on: another shape,
+        or (by fingerprint) other weights; `allow_other` turns the second into a warning.
 
         A prior over the first k tokens of a 1d tokenizer trained with nested dropout matches it.
         """
+        self._check_tokenizer_shape(tokenizer)
+        if self.tokenizer_fingerprint and tokenizer.fingerprint != self.tokenizer_fingerprint:
+            message = (
+                f"the prior was trained on another tokenizer ({self.tokenizer}, fingerprint "
+                f"{self.tokenizer_fingerprint[:12]}); this one ({tokenizer.name_or_path or 'in memory'}) has other "
+                f"weights or settings (fingerprint {tokenizer.fingerprint[:12]}), so its codes mean other things"
+            )
+            if not allow_other:
+                raise ValueError(message + "; use the prior's tokenizer, or --allow-other-tokenizer to go on anyway")
+            warnings.warn(message + "; going on (allow_other_tokenizer)", stacklevel=2)
+
+    def _check_tokenizer_shape(self, tokenizer: VQTokenizer) -> None:
         expected = (self.codebook_size, self.tokens_per_image)
         got = (tokenizer.codebook_size, tokenizer.tokens_per_image)
         one_d = tokenizer.token_grid is None and self.grid is None
@@ -305,12 +339,42 @@ def build_prior(layout: VocabLayout, model_type: str = "llama", size: str = "cpu
         **options,
     )
     setattr(config, CONFIG_KEY, layout.to_dict())
-    return AutoModelForCausalLM.from_config(config)
+    setattr(config, IDS_KEY, layout.special_ids())
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = plain_generation_config(layout)
+    return model
+
+
+def plain_generation_config(layout: VocabLayout) -> GenerationConfig:
+    """What plain `model.generate(prompt)` needs to sample one image: the number of new tokens,
+    sampling from the model's own distribution, and every id that is not an image id suppressed
+    (with visual BPE, EOI stays allowed; the code budget only vqar's sampler keeps)."""
+    banned = [i for i in range(layout.image_vocab_size, layout.vocab_size) if not (layout.uses_bpe and i == layout.eoi)]
+    new_tokens = layout.sequence_length - PROMPT_LENGTH
+    return GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=0 if layout.uses_bpe else new_tokens,
+        do_sample=True,
+        top_k=0,
+        suppress_tokens=banned,
+        bos_token_id=layout.boi,
+        eos_token_id=layout.eoi,
+        pad_token_id=layout.pad,
+    )
 
 
 def load_prior(path: str, **kwargs) -> tuple[PreTrainedModel, VocabLayout]:
     """A prior saved by `vqar train-prior` (folder or Hub id) and its vocabulary layout; safetensors only."""
-    model = AutoModelForCausalLM.from_pretrained(path, **{"use_safetensors": True, **kwargs})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **{"use_safetensors": True, **kwargs})
+    except OSError as error:
+        where = (
+            "the folder holds no prior" if Path(path).is_dir() else "no such folder here, and the Hub did not give it"
+        )
+        raise OSError(
+            f"cannot load the prior {str(path)!r}: {where}; give the OUTPUT/prior folder of `vqar train-prior` or a "
+            f"Hub id ({' '.join(str(error).split())[:200]})"
+        ) from error
     return model.eval(), VocabLayout.from_model_config(model.config)
 
 

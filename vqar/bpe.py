@@ -23,12 +23,14 @@ import itertools
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
+from transformers.hf_argparser import HfArg
 
 CODE_POINT_BASE = 0x10000
 FILENAME = "visual_bpe.json"
@@ -256,6 +258,15 @@ def load_bpe(path: str | Path) -> VisualBPE | None:
 
     found = cached_file(str(path), FILENAME, _raise_exceptions_for_missing_entries=False)
     return VisualBPE.load(found) if found else None
+
+
+@dataclass
+class TrainBPEArgs:
+    """Learn visual-BPE merges on a tokens folder (`vqar train-bpe`)."""
+
+    tokens: str = HfArg(help="a tokens folder written by `vqar tokenize`")
+    vocab_size: int = HfArg(help="codebook size + the number of merges to learn")
+    output: str = HfArg(help="folder for visual_bpe.json (the tokenizer's, for `vqar train-prior --bpe auto`)")
 
 
 def train_bpe(tokens: str | Path, vocab_size: int, output: str | Path) -> dict:

@@ -1,60 +1,74 @@
-"""The `vqar` command. Thin: it parses arguments and calls the library.
+"""The `vqar` command. Thin: each subcommand parses its arguments into the library's own
+dataclasses (HfArgumentParser, as the trainers do) and makes one library call.
 
-vqar train-tokenizer RECIPE.yaml [--field value ...]
-vqar tokenize --tokenizer DIR --data SOURCE --output DIR
-vqar train-bpe --tokens DIR --vocab-size N --output DIR
-vqar train-prior RECIPE.yaml [--field value ...]     (also: train-ar)
-vqar generate --prior DIR [--class C ...] [--prefix-image PNG --prefix-rows R] --output DIR
-vqar evaluate --tokenizer DIR|HUB_ID [--prior DIR] --data SOURCE [--resolution N] --output DIR
-vqar push --tokenizer DIR --repo-id NAME --report DIR [--private] [--prior DIR] [--dry-run --output DIR]
-vqar presets
-vqar demo [--output DIR]
+Errors a user can fix (a wrong path, field or value, missing weights, no network) print one line
+and exit with status 1; `--debug` or VQAR_DEBUG=1 shows the traceback. Tracebacks are for bugs.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
+import os
 import sys
+from collections.abc import Callable
+
+from transformers import HfArgumentParser
+
+ABOUT = """vqar: discrete-token image generation.
+
+Train an image tokenizer (VQ, FSQ, LFQ or BSQ bottleneck; a grid or 1D tokens), encode images
+into tokens, optionally merge frequent token pairs (visual BPE), train an autoregressive prior
+on the tokens (a stock transformers causal LM), and generate images from classes or from the
+start of an image. Every command takes --help.
+
+Your own images, four commands:
+  vqar train-tokenizer --data DIR --output_dir runs/tokenizer
+  vqar tokenize --tokenizer runs/tokenizer/tokenizer --data DIR --output runs/tokens
+  vqar train-prior --tokens runs/tokens --output_dir runs/prior
+  vqar generate --prior runs/prior/prior --output runs/samples"""
+
+ALIASES = {"train-ar": "train-prior"}  # the command's first name
+
+
+def _parse(command: str, description: str, types: tuple, argv: list[str]) -> tuple:
+    parser = HfArgumentParser(types, prog=f"vqar {command}", description=description)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+# -- the commands -------------------------------------------------------------------------------
 
 
 def _train_tokenizer(argv: list[str]) -> None:
-    from .training.train_tokenizer import main
+    from .losses import LossConfig
+    from .training.recipes import TrainConfig, parse_recipe
+    from .training.train_tokenizer import DataArgs, TokenizerModelArgs, train_tokenizer
 
-    main(argv)
+    types = (TokenizerModelArgs, DataArgs, LossConfig, TrainConfig)
+    train_tokenizer(*parse_recipe(argv, types, prog="vqar train-tokenizer", description=COMMANDS["train-tokenizer"][1]))
 
 
 def _train_prior(argv: list[str]) -> None:
-    from .training.train_prior import main
+    from .training.recipes import TrainConfig, parse_recipe
+    from .training.train_prior import PriorArgs, train_prior
 
-    main(argv)
+    train_prior(
+        *parse_recipe(argv, (PriorArgs, TrainConfig), prog="vqar train-prior", description=COMMANDS["train-prior"][1])
+    )
 
 
 def _tokenize(argv: list[str]) -> None:
     from .training.encode_dataset import TokenizeArgs, tokenize_dataset
 
-    parser = argparse.ArgumentParser(prog="vqar tokenize", description="Encode a dataset with a frozen tokenizer.")
-    parser.add_argument("--tokenizer", required=True, help="trained tokenizer folder or Hub id")
-    parser.add_argument("--data", required=True, help="digits | photos | folder | *.parquet | Hub id")
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--image-column")
-    parser.add_argument("--label-column")
-    parser.add_argument("--eval-fraction", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=64)
-    args = TokenizeArgs(**vars(parser.parse_args(argv)))
+    (args,) = _parse("tokenize", TokenizeArgs.__doc__, (TokenizeArgs,), argv)
     manifest = tokenize_dataset(args)
-    print(f"{manifest.num_images} images, {manifest.tokens_per_image} tokens each, in {args.output}")
+    counts = ", ".join(f"{n} {name}" for name, n in manifest.num_images.items())
+    print(f"{counts} images, {manifest.tokens_per_image} tokens each, in {args.output}")
 
 
 def _train_bpe(argv: list[str]) -> None:
-    from .bpe import train_bpe
+    from .bpe import TrainBPEArgs, train_bpe
 
-    parser = argparse.ArgumentParser(prog="vqar train-bpe", description="Learn visual-BPE merges on tokens.")
-    parser.add_argument("--tokens", required=True, help="a dataset written by `vqar tokenize`")
-    parser.add_argument("--vocab-size", type=int, required=True, help="codebook size + number of merges")
-    parser.add_argument("--output", required=True, help="folder for visual_bpe.json (e.g. the tokenizer's)")
-    args = parser.parse_args(argv)
+    (args,) = _parse("train-bpe", TrainBPEArgs.__doc__, (TrainBPEArgs,), argv)
     stats = train_bpe(args.tokens, args.vocab_size, args.output)
     print(f"{stats['merges']} merges -> {args.output}/visual_bpe.json")
     print(
@@ -64,128 +78,137 @@ def _train_bpe(argv: list[str]) -> None:
 
 
 def _generate(argv: list[str]) -> None:
-    from .ar import load_prior, load_prior_bpe
-    from .data import save_images
-    from .generation import SamplingConfig, build_prompts, generate_images, prefix_from_image
-    from .tokenizer import VQTokenizer
+    from .generation import GenerateArgs, SamplingConfig, generate_to_folder
 
-    parser = argparse.ArgumentParser(prog="vqar generate", description="Sample images from a trained prior.")
-    parser.add_argument("--prior", required=True, help="folder written by train-prior (OUTPUT/prior) or Hub id")
-    parser.add_argument("--tokenizer", help="defaults to the tokenizer the prior was trained on")
-    parser.add_argument("--class", dest="classes", action="append", help="class index or name; repeatable")
-    parser.add_argument("--num-images", type=int, help="images per class, or in all when unconditional")
-    parser.add_argument("--prefix-image", help="complete this image from its first token rows")
-    parser.add_argument(
-        "--prefix-rows",
-        type=int,
-        default=1,
-        help="token rows of a grid tokenizer, or leading tokens of a 1d one, to keep",
-    )
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--cfg-scale", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", required=True)
-    args = parser.parse_args(argv)
-
-    prior, layout = load_prior(args.prior)
-    tokenizer = VQTokenizer.from_pretrained(args.tokenizer or layout.tokenizer).eval()
-    layout.check_tokenizer(tokenizer)
-    bpe = load_prior_bpe(args.prior, layout)
-    prefix = prefix_from_image(tokenizer, args.prefix_image, args.prefix_rows) if args.prefix_image else None
-    per_class = args.num_images or (1 if args.classes else 8)
-    classes = [c for c in args.classes for _ in range(per_class)] if args.classes else None
-    prompts = build_prompts(layout, classes=classes, num_images=None if classes else per_class, prefix=prefix, bpe=bpe)
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg_scale, args.seed)
-    images = generate_images(prior, tokenizer, layout, prompts, sampling, bpe=bpe)
-    save_images(images, args.output, rows=len(args.classes) if args.classes else 1)
-    print(f"wrote {len(images)} images and grid.png to {args.output}")
+    args, sampling = _parse("generate", GenerateArgs.__doc__, (GenerateArgs, SamplingConfig), argv)
+    paths = generate_to_folder(args, sampling)
+    print(f"wrote {len(paths)} images and grid.png to {args.output}")
 
 
 def _evaluate(argv: list[str]) -> None:
     from .evaluation import EvaluateArgs, evaluate_tokenizer, format_table
 
-    parser = argparse.ArgumentParser(prog="vqar evaluate", description="Rate, distortion and modelability report.")
-    parser.add_argument("--tokenizer", required=True, help="a trained tokenizer folder or Hub id")
-    parser.add_argument("--prior", help="a prior trained on this tokenizer: adds prior bits per image")
-    parser.add_argument("--data", default="photos", help="digits | photos | image folder | parquet | Hub dataset id")
-    parser.add_argument("--resolution", type=int, help="centre-crop and resize to N x N (default: the tokenizer's)")
-    parser.add_argument("--holdout", type=float, help="evaluate only the hold-out training kept back (e.g. 0.25)")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--image-column")
-    parser.add_argument("--label-column")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--output", default="outputs/evaluate")
-    args = parser.parse_args(argv)
-    report = evaluate_tokenizer(EvaluateArgs(**{k.replace("-", "_"): v for k, v in vars(args).items()}))
+    (args,) = _parse("evaluate", EvaluateArgs.__doc__, (EvaluateArgs,), argv)
+    report = evaluate_tokenizer(args)
     print(format_table(report))
     print(f"wrote report.json, report.md and samples.png to {args.output}")
 
 
 def _push(argv: list[str]) -> None:
-    from .hub import push
+    from .hub import PushArgs, push_from_args
 
-    parser = argparse.ArgumentParser(prog="vqar push", description="Upload a tokenizer (and prior) with model cards.")
-    parser.add_argument("--tokenizer", required=True, help="a folder written by save_pretrained")
-    parser.add_argument("--repo-id", required=True)
-    parser.add_argument("--report", required=True, help="a `vqar evaluate` output folder: the card's figures")
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--prior", help="a prior folder, uploaded as REPO_ID-prior with a card linking the tokenizer")
-    parser.add_argument("--dry-run", action="store_true", help="write the upload folder to --output, upload nothing")
-    parser.add_argument("--output", default="outputs/push")
-    args = parser.parse_args(argv)
-    folders = push(args.tokenizer, args.repo_id, args.report, args.private, args.prior, args.dry_run, args.output)
+    (args,) = _parse("push", PushArgs.__doc__, (PushArgs,), argv)
+    folders = push_from_args(args)
     print(("wrote " if args.dry_run else "uploaded ") + ", ".join(str(f) for f in folders))
 
 
 def _presets(argv: list[str]) -> None:
-    from .tokenizer import list_presets, load_preset
+    from .tokenizer.presets import describe_presets
 
-    argparse.ArgumentParser(prog="vqar presets", description="List the tokenizer presets.").parse_args(argv)
-    for name in list_presets():
-        q = load_preset(name)["quantizer"]
-        print(f"{name:16s} {q['kind']}")
+    _parse("presets", "The tokenizer presets: `preset: NAME` in a recipe, or VQTokenizer.from_preset(NAME).", (), argv)
+    print("| preset | layout | codes | tokens/image | parameters | what |")
+    print("|---|---|---|---|---|---|")
+    for p in describe_presets():
+        print(
+            f"| {p['name']} | {p['layout']} | {p['codes']:,} | {p['tokens_per_image']} at {p['resolution']} px | "
+            f"{p['parameters'] / 1e6:.1f}M | {p['description']} |"
+        )
 
 
 def _demo(argv: list[str]) -> None:
-    from .demo import run_demo
+    from .demo import DemoArgs, run_demo
 
-    parser = argparse.ArgumentParser(prog="vqar demo", description="Train on bundled data and report.")
-    parser.add_argument("--output", default="outputs/demo")
-    parser.add_argument("--recipes", default="recipes", help="folder holding the demo recipes")
-    args = parser.parse_args(argv)
+    (args,) = _parse("demo", DemoArgs.__doc__, (DemoArgs,), argv)
     run_demo(args.output, args.recipes)
 
 
-COMMANDS = {
-    "train-tokenizer": (_train_tokenizer, "train a tokenizer from a YAML recipe"),
-    "tokenize": (_tokenize, "encode a dataset with a trained tokenizer"),
-    "train-bpe": (_train_bpe, "learn visual-BPE merges on a tokenized dataset"),
-    "train-prior": (_train_prior, "train the autoregressive prior from a YAML recipe"),
+COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+    "train-tokenizer": (
+        _train_tokenizer,
+        "train an image tokenizer: `vqar train-tokenizer [RECIPE.yaml] [--field value ...]`",
+    ),
+    "tokenize": (_tokenize, "encode images with a trained tokenizer into a tokens folder"),
+    "train-bpe": (_train_bpe, "learn visual-BPE merges of frequent token pairs"),
+    "train-prior": (
+        _train_prior,
+        "train the autoregressive prior: `vqar train-prior [RECIPE.yaml] [--field value ...]`",
+    ),
     "generate": (_generate, "sample images from a trained prior"),
-    "evaluate": (_evaluate, "rate-distortion-modelability report of a tokenizer"),
-    "push": (_push, "upload a tokenizer (and prior) to the Hub with a model card"),
+    "evaluate": (_evaluate, "rate, distortion and modelability report of a tokenizer (and prior)"),
+    "push": (_push, "upload a tokenizer (and prior) to the Hub with model cards"),
     "presets": (_presets, "list the tokenizer presets"),
-    "demo": (_demo, "the quickstart on bundled data"),
+    "demo": (_demo, "the quickstart on bundled digits"),
 }
 
 
-ALIASES = {"train-ar": "train-prior"}  # the command's first name
+# -- running one, and what a user sees when it fails --------------------------------------------
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, missing files or weights, or no network: one line, no traceback."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    from .training import TrainingStopped
+
+    return ValueError, OSError, ImportError, StrictDataclassError, SafetensorError, TrainingStopped
+
+
+def _message(error: BaseException) -> str:
+    if error.__cause__ is not None and type(error).__name__.startswith("StrictDataclass"):
+        error = error.__cause__  # the validator's own message, not the wrapper's
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _quiet_libraries() -> None:
+    """Our progress bars only: no 'Loading weights' / 'Writing model shards' / 'Map' bars on every command."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per checkpoint file
+
+
+def _usage(unknown: str | None = None) -> None:
+    width = max(map(len, COMMANDS))
+    lines = [ABOUT, "", "commands:", *(f"  {name:{width}s}  {help}" for name, (_, help) in COMMANDS.items())]
+    lines += ["", "options: --version; --debug (or VQAR_DEBUG=1) shows tracebacks"]
+    if unknown:
+        print(f"vqar: unknown command {unknown!r}; the commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    print("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ALIASES:
-        argv = [ALIASES[argv[0]], *argv[1:]]
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__.strip())
-        print("\ncommands:\n" + "\n".join(f"  {name:16s} {help}" for name, (_, help) in COMMANDS.items()))
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per checkpoint file
-    command, handler_args = argv[0], argv[1:]
-    COMMANDS[command][0](handler_args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("VQAR_DEBUG", "").lower() in ("1", "true", "yes")
+    argv = [a for a in argv if a != "--debug"]
+    if argv[:1] in (["--version"], ["-V"]):
+        from . import __version__
+
+        print(f"vqar {__version__}")
+        return
+    if not argv or argv[0] in ("-h", "--help"):
+        return _usage()
+    command = ALIASES.get(argv[0], argv[0])
+    if command not in COMMANDS:
+        return _usage(unknown=argv[0])
+    _quiet_libraries()
+    try:
+        COMMANDS[command][0](argv[1:])
+    except KeyboardInterrupt:
+        print(f"vqar {command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except _user_errors() as error:
+        if debug:
+            raise
+        print(f"vqar {command}: error: {_message(error)}", file=sys.stderr)
+        print("  (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,18 @@
 
 - `digits`: scikit-learn's 1,797 labelled 8x8 handwritten digits (bundled, offline);
 - `photos`: scikit-image's sample colour photographs (bundled, offline), cropped at random;
-- a folder of images, searched recursively;
+- a folder of images, searched recursively; when every image sits in a first-level subfolder
+  (and there are two or more), the subfolder names are the class labels, as torchvision's
+  `ImageFolder` and `datasets`' imagefolder read them;
+- a folder written by `datasets`' `save_to_disk` (a Dataset, or a DatasetDict and `split`);
 - a parquet file, or a glob of them;
-- anything else is a Hugging Face Hub dataset id.
+- anything else that does not look like a path is a Hugging Face Hub dataset id. A path that
+  does not exist is an error naming it; the Hub is never asked about it.
 
-Every source becomes a `datasets` dataset whose image column is left undecoded, so that one
-corrupt file is skipped and counted by `ImageDataset` instead of crashing a run in
-`datasets`' own decoder.
+The image column is the first `Image` feature (or `image`, `img`), the label column the first
+`ClassLabel` feature (or `label`). Every source becomes a `datasets` dataset whose image column
+is left undecoded, so that one corrupt file is skipped and counted by `ImageDataset` instead of
+crashing a run in `datasets`' own decoder.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +91,53 @@ BUNDLED_SOURCES = {"digits": _digits, "photos": _photos}
 
 
 def _image_folder(root: Path) -> datasets.Dataset:
-    paths = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}, ...) found under {root}")
-    return datasets.Dataset.from_dict({"image": paths})
+    classes = sorted({p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1})
+    if len(classes) < 2 or any(len(p.relative_to(root).parts) == 1 for p in paths):
+        return datasets.Dataset.from_dict({"image": [str(p) for p in paths]})
+    labels = [classes.index(p.relative_to(root).parts[0]) for p in paths]
+    features = datasets.Features({"image": datasets.Value("string"), "label": datasets.ClassLabel(names=classes)})
+    return datasets.Dataset.from_dict({"image": [str(p) for p in paths], "label": labels}, features=features)
+
+
+def _saved_dataset(root: Path, split: str) -> datasets.Dataset:
+    loaded = datasets.load_from_disk(str(root))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"the saved dataset {root} has no split {split!r}; its splits: {sorted(loaded)}")
+        return loaded[split]
+    return loaded
+
+
+def _is_saved_dataset(root: Path) -> bool:
+    return (root / "dataset_dict.json").is_file() or (
+        (root / "dataset_info.json").is_file() and (root / "state.json").is_file()
+    )
+
+
+def _looks_like_a_path(source: str) -> bool:
+    """A source that can only mean a local file or folder (a Hub id is `name` or `owner/name`)."""
+    head = source.split("/")[0]
+    return (
+        source.startswith(("/", ".", "~"))
+        or "\\" in source
+        or source.count("/") > 1
+        or Path(source).suffix.lower() in IMAGE_EXTENSIONS | {".parquet", ".arrow", ".json", ".csv"}
+        or ("/" in source and os.path.isdir(head))
+    )
+
+
+def _hub_dataset(source: str, split: str, streaming: bool):
+    try:
+        return datasets.load_dataset(source, split=split, streaming=streaming)
+    except (ConnectionError, FileNotFoundError, OSError, ValueError) as error:  # offline, unknown id, no such split
+        reason = " ".join(str(error).split())[:300]
+        raise ValueError(
+            f"data source {source!r} is not a local folder or file ({Path(source).resolve()} does not exist), nor a "
+            f"dataset the Hub gave: {type(error).__name__}: {reason}"
+        ) from error
 
 
 def load_source(
@@ -102,10 +150,12 @@ def load_source(
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Resolve a source string to a dataset with an `image` column (undecoded) and, if the
     source has labels, a `label` column."""
+    source = str(source)
     if source in BUNDLED_SOURCES:
         dataset = BUNDLED_SOURCES[source]()
     elif os.path.isdir(source):
-        dataset = _image_folder(Path(source))
+        root = Path(source)
+        dataset = _saved_dataset(root, split) if _is_saved_dataset(root) else _image_folder(root)
     elif source.endswith(".parquet"):
         files = sorted(glob.glob(source))
         if not files:
@@ -113,8 +163,12 @@ def load_source(
         dataset = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
     elif os.path.exists(source):
         raise ValueError(f"data source {source!r} is a file; expected a folder of images or a .parquet file")
+    elif _looks_like_a_path(source):
+        raise FileNotFoundError(
+            f"data source {source!r} does not exist (no file or folder at {Path(source).resolve()})"
+        )
     else:
-        dataset = datasets.load_dataset(source, split=split, streaming=streaming)
+        dataset = _hub_dataset(source, split, streaming)
     return _standardise_columns(dataset, source, image_column, label_column)
 
 
@@ -129,7 +183,10 @@ def _standardise_columns(dataset, source: str, image_column: str | None, label_c
         raise ValueError(f"data source {source!r} has no image column {image_column!r}; columns: {columns}")
     if label_column is not None and label_column not in columns:
         raise ValueError(f"data source {source!r} has no label column {label_column!r}; columns: {columns}")
-    label_column = label_column or ("label" if "label" in columns else None)
+    label_column = label_column or next(
+        (c for c in columns if isinstance(features.get(c), datasets.ClassLabel)),
+        "label" if "label" in columns else None,
+    )
     keep = {image_column: "image", **({label_column: "label"} if label_column else {})}
     dataset = dataset.select_columns(list(keep))
     dataset = dataset.rename_columns({k: v for k, v in keep.items() if k != v})
@@ -396,19 +453,35 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in array]
 
 
-def image_grid(rows: list[torch.Tensor], padding: int = 2) -> Image.Image:
-    """One PIL image of several rows of images, each row [N, 3, H, W] in [-1, 1], on white."""
+def image_grid(rows: list[torch.Tensor], padding: int = 2, labels: list[str] | None = None) -> Image.Image:
+    """One PIL image of several rows of images, each row [N, 3, H, W] in [-1, 1], on white;
+    `labels` writes one name left of each row."""
     n = max(len(row) for row in rows)
     H, W = rows[0].shape[-2:]
-    grid = Image.new("RGB", (n * (W + padding) + padding, len(rows) * (H + padding) + padding), "white")
+    font = ImageFont.load_default()
+    margin = max((round(font.getlength(str(label))) for label in labels), default=0) + 2 * padding if labels else 0
+    grid = Image.new("RGB", (margin + n * (W + padding) + padding, len(rows) * (H + padding) + padding), "white")
+    draw = ImageDraw.Draw(grid)
     for r, row in enumerate(rows):
+        top = padding + r * (H + padding)
+        if labels:
+            draw.text((padding, top + H // 2), str(labels[r]), fill="black", font=font, anchor="lm")
         for c, image in enumerate(to_pil(row)):
-            grid.paste(image, (padding + c * (W + padding), padding + r * (H + padding)))
+            grid.paste(image, (margin + padding + c * (W + padding), top))
     return grid
 
 
-def save_images(images: torch.Tensor, output: str | Path, rows: int = 1) -> list[str]:
-    """Write images [B, 3, H, W] in [-1, 1] as PNGs plus `grid.png` with `rows` rows; returns the paths."""
+def save_images(
+    images: torch.Tensor,
+    output: str | Path,
+    rows: int = 1,
+    labels: list[str] | None = None,
+    first: torch.Tensor | None = None,
+    mark_row: int | None = None,
+) -> list[str]:
+    """Write images [B, 3, H, W] in [-1, 1] as PNGs, and `grid.png` with `rows` rows: named by
+    `labels`, each starting with the image `first` [1, 3, H, W] when given, and with a red line
+    along pixel row `mark_row` (where a completion's kept prefix ends). Returns the PNGs' paths."""
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -416,8 +489,18 @@ def save_images(images: torch.Tensor, output: str | Path, rows: int = 1) -> list
         paths.append(str(folder / f"{i:04d}.png"))
         image_grid([image[None]], padding=0).save(paths[-1])
     per_row = -(-len(images) // rows)
-    image_grid(list(images.split(per_row))).save(folder / "grid.png")
+    grid_rows = [row if first is None else torch.cat([first.to(row), row]) for row in images.split(per_row)]
+    if mark_row is not None:
+        grid_rows = [_mark_row(row, mark_row) for row in grid_rows]
+    image_grid(grid_rows, labels=labels).save(folder / "grid.png")
     return paths
+
+
+def _mark_row(images: torch.Tensor, y: int) -> torch.Tensor:
+    """Images [B, 3, H, W] with a red line along pixel row y."""
+    marked = images.clone()
+    marked[:, :, max(0, y - 1) : y + 1] = torch.tensor([1.0, -1.0, -1.0], device=images.device)[:, None, None]
+    return marked
 
 
 # -- loaders ---------------------------------------------------------------------------------

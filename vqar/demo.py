@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.hf_argparser import HfArg
 
 from .ar import load_prior
 from .data import ImageDataset, ImageTransform, collate_images, load_source, save_images, split_holdout
@@ -26,6 +28,15 @@ from .training.encode_dataset import TokenizeArgs, tokenize_dataset
 from .training.recipes import TrainConfig, parse_recipe
 from .training.train_prior import PriorArgs, train_prior
 from .training.train_tokenizer import DataArgs, TokenizerModelArgs, train_tokenizer
+
+
+@dataclass
+class DemoArgs:
+    """The quickstart on bundled digits: tokenizer, tokens, prior, samples, report (~5 minutes on 2 cores)."""
+
+    output: str = HfArg(default="outputs/demo", help="where everything is written")
+    recipes: str = HfArg(default="recipes", help="the folder holding the demo's recipes")
+
 
 TOKENIZER_RECIPE = "quickstart-digits.yaml"
 PRIOR_RECIPE = "digits-prior-cpu.yaml"

@@ -27,10 +27,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers.hf_argparser import HfArg
 
 from .data import (
     ImageDataset,
-    ImageTransform,
     collate_images,
     image_grid,
     load_source,
@@ -129,16 +129,20 @@ def real_lpips(device: torch.device | str = "cpu", *, download: bool = True) -> 
 
 @dataclass
 class EvaluateArgs:
-    tokenizer: str  # a folder or Hub id
-    data: str = "photos"  # any source `vqar train-tokenizer` reads
-    output: str = "outputs/evaluate"
-    prior: str | None = None  # a prior trained on this tokenizer's tokens
-    resolution: int | None = None  # centre-crop and resize to N x N; default: the tokenizer's
-    holdout: float | None = None  # evaluate only the deterministic hold-out training used (e.g. 0.25)
-    split: str = "train"
-    image_column: str | None = None
-    label_column: str | None = None
-    batch_size: int = 32
+    """The rate-distortion-modelability report of a tokenizer (and its prior)."""
+
+    tokenizer: str = HfArg(help="a trained tokenizer: folder or Hub id")
+    data: str = HfArg(default="photos", help="digits | photos | image folder | *.parquet | saved dataset | Hub id")
+    output: str = HfArg(default="outputs/evaluate", help="folder for report.json, report.md and samples.png")
+    prior: str | None = HfArg(default=None, help="a prior trained on this tokenizer: adds its bits per image")
+    allow_other_tokenizer: bool = HfArg(default=False, help="evaluate the prior with a tokenizer it was not trained on")
+    resolution: int | None = HfArg(default=None, help="crop size (default: the tokenizer's training resolution)")
+    resize_to: int | None = HfArg(default=None, help="shorter side before the centre crop (default: the tokenizer's)")
+    holdout: float | None = HfArg(default=None, help="evaluate only the hold-out that training used (e.g. 0.25)")
+    split: str = HfArg(default="train", help="the split of a Hub dataset")
+    image_column: str | None = HfArg(default=None, help="default: the first Image column (or 'image', 'img')")
+    label_column: str | None = HfArg(default=None, help="default: the first ClassLabel column (or 'label')")
+    batch_size: int = HfArg(default=32, help="images per batch")
 
 
 def evaluate_tokenizer(args: EvaluateArgs) -> dict:
@@ -146,11 +150,12 @@ def evaluate_tokenizer(args: EvaluateArgs) -> dict:
     from .tokenizer import VQTokenizer
 
     tokenizer = VQTokenizer.from_pretrained(args.tokenizer).eval()
-    resolution = args.resolution or tokenizer.config.resolution
+    transform = tokenizer.image_transform(args.resolution, args.resize_to)  # as its training evaluation did
+    resolution = transform.resolution
     source = load_source(args.data, split=args.split, image_column=args.image_column, label_column=args.label_column)
     if args.holdout:
         source = split_holdout(source, args.holdout, seed=0)[1]
-    dataset = ImageDataset(source, ImageTransform(resolution))
+    dataset = ImageDataset(source, transform)
     dataset.require_readable(args.data)
     loader = make_loader(dataset, args.batch_size, collate_fn=collate_images)
     unreadable = set()
@@ -163,7 +168,9 @@ def evaluate_tokenizer(args: EvaluateArgs) -> dict:
         report["rfid_missing_reason"] = reason
     report["prior_bits_per_image"] = None
     if args.prior:
-        report["prior_bits_per_image"] = prior_bits_per_image(args.prior, tokenizer, measured.indices, args.batch_size)
+        report["prior_bits_per_image"] = prior_bits_per_image(
+            args.prior, tokenizer, measured.indices, args.batch_size, args.allow_other_tokenizer
+        )
     codecs = {name: codec_at_rate(originals, fmt, report["bits_per_image"]) for name, fmt in CODEC_FORMATS.items()}
     report |= {name: summary for name, (summary, _) in codecs.items()}
     report |= {"images": measured.images, "resolution": resolution, "tokenizer": args.tokenizer, "data": args.data}
@@ -270,12 +277,14 @@ def codec_at_rate(originals: torch.Tensor, fmt: str, target_bits: float) -> tupl
 
 
 @torch.inference_mode()
-def prior_bits_per_image(prior_path: str, tokenizer, indices: torch.Tensor, batch_size: int) -> float:
+def prior_bits_per_image(
+    prior_path: str, tokenizer, indices: torch.Tensor, batch_size: int, allow_other_tokenizer: bool = False
+) -> float:
     """Held-out bits per image of these tokens under the prior, unconditionally (null class)."""
     from .ar import image_nll, load_prior
 
     prior, layout = load_prior(prior_path)
-    layout.check_tokenizer(tokenizer)
+    layout.check_tokenizer(tokenizer, allow_other=allow_other_tokenizer)
     if layout.uses_bpe:
         raise ValueError(
             "prior_bits_per_image reads code sequences; this prior models visual-BPE ids "

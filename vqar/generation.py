@@ -11,10 +11,12 @@ masks every id that is not an image id, so every generated sequence decodes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers.hf_argparser import HfArg
 
 from .ar import PROMPT_LENGTH, VocabLayout
 from .bpe import VisualBPE
@@ -22,11 +24,13 @@ from .bpe import VisualBPE
 
 @dataclass
 class SamplingConfig:
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    cfg_scale: float = 1.0  # 1: no guidance; LlamaGen samples class-conditional ImageNet at 1.5-2.0
-    seed: int | None = None  # same seed, same images
+    """How to pick each token."""
+
+    temperature: float = HfArg(default=1.0, help="softmax temperature; 0: greedy")
+    top_k: int = HfArg(default=0, help="sample among the k likeliest tokens; 0: all")
+    top_p: float = HfArg(default=1.0, help="nucleus sampling: the likeliest tokens holding this mass; 1: all")
+    cfg_scale: float = HfArg(default=1.0, help="classifier-free guidance; 1: none (LlamaGen samples ImageNet at 1.5-2)")
+    seed: int | None = HfArg(default=0, help="same seed, same images; None draws from torch's global generator")
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -241,6 +245,8 @@ def generate_ids(
     sampling = sampling or SamplingConfig()
     if layout.uses_bpe and bpe is None:
         raise ValueError("this prior models visual-BPE ids: pass its VisualBPE (see vqar.ar.load_prior_bpe)")
+    if sampling.uses_cfg and layout.num_classes == 0:
+        raise ValueError("classifier-free guidance needs a class-conditional prior; this one is unconditional")
     device = prior.device
     prompts = prompts.to(device)
     batch = prompts
@@ -273,24 +279,106 @@ def generate_images(
     prompts: Tensor,
     sampling: SamplingConfig | None = None,
     bpe: VisualBPE | None = None,
+    allow_other_tokenizer: bool = False,
 ) -> Tensor:
-    """Prompts -> pixels [B, 3, H, W] in [-1, 1], decoded by the (matching) tokenizer."""
-    layout.check_tokenizer(tokenizer)
+    """Prompts -> pixels [B, 3, H, W] in [-1, 1], decoded by the tokenizer the prior was trained on
+    (another one of the same shape only with `allow_other_tokenizer`)."""
+    layout.check_tokenizer(tokenizer, allow_other=allow_other_tokenizer)
     codes = generate_ids(prior, layout, prompts, sampling, bpe=bpe)
     return tokenizer.decode(codes.to(tokenizer.device)).clamp(-1, 1)
 
 
 def prefix_from_image(tokenizer, image_path: str, rows: int) -> Tensor:
-    """The start of an image file's tokens, encoded at the tokenizer's resolution.
+    """The start of an image file's tokens, encoded as the tokenizer's training prepared images.
 
     Grid tokenizers: the first `rows` token rows [1, rows, w]. 1d tokenizers: the first `rows`
     tokens [1, rows] (the coarsest part of the image, with nested dropout).
     """
-    from .data import ImageTransform, read_image
+    from .data import read_image
 
-    pixels = ImageTransform(tokenizer.config.resolution)(read_image(image_path))[None].to(tokenizer.device)
+    pixels = tokenizer.image_transform()(read_image(image_path))[None].to(tokenizer.device)
     tokens = tokenizer.encode(pixels)
     unit = "tokens of a 1d sequence" if tokenizer.is_1d else "token rows of a grid"
     if not 1 <= rows < tokens.shape[1]:
         raise ValueError(f"the prefix must lie in [1, {tokens.shape[1]}) for {tokens.shape[1]} {unit}, got {rows}")
     return tokens[:, :rows]
+
+
+# -- from a prior folder to PNGs (`vqar generate`) -------------------------------------------
+
+
+@dataclass
+class GenerateArgs:
+    """Sample images from a trained prior into a folder: one PNG each, and grid.png."""
+
+    prior: str = HfArg(help="a prior: the OUTPUT/prior folder of `vqar train-prior`, or a Hub id")
+    output: str = HfArg(help="folder for the PNGs and grid.png")
+    tokenizer: str | None = HfArg(default=None, help="default: the tokenizer the prior was trained on")
+    allow_other_tokenizer: bool = HfArg(default=False, help="decode with a tokenizer the prior was not trained on")
+    classes: list[str] = HfArg(
+        default_factory=list,
+        aliases=["--class"],
+        help="class names or indices: --class 3 7, or --class 3 --class 7",
+        metadata={"action": "extend"},
+    )
+
+    num_images: int | None = HfArg(default=None, help="images per class, or in all without classes (default: 1 / 8)")
+    prefix_image: str | None = HfArg(default=None, help="an image to complete from its first --prefix-rows")
+    prefix_rows: int | None = HfArg(
+        default=None, help="token rows (grid) or leading tokens (1D) of --prefix-image to keep"
+    )
+
+    def __post_init__(self):
+        if (self.prefix_image is None) != (self.prefix_rows is None):
+            raise ValueError(
+                "--prefix-image and --prefix-rows go together: the image to complete, and how many of its leading "
+                "token rows (grid tokenizers) or tokens (1D) to keep"
+            )
+
+
+def load_tokenizer_for(prior: str, layout: VocabLayout, tokenizer: str | None = None, *, allow_other: bool = False):
+    """The tokenizer to decode a prior's codes with: `tokenizer`, or the one the prior names
+    (beside it, or on the Hub), checked against what the prior was trained on."""
+    from .tokenizer import VQTokenizer
+
+    location = tokenizer or layout.tokenizer_location(prior)
+    try:
+        loaded = VQTokenizer.from_pretrained(location).eval()
+    except OSError as error:
+        if tokenizer:
+            raise
+        local = (Path(prior) / layout.tokenizer).resolve()
+        raise FileNotFoundError(
+            f"the prior {prior} was trained on the tokenizer {layout.tokenizer!r}, which is neither at {local} "
+            "nor on the Hub; pass its folder or Hub id with --tokenizer"
+        ) from error
+    layout.check_tokenizer(loaded, allow_other=allow_other)
+    return loaded
+
+
+def generate_to_folder(args: GenerateArgs, sampling: SamplingConfig | None = None) -> list[str]:
+    """`vqar generate`: load the prior and its tokenizer, sample, write the PNGs and a grid with a
+    row per class (named) or, completing an image, the source beside its completions."""
+    from .ar import load_prior, load_prior_bpe
+    from .data import read_image, save_images
+
+    sampling = sampling or SamplingConfig()
+    prior, layout = load_prior(args.prior)
+    if layout.num_classes == 0 and (args.classes or sampling.uses_cfg):
+        raise ValueError(
+            f"the prior {args.prior} is unconditional (its tokens had no class labels): drop --class and --cfg-scale"
+        )
+    tokenizer = load_tokenizer_for(args.prior, layout, args.tokenizer, allow_other=args.allow_other_tokenizer)
+    bpe = load_prior_bpe(args.prior, layout)
+    prefix = prefix_from_image(tokenizer, args.prefix_image, args.prefix_rows) if args.prefix_image else None
+    per_class = args.num_images or (1 if args.classes else 8)
+    classes = [c for c in args.classes for _ in range(per_class)] or None
+    prompts = build_prompts(layout, classes=classes, num_images=None if classes else per_class, prefix=prefix, bpe=bpe)
+    images = generate_images(prior, tokenizer, layout, prompts, sampling, bpe, args.allow_other_tokenizer)
+    labels = [layout.class_names[layout.class_index(c)] for c in args.classes] if args.classes else None
+    source = boundary = None
+    if prefix is not None:  # the grid shows the image completed, and where its kept part ends
+        source = tokenizer.image_transform()(read_image(args.prefix_image))[None]
+        boundary = args.prefix_rows * tokenizer.downsample_factor if tokenizer.token_grid else None
+    rows = len(args.classes) or 1
+    return save_images(images, args.output, rows=rows, labels=labels, first=source, mark_row=boundary)

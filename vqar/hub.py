@@ -1,30 +1,79 @@
-"""Publishing to the Hugging Face Hub: the upload folder, its model card, and the push.
+"""Publishing to the Hugging Face Hub: the upload folders, their model cards, and the push.
 
-The folder holds exactly what `from_pretrained` reads (config.json, model.safetensors,
+A tokenizer's folder holds exactly what `from_pretrained` reads (config.json, model.safetensors,
 visual_bpe.json when present) plus a README.md model card generated from a `vqar evaluate`
-report: metadata (library `vqar`, tags, data set, the metrics as model-index results), the
-report table, the sample grid and a snippet that loads the model. `--dry-run` writes that folder
-and uploads nothing.
+report: metadata (library `vqar`, pipeline tag, tags, license, data set, base model, the metrics
+as model-index results), the report table, the sample grid and a loading snippet. A prior's
+folder is the same with its own card — samples, class names, the ids a plain `transformers` user
+needs and a snippet that generates without vqar — and a config that names its tokenizer by the
+Hub id it is pushed beside. `dry_run` writes the folders and uploads nothing.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from transformers.hf_argparser import HfArg
 
 from .evaluation import format_table
 
 WEIGHT_FILES = ("config.json", "model.safetensors", "generation_config.json", "visual_bpe.json")
 CARD_METRICS = ("psnr", "ssim", "lpips", "rfid", "bits_per_image", "codebook_usage", "prior_bits_per_image")
+PROVENANCE = "vqar_provenance.json"  # in a tokenizer folder: {"base_model": Hub id fine-tuned from, "source": ...}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def tokenizer_card(repo_id: str, report: dict, config: dict) -> str:
+@dataclass
+class PushArgs:
+    """Upload a tokenizer (and its prior) to the Hub with model cards, or only write the folders."""
+
+    tokenizer: str = HfArg(help="a tokenizer folder (written by save_pretrained)")
+    report: str = HfArg(help="a `vqar evaluate` output folder: the card's figures and samples")
+    repo_id: str | None = HfArg(default=None, help="the Hub repo to create or update, e.g. me/photos-fsq")
+    prior: str | None = HfArg(default=None, help="a prior folder: uploaded as REPO_ID-prior, naming the tokenizer")
+    private: bool = HfArg(default=False, help="create the repos private")
+    license: str | None = HfArg(default=None, help="the license the cards state (e.g. apache-2.0); none by default")
+    dry_run: bool = HfArg(default=False, help="write the upload folders to --output and upload nothing")
+    output: str = HfArg(default="outputs/push", help="where the upload folders are written")
+
+    def __post_init__(self):
+        if not self.dry_run and not self.repo_id:
+            raise ValueError(
+                "give --repo-id to upload (e.g. --repo-id me/my-tokenizer), or --dry-run to only write the folders"
+            )
+
+
+def is_hub_id(name: str | None) -> bool:
+    """Whether a name is a Hub repo id ("owner/name") rather than a local path or a bundled source."""
+    return bool(name) and HUB_ID.match(name) is not None and not Path(name).exists()
+
+
+def _rounded(value: float) -> float:
+    return float(f"{value:.4g}")
+
+
+def _metadata(repo_id: str, pipeline_tag: str, tags: list[str], license: str | None, results: list, **extra):
+    return ModelCardData(
+        library_name="vqar",
+        pipeline_tag=pipeline_tag,
+        tags=tags,
+        license=license,
+        model_name=repo_id,
+        eval_results=results or None,
+        **extra,
+    )
+
+
+def tokenizer_card(
+    repo_id: str, report: dict, config: dict, license: str | None = None, provenance: dict | None = None
+) -> str:
     """README.md for a tokenizer repo, from a `vqar evaluate` report and the tokenizer's config."""
-    kind = config["quantizer"]["kind"]
-    dataset = report.get("data", "")
+    kind, dataset, provenance = config["quantizer"]["kind"], report.get("data", ""), provenance or {}
     results = [
         EvalResult(
             task_type="image-to-image",
@@ -33,25 +82,29 @@ def tokenizer_card(repo_id: str, report: dict, config: dict) -> str:
             dataset_name=dataset,
             metric_type=name,
             metric_name=name,
-            metric_value=report[name],
+            metric_value=_rounded(report[name]),
         )
         for name in CARD_METRICS
         if report.get(name) is not None
     ]
-    data = ModelCardData(
-        library_name="vqar",
-        tags=["vqar", "image-tokenizer", kind, config.get("layout", "grid")],
-        datasets=[dataset] if "/" in dataset else None,
-        model_name=repo_id,
-        eval_results=results or None,
+    base = provenance.get("base_model")
+    data = _metadata(
+        repo_id,
+        "image-to-image",
+        ["vqar", "image-tokenizer", kind, config.get("layout", "grid")],
+        license,
+        results,
+        datasets=[dataset] if is_hub_id(dataset) else None,
+        base_model=base if is_hub_id(base) else None,
     )
     layout = f"{report['tokens_per_image']} tokens" + (" (1D)" if config.get("layout") == "1d" else " (grid)")
+    origin = f"\nConverted from `{provenance['source']}`.\n" if provenance.get("source") else ""
     body = f"""
 # {repo_id}
 
-A discrete image tokenizer trained with [vqar](https://github.com/vqar/vqar): {kind.upper()} bottleneck,
+A discrete image tokenizer for [vqar](https://github.com/vqar/vqar): {kind.upper()} bottleneck,
 {layout} of {report["bits_per_image"] / report["tokens_per_image"]:.1f} bits each at {report["resolution"]} px.
-
+{origin}
 ## Evaluation
 
 {report["images"]} images of `{dataset}` at {report["resolution"]} px (`vqar evaluate`); JPEG and WebP at
@@ -74,8 +127,10 @@ images = tokenizer.decode(indices)
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body).content
 
 
-def prior_card(repo_id: str, tokenizer_repo: str, metrics: dict) -> str:
-    """README.md for a prior repo: a stock causal LM over the tokens of `tokenizer_repo`."""
+def prior_card(repo_id: str, tokenizer_repo: str, config: dict, metrics: dict, license: str | None = None) -> str:
+    """README.md for a prior repo: a stock causal LM over the tokens of `tokenizer_repo`, usable
+    with plain transformers (its config and generation_config say how)."""
+    ids, layout = config["vqar_ids"], config["vqar_vocab"]
     results = [
         EvalResult(
             task_type="unconditional-image-generation",
@@ -83,31 +138,62 @@ def prior_card(repo_id: str, tokenizer_repo: str, metrics: dict) -> str:
             dataset_name="held-out tokens",
             metric_type=name,
             metric_name=name,
-            metric_value=metrics[name],
+            metric_value=_rounded(metrics[name]),
         )
         for name in ("bits_per_token", "bits_per_image")
         if metrics.get(name) is not None
     ]
-    data = ModelCardData(
-        library_name="vqar",
-        tags=["vqar", "image-generation", "autoregressive"],
-        base_model=tokenizer_repo,
-        model_name=repo_id,
-        eval_results=results or None,
+    tags = ["vqar", "image-generation", "autoregressive", config.get("model_type", "llama")]
+    data = _metadata(repo_id, "unconditional-image-generation", tags, license, results)
+    names = layout["class_names"]
+    condition = f'ids["classes"]["{names[0]}"]' if names else 'ids["null_class"]'
+    classes = (
+        f"Classes ({len(names)}), with their token ids: "
+        + ", ".join(f"`{name}` = {ids['classes'][name]}" for name in names)
+        if names
+        else "Unconditional: the prompt is the null class, then begin-of-image."
+    )
+    grid = f"a {layout['grid'][0]} x {layout['grid'][1]} grid" if layout.get("grid") else "a 1D sequence"
+    bits = f"{metrics['bits_per_image']:.4g}" if metrics.get("bits_per_image") is not None else "n/a"
+    bpe = (
+        "\nIt models visual-BPE ids (`visual_bpe.json`): plain `generate` cannot keep each image to exactly one "
+        "image's codes; sample with vqar.\n"
+        if layout.get("num_bpe_tokens")
+        else ""
     )
     body = f"""
 # {repo_id}
 
-An autoregressive prior over the tokens of [{tokenizer_repo}](https://huggingface.co/{tokenizer_repo}),
-trained with [vqar](https://github.com/vqar/vqar). Held-out: {metrics.get("bits_per_image", float("nan")):.1f} bits per image.
+An autoregressive prior over the tokens of the image tokenizer
+[{tokenizer_repo}](https://huggingface.co/{tokenizer_repo}): {layout["tokens_per_image"]} codes per image
+({grid}) from a codebook of {layout["codebook_size"]}, trained with [vqar](https://github.com/vqar/vqar).
+Held-out: {bits} bits per image.
+
+![samples](samples.png)
+
+{classes} Begin-of-image is {ids["boi"]}, the null class {ids["null_class"]}; a sequence is
+`[condition, begin-of-image, codes]`.
+{bpe}
+## With plain transformers (no vqar needed)
 
 ```python
-from vqar import VQTokenizer
+import torch, transformers
+prior = transformers.AutoModelForCausalLM.from_pretrained("{repo_id}")
+ids = prior.config.vqar_ids  # begin-of-image, the null class, one token per class by name
+codes = prior.generate(torch.tensor([[{condition}, ids["boi"]]]))[:, 2:]  # generation_config: image codes only
+```
+
+The codes decode to pixels with the tokenizer: `VQTokenizer.from_pretrained("{tokenizer_repo}").decode(codes)`
+(reshaped to the grid).
+
+## With vqar
+
+```python
 from vqar.ar import load_prior
-from vqar.generation import SamplingConfig, build_prompts, generate_images
+from vqar.generation import SamplingConfig, build_prompts, generate_images, load_tokenizer_for
 
 prior, layout = load_prior("{repo_id}")
-tokenizer = VQTokenizer.from_pretrained("{tokenizer_repo}")
+tokenizer = load_tokenizer_for("{repo_id}", layout)
 images = generate_images(prior, tokenizer, layout, build_prompts(layout, num_images=4), SamplingConfig(seed=0))
 ```
 """
@@ -144,30 +230,58 @@ def upload(folder: Path, repo_id: str, private: bool) -> str:
     return str(getattr(info, "commit_url", info))
 
 
+def _stage_prior(prior_dir: Path, repo_id: str, tokenizer_repo: str, license: str | None, folder: Path) -> Path:
+    """The prior's upload folder: its card, its newest sample grid, and a config naming the tokenizer by Hub id."""
+    config = json.loads((prior_dir / "config.json").read_text())
+    config["vqar_vocab"]["tokenizer"] = tokenizer_repo  # pushed together: a local path means nothing on the Hub
+    metrics_path = prior_dir.parent / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    samples = sorted((prior_dir.parent / "samples").glob("step-*.png"))
+    staged = stage(prior_dir, prior_card(repo_id, tokenizer_repo, config, metrics, license), folder)
+    (staged / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if samples:
+        shutil.copy2(samples[-1], staged / "samples.png")
+    return staged
+
+
 def push(
     tokenizer_dir: str,
-    repo_id: str,
+    repo_id: str | None,
     report_dir: str,
     private: bool = False,
     prior_dir: str | None = None,
     dry_run: bool = False,
     output: str | None = None,
+    license: str | None = None,
 ) -> list[Path]:
     """Stage (and unless dry_run, upload) the tokenizer as `repo_id` and a prior as `repo_id`-prior."""
     report_path = Path(report_dir) / "report.json"
     if not report_path.is_file():
         raise FileNotFoundError(f"{report_path} not found: run `vqar evaluate --output {report_dir}` first")
+    if not (Path(tokenizer_dir) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{tokenizer_dir} holds no config.json; give a tokenizer folder written by save_pretrained"
+        )
+    repo_id = repo_id or f"YOUR-NAME/{Path(tokenizer_dir).resolve().parent.name or 'tokenizer'}"  # dry runs only
     report = json.loads(report_path.read_text())
     config = json.loads((Path(tokenizer_dir) / "config.json").read_text())
+    provenance_path = Path(tokenizer_dir) / PROVENANCE
+    provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
     root = Path(output or "outputs/push")
     extras = (Path(report_dir) / "samples.png", report_path)
-    folders = [stage(tokenizer_dir, tokenizer_card(repo_id, report, config), root / "tokenizer", extras)]
+    card = tokenizer_card(repo_id, report, config, license, provenance)
+    folders = [stage(tokenizer_dir, card, root / "tokenizer", extras)]
     if prior_dir:
-        metrics_path = Path(prior_dir).parent / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-        folders.append(stage(prior_dir, prior_card(f"{repo_id}-prior", repo_id, metrics), root / "prior"))
+        folders.append(_stage_prior(Path(prior_dir), f"{repo_id}-prior", repo_id, license, root / "prior"))
     if not dry_run:
         upload(folders[0], repo_id, private)
         if prior_dir:
             upload(folders[1], f"{repo_id}-prior", private)
     return folders
+
+
+def push_from_args(args: PushArgs) -> list[Path]:
+    """`vqar push`: `push` with the command's arguments."""
+    return push(
+        args.tokenizer, args.repo_id, args.report, args.private, args.prior, args.dry_run, args.output, args.license
+    )

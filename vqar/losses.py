@@ -13,6 +13,7 @@ Losses return `(loss, logs)`: logs are detached scalars; only the training loop 
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -20,8 +21,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.hf_argparser import HfArg
 
 from .weights import LPIPS_BACKBONES, fetch, missing_reason
+
+logger = logging.getLogger(__name__)
 
 
 def lpips_missing_reason(net: str = "vgg", *, download: bool = True) -> str | None:
@@ -157,22 +161,24 @@ class LeCAM(nn.Module):
 class LossConfig:
     """Weights and switches of the tokenizer loss; a weight of 0 turns its term off."""
 
-    regression: Literal["l1", "l2"] = "l1"
-    regression_weight: float = 1.0
-    perceptual_weight: float = 1.0  # LPIPS, as in VQGAN and LlamaGen
-    perceptual_net: Literal["vgg", "alex"] = "vgg"
-    perceptual_random_backbone: bool = False  # plumbing tests only: the figure is then not LPIPS
-    bottleneck_weight: float = 1.0  # multiplies the quantizer's own (already weighted) loss
-    adversarial_weight: float = 0.1  # LlamaGen / Open-MAGVIT2 use 0.1 to 0.5
-    disc_start: int = 20000  # step from which D is trained and applied (LlamaGen: 20k)
-    disc_warmup_steps: int = 0  # after disc_start, G's adversarial term ramps from 0 to full over these steps
-    disc_loss: Literal["hinge", "non_saturating"] = "hinge"
-    disc_layers: int = 3
-    disc_channels: int = 64
-    disc_norm: Literal["batch", "group", "none"] = "group"
-    disc_learning_rate: float | None = None  # None: the tokenizer's learning rate
-    adaptive_weight: bool = True  # VQGAN's gradient-norm balance of the GAN term
-    lecam_weight: float = 0.0  # 0.001 in MAGVIT-v2; 0 turns it off
+    regression: Literal["l1", "l2"] = HfArg(default="l1", help="the pixel loss")
+    regression_weight: float = HfArg(default=1.0, help="weight of the pixel loss")
+    perceptual_weight: float | None = HfArg(
+        default=None, help="LPIPS weight (VQGAN, LlamaGen: 1.0); default: 1.0 where LPIPS's weights can be had, else 0"
+    )
+    perceptual_net: Literal["vgg", "alex"] = HfArg(default="vgg", help="LPIPS backbone")
+    perceptual_random_backbone: bool = HfArg(default=False, help="plumbing tests only: the figure is then not LPIPS")
+    bottleneck_weight: float = HfArg(default=1.0, help="multiplies the quantizer's own (already weighted) loss")
+    adversarial_weight: float = HfArg(default=0.1, help="PatchGAN weight (LlamaGen, Open-MAGVIT2: 0.1 to 0.5)")
+    disc_start: int = HfArg(default=20000, help="step from which D is trained and applied (LlamaGen: 20k)")
+    disc_warmup_steps: int = HfArg(default=0, help="after disc_start, G's adversarial term ramps up over these steps")
+    disc_loss: Literal["hinge", "non_saturating"] = HfArg(default="hinge", help="the GAN loss")
+    disc_layers: int = HfArg(default=3, help="PatchGAN depth (receptive field 70 px at 3)")
+    disc_channels: int = HfArg(default=64, help="PatchGAN width")
+    disc_norm: Literal["batch", "group", "none"] = HfArg(default="group", help="PatchGAN normalisation")
+    disc_learning_rate: float | None = HfArg(default=None, help="D's learning rate (default: the tokenizer's)")
+    adaptive_weight: bool = HfArg(default=True, help="VQGAN's gradient-norm balance of the GAN term")
+    lecam_weight: float = HfArg(default=0.0, help="LeCAM regularisation of D (MAGVIT-v2: 0.001); 0 turns it off")
 
     def __post_init__(self):
         for name in (
@@ -183,7 +189,7 @@ class LossConfig:
             "lecam_weight",
             "disc_warmup_steps",
         ):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.regression not in ("l1", "l2"):
             raise ValueError(f"regression must be 'l1' or 'l2', got {self.regression!r}")
@@ -194,6 +200,18 @@ class LossConfig:
     def uses_discriminator(self) -> bool:
         return self.adversarial_weight > 0
 
+    def resolve_perceptual_weight(self) -> float:
+        """Fill in an unset `perceptual_weight`: 1.0 when LPIPS's weights are already cached (or a
+        random backbone is asked for), else 0 with a note — a quick run never starts a 500 MB download."""
+        if self.perceptual_weight is None:
+            reason = (
+                None if self.perceptual_random_backbone else lpips_missing_reason(self.perceptual_net, download=False)
+            )
+            self.perceptual_weight = 0.0 if reason else 1.0
+            if reason:
+                logger.info("LPIPS is off: its weights are not cached; --perceptual_weight 1 fetches them (%s)", reason)
+        return self.perceptual_weight
+
 
 class TokenizerLoss(nn.Module):
     """The loss triad plus the bottleneck loss. Holds the discriminator and, if on, LPIPS."""
@@ -203,7 +221,7 @@ class TokenizerLoss(nn.Module):
         self.config = config
         self.perceptual = (
             PerceptualLoss(config.perceptual_net, config.perceptual_random_backbone)
-            if config.perceptual_weight > 0
+            if config.resolve_perceptual_weight() > 0
             else None
         )
         self.discriminator = (

@@ -24,11 +24,12 @@ MANIFEST = "vqar_tokens.json"
 class TokensManifest:
     """What a tokens folder holds, saved as `vqar_tokens.json` beside the splits."""
 
-    tokenizer: str  # the tokenizer's folder or Hub id, as given to `vqar tokenize`
+    tokenizer: str  # the tokenizer: the absolute path of its folder, or its Hub id
     codebook_size: int
     tokens_per_image: int
     grid: list[int] | None  # [h, w] for grid tokenizers; None for 1D sequences
-    fingerprint: str = ""  # of the tokenizer's config and weights and the encoding options
+    fingerprint: str = ""  # of the tokenizer, the source, the options and the preprocessing: reuse is safe
+    tokenizer_fingerprint: str = ""  # `VQTokenizer.fingerprint`: config and weights; the prior records it
     decodes_prefixes: bool = False  # 1D with nested dropout: any leading k tokens decode
     class_names: list[str] = field(default_factory=list)  # empty: the source has no class labels
     data: str = ""

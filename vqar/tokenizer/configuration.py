@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 from ..quantizers import QuantizerConfig
 
 LAYOUTS = ("grid", "1d")
+PREPROCESSING_FIELDS = ("resize_to",)  # how images are prepared, not what the codes mean
 _SHARED = ("resolution", "latent_channels", "quantizer")
 REQUIRED_FIELDS = {  # in every saved config.json of that layout (`layout` itself defaults to "grid")
     "grid": _SHARED + ("channels", "channel_multipliers", "num_res_blocks", "attn_resolutions", "mid_attention"),
@@ -46,6 +47,9 @@ class TokenizerConfig(PretrainedConfig):
     model_type = "vqar_tokenizer"
 
     resolution: int = 256  # training resolution; the model is fully convolutional
+    # how training cut images to `resolution`: shorter side resized to this, then a centre (or random) crop;
+    # `vqar tokenize` and `vqar evaluate` prepare images the same way. None: resized to `resolution`.
+    resize_to: int | None = None
     channels: int = 128  # width of the first level
     channel_multipliers: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
     num_res_blocks: int = 2  # residual blocks per level
@@ -103,6 +107,8 @@ class TokenizerConfig(PretrainedConfig):
         for name in ("resolution", "channels", "num_res_blocks", "latent_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.resize_to is not None and self.resize_to < self.resolution:
+            raise ValueError(f"resize_to ({self.resize_to}) must be >= resolution ({self.resolution})")
         if self.layout == "grid" and self.resolution % self.downsample_factor:
             raise ValueError(
                 f"resolution {self.resolution} is not divisible by the downsampling factor {self.downsample_factor}"

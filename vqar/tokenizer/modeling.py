@@ -14,8 +14,11 @@ Two departures from transformers' defaults keep a reload bit-identical:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from einops import rearrange
@@ -23,9 +26,10 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ..data import ImageTransform
 from ..quantizers import CodeStats, build_quantizer
 from .blocks import Decoder, Encoder
-from .configuration import TokenizerConfig
+from .configuration import PREPROCESSING_FIELDS, TokenizerConfig
 from .presets import load_preset
 from .vit import ViTDecoder, ViTEncoder
 
@@ -90,6 +94,16 @@ class VQTokenizer(PreTrainedModel):
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
             )
+        except OSError as error:  # transformers' message does not always name what it could not find
+            name = str(pretrained_model_name_or_path)
+            where = (
+                "the folder holds no tokenizer"
+                if Path(name).is_dir()
+                else "no such folder, and the Hub did not give it"
+            )
+            raise OSError(
+                f"cannot load the tokenizer {name!r}: {where} ({' '.join(str(error).split())[:200]})"
+            ) from error
         except RuntimeError as error:
             if "ignore_mismatched_sizes" not in str(error):
                 raise
@@ -171,9 +185,37 @@ class VQTokenizer(PreTrainedModel):
         return sorted({max(1, L // 4), max(1, L // 2), L})
 
     @property
+    def fingerprint(self) -> str:
+        """SHA-256 of what makes the codes mean what they mean: the config's fields and every saved tensor.
+
+        A prior records the fingerprint of the tokenizer it was trained on and refuses another. It is
+        cached, and recomputed when a tensor is replaced or changed in place.
+        """
+        state = self.state_dict()
+        key = tuple((t.data_ptr(), t._version) for t in state.values())  # _version counts in-place writes
+        cached = getattr(self, "_fingerprint_cache", None)
+        if cached is None or cached[0] != key:
+            digest = hashlib.sha256()
+            names = sorted(set(type(self.config).__annotations__) - set(PREPROCESSING_FIELDS))
+            fields = {name: getattr(self.config, name) for name in names}
+            digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
+            for name, tensor in sorted(state.items()):
+                digest.update(name.encode() + str(tensor.dtype).encode())
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint_cache = cached = (key, digest.hexdigest())
+        return cached[1]
+
+    @property
     def bits_per_image(self) -> float:
         """Raw bits of one image's tokens: tokens_per_image * log2(codebook_size)."""
         return self.tokens_per_image * math.log2(self.codebook_size)
+
+    def image_transform(self, resolution: int | None = None, resize_to: int | None = None) -> ImageTransform:
+        """How to prepare images for this tokenizer: as its training evaluation did — its
+        resolution, the shorter side resized to its `resize_to`, a centre crop — unless overridden."""
+        resolution = resolution or self.config.resolution
+        resize_to = resize_to or self.config.resize_to
+        return ImageTransform(resolution, resize_to if resize_to and resize_to >= resolution else None)
 
     # -- the model --------------------------------------------------------------------------
 
@@ -274,6 +316,15 @@ class VQTokenizer(PreTrainedModel):
         low, high = (v.item() for v in torch.aminmax(indices))  # Python ints: uint8 would wrap the bound
         if low < 0 or high >= self.codebook_size:
             raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
+
+
+def parameter_count(config: TokenizerConfig) -> int:
+    """Parameters of a tokenizer with this config, without allocating its encoder and decoder."""
+    one_d = config.layout == "1d"
+    with torch.device("meta"):  # shapes only; the quantizer (small) cannot be built there: FSQ reads its levels
+        nets = (ViTEncoder(config), ViTDecoder(config)) if one_d else (Encoder(config), Decoder(config))
+    quantizer = build_quantizer(config.quantizer_config, dim=config.latent_channels)
+    return sum(p.numel() for module in (*nets, quantizer) for p in module.parameters())
 
 
 AutoConfig.register(TokenizerConfig.model_type, TokenizerConfig)

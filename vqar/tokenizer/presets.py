@@ -7,6 +7,7 @@ wheel ships it as `vqar/presets/`; a source checkout or editable install reads i
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -29,3 +30,26 @@ def load_preset(name: str) -> dict:
         raise ValueError(f"unknown tokenizer preset {name!r}; available presets: {', '.join(list_presets())}")
     config = json.loads(path.read_text())
     return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def describe_presets() -> list[dict]:
+    """One row per preset: name, layout, codes, tokens per image at its resolution, parameters, description."""
+    from .configuration import TokenizerConfig
+    from .modeling import parameter_count
+
+    rows = []
+    for name in list_presets():
+        raw = json.loads((preset_dir() / f"{name}.json").read_text())
+        config = TokenizerConfig(**load_preset(name))
+        rows.append(
+            {
+                "name": name,
+                "layout": config.layout,
+                "codes": config.quantizer_config.num_codes,
+                "tokens_per_image": math.prod(config.token_shape),
+                "resolution": config.resolution,
+                "parameters": parameter_count(config),
+                "description": raw.get("_comment", ""),
+            }
+        )
+    return rows

@@ -46,6 +46,8 @@ class TrainerState:
     batch_in_epoch: int = 0  # batches of this epoch already trained on: a resumed run skips them
     unreadable: list[int | str] = field(default_factory=list)  # this rank's unreadable images, each once
     skipped_steps: int = 0  # steps skipped for a NaN/inf loss or gradient
+    best: float | None = None  # the best held-out figure so far (save_best), and its step
+    best_step: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

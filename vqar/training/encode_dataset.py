@@ -12,11 +12,13 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
+from transformers.hf_argparser import HfArg
 
 from ..data import (
     ImageDataset,
@@ -36,25 +38,25 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TokenizeArgs:
-    tokenizer: str  # folder or Hub id of a trained tokenizer
-    data: str  # a data source (see vqar.data)
-    output: str
-    split: str = "train"
-    image_column: str | None = None
-    label_column: str | None = None
-    eval_fraction: float = 0.1
-    batch_size: int = 64
+    """Encode a data source with a trained tokenizer into a tokens folder."""
+
+    tokenizer: str = HfArg(help="a trained tokenizer: folder or Hub id")
+    data: str = HfArg(help="digits | photos | image folder | *.parquet | saved dataset | Hub id")
+    output: str = HfArg(help="the tokens folder to write")
+    split: str = HfArg(default="train", help="the split of a Hub dataset")
+    image_column: str | None = HfArg(default=None, help="default: the first Image column (or 'image', 'img')")
+    label_column: str | None = HfArg(default=None, help="default: the first ClassLabel column (or 'label')")
+    resolution: int | None = HfArg(default=None, help="crop size (default: the tokenizer's training resolution)")
+    resize_to: int | None = HfArg(default=None, help="shorter side before the centre crop (default: the tokenizer's)")
+    eval_fraction: float = HfArg(default=0.1, help="share held out, deterministically (as the tokenizer trainer does)")
+    batch_size: int = HfArg(default=64, help="images per batch")
 
 
-def _fingerprint(args: TokenizeArgs, tokenizer: VQTokenizer) -> str:
-    digest = hashlib.sha256()
+def _fingerprint(args: TokenizeArgs, tokenizer: VQTokenizer, transform: ImageTransform) -> str:
+    """Of everything the tokens depend on: the tokenizer, the source and options, the preprocessing."""
     options = {k: v for k, v in asdict(args).items() if k not in ("output", "batch_size")}
-    digest.update(json.dumps(options, sort_keys=True).encode())
-    digest.update(tokenizer.config.to_json_string().encode())
-    for name, tensor in sorted(tokenizer.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    text = json.dumps([options, asdict(transform), tokenizer.fingerprint], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @torch.inference_mode()
@@ -75,7 +77,8 @@ def tokenize_dataset(args: TokenizeArgs) -> TokensManifest:
     """Encode `args.data` into `args.output`; returns the manifest (reused when up to date)."""
     accelerator = Accelerator()
     tokenizer = VQTokenizer.from_pretrained(args.tokenizer).to(accelerator.device).eval()
-    fingerprint = _fingerprint(args, tokenizer)
+    transform = tokenizer.image_transform(args.resolution, args.resize_to)
+    fingerprint = _fingerprint(args, tokenizer, transform)
     manifest = TokensManifest.load(args.output)
     if manifest and manifest.fingerprint == fingerprint:
         accelerator.print(f"{args.output} is up to date with this tokenizer and source; reusing it")
@@ -83,15 +86,16 @@ def tokenize_dataset(args: TokenizeArgs) -> TokensManifest:
 
     source = load_source(args.data, split=args.split, image_column=args.image_column, label_column=args.label_column)
     train_split, eval_split = split_holdout(source, args.eval_fraction, seed=0)
-    transform = ImageTransform(tokenizer.config.resolution)
     splits, skipped = {}, 0
     for name, split in (("train", train_split), ("eval", eval_split)):
         dataset = ImageDataset(split, transform)
         dataset.require_readable(f"{args.data} ({name} split)")
         columns, bad = _encode(accelerator, tokenizer, dataset, args.batch_size, name)
         splits[name], skipped = columns, skipped + bad
+    local = Path(args.tokenizer).exists()
     manifest = TokensManifest(
-        tokenizer=args.tokenizer,
+        tokenizer=str(Path(args.tokenizer).resolve()) if local else args.tokenizer,
+        tokenizer_fingerprint=tokenizer.fingerprint,
         codebook_size=tokenizer.codebook_size,
         tokens_per_image=tokenizer.tokens_per_image,
         grid=list(tokenizer.token_grid) if tokenizer.token_grid else None,

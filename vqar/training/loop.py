@@ -16,14 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data import report_unreadable
+from . import TrainingStopped
 from .checkpoints import TrainerState, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .optim import EMA, NonFiniteStep, start_trackers
+from .optim import EMA, NonFiniteStep
 from .recipes import TrainConfig, resolved_recipe, save_resolved_recipe
 
 logger = logging.getLogger(__name__)
@@ -103,6 +107,7 @@ class LoopHooks:
     summary(metrics) -> the one line the progress bar prints after an evaluation.
     save(model, output_dir) -> writes the trained model's files; returns entries for metrics.json.
     progress: {short name: log key} of the figures the progress bar shows beside the loss and speed.
+    best: (held-out figure, "max" or "min"): what `save_best` keeps the weights of.
     """
 
     step: Callable[[dict, int], dict]
@@ -112,6 +117,27 @@ class LoopHooks:
     save: Callable[[torch.nn.Module, Path], dict]
     speed_unit: str = "img_s"
     progress: dict[str, str] = field(default_factory=dict)
+    best: tuple[str, str] = ("loss", "min")
+
+
+def start_trackers(accelerator: Accelerator, project: str, recipe: dict) -> None:
+    """Start the run's trackers, with the resolved recipe: as text for TensorBoard (its hparams
+    writer would add an empty timestamped sub-run beside the real one), as the config for others."""
+    if not accelerator.log_with:
+        return
+    tensorboard = any(getattr(t, "value", t) == "tensorboard" for t in accelerator.log_with)
+    # Trackers take scalars only: lists and dicts are logged as their JSON text.
+    flat = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in recipe.items()}
+    accelerator.init_trackers(project, config=None if tensorboard else flat)
+    if tensorboard:
+        accelerator.log({"recipe": "```\n" + yaml.safe_dump(recipe, sort_keys=False) + "```"}, step=0)
+
+
+def log_image(accelerator: Accelerator, name: str, image: Image.Image, step: int) -> None:
+    """A sample grid to the trackers that take images (TensorBoard)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: np.asarray(image)[None]}, step=step, dataformats="NHWC")
 
 
 def step_optimizer(run: Run) -> None:
@@ -207,7 +233,7 @@ class _Loop:
     def _after_empty_batch(self) -> None:
         self.empty_in_a_row += 1
         if self.empty_in_a_row >= MAX_EMPTY_BATCHES:
-            raise RuntimeError(
+            raise TrainingStopped(
                 f"{self.empty_in_a_row} batches in a row held no readable image ({len(self.unreadable)} unreadable "
                 "images so far on this process); is the data source mostly broken files?"
             )
@@ -233,7 +259,7 @@ class _Loop:
         self.progress.write(f"step {step}: skipped, non-finite ({bad}); {self.bad_in_a_row} in a row")
         if self.bad_in_a_row > self.train.max_bad_steps:
             found = complete_checkpoints(self.train.output_dir)
-            raise RuntimeError(
+            raise TrainingStopped(
                 f"training stopped: {self.bad_in_a_row} consecutive steps had a non-finite loss or gradient "
                 f"(max_bad_steps={self.train.max_bad_steps}), the last at step {step}. The newest good checkpoint "
                 f"is {found[-1] if found else 'none'}; lower the learning rate or clip gradients, then resume from it."
@@ -252,7 +278,9 @@ class _Loop:
             self.progress.set_postfix(**shown, **{hooks.speed_unit: f"{values[hooks.speed_unit]:.1f}"})
         self.progress.update(1)
         if train.eval_every and step % train.eval_every == 0 and not last and accelerator.is_main_process:
-            self.progress.write(f"step {step}: {hooks.summary(hooks.evaluate(step))}")
+            metrics = hooks.evaluate(step)
+            self.progress.write(f"step {step}: {hooks.summary(metrics)}")
+            keep_if_best(self.run, self.state, hooks, metrics)
         if train.save_every and step % train.save_every == 0 and not last:
             save_checkpoint(accelerator, train, self.state, self.run.ema)
 
@@ -298,6 +326,20 @@ class StopSignals:
 # -- the finish -----------------------------------------------------------------------------
 
 
+def keep_if_best(run: Run, state: TrainerState, hooks: LoopHooks, metrics: dict) -> None:
+    """With `save_best`, write the model to OUTPUT/best when this held-out figure beats every earlier one."""
+    name, mode = hooks.best
+    value = metrics.get(name)
+    if not run.train.save_best or value is None:
+        return
+    if state.best is not None and (value <= state.best if mode == "max" else value >= state.best):
+        return
+    state.best, state.best_step = value, state.step
+    folder = Path(run.train.output_dir) / "best"
+    hooks.save(run.unwrapped, folder)
+    (folder / "metrics.json").write_text(json.dumps(metrics | {"step": state.step}, indent=2))
+
+
 def weights_agree_across_ranks(accelerator: Accelerator, model: torch.nn.Module) -> bool:
     """DDP keeps every rank's weights equal; compare a fingerprint of each rank's copy."""
     with torch.no_grad():
@@ -328,6 +370,9 @@ def finish_run(run: Run, state: TrainerState, hooks: LoopHooks, started: float) 
             "weights_identical_across_ranks": agree,
         }
         metrics |= hooks.save(model, output)
+        keep_if_best(run, state, hooks, metrics)
+        if state.best_step is not None:
+            metrics |= {"best": state.best, "best_step": state.best_step}
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if skipped:
             logger.warning("skipped %d unreadable images during training", skipped)

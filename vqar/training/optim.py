@@ -6,7 +6,6 @@ which turns a NaN/inf loss or gradient on any rank into a `NonFiniteStep` the lo
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -53,13 +52,6 @@ def _fresh_accelerator_state() -> None:
     call for this.
     """
     AcceleratorState._reset_state()
-
-
-def start_trackers(accelerator: Accelerator, project_name: str, recipe: dict) -> None:
-    if accelerator.log_with:
-        # Trackers take scalars only: lists and dicts are logged as their JSON text.
-        flat = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in recipe.items()}
-        accelerator.init_trackers(project_name, config=flat)
 
 
 def make_optimizer(params, train: TrainConfig, learning_rate: float | None = None) -> torch.optim.Optimizer:

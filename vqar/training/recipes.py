@@ -16,34 +16,36 @@ from typing import Literal
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import HfArg
 
 
 @dataclass
 class TrainConfig:
     """Optimisation, checkpointing and logging, the same for every trainer."""
 
-    output_dir: str = "outputs/run"
-    max_steps: int = 1000
-    batch_size: int = 16  # per process
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95  # LlamaGen's betas for both stages
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # the cosine decays to learning_rate * min_lr_ratio
-    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    ema_decay: float = 0.0  # EMA of the weights (e.g. 0.999); 0 turns it off
-    seed: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    compile: bool = False  # torch.compile the trained models (inductor), through accelerate
-    save_every: int = 500  # steps between checkpoints; 0: only at the end
-    keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
-    eval_every: int = 500  # steps between held-out evaluations; 0: only at the end
-    log_every: int = 10
-    resume: str | None = None  # "latest", or a checkpoint folder
-    log_with: str = "tensorboard"  # an accelerate tracker, or "none"
-    num_workers: int = 0  # DataLoader workers
-    max_bad_steps: int = 10  # consecutive steps with a NaN/inf loss or gradient skipped before training stops
+    output_dir: str = HfArg(default="outputs/run", help="where checkpoints, logs, samples and the model are written")
+    max_steps: int = HfArg(default=1000, help="optimisation steps")
+    batch_size: int = HfArg(default=16, help="examples per step and process")
+    learning_rate: float = HfArg(default=1e-3, help="peak learning rate (CPU-sized models; the GPU recipes set theirs)")
+    weight_decay: float = HfArg(default=0.0, help="AdamW weight decay")
+    adam_beta1: float = HfArg(default=0.9, help="AdamW beta1")
+    adam_beta2: float = HfArg(default=0.95, help="AdamW beta2 (LlamaGen's, for both stages)")
+    warmup_steps: int = HfArg(default=0, help="linear learning-rate warm-up from 0")
+    min_lr_ratio: float = HfArg(default=0.0, help="the cosine decays to learning_rate * min_lr_ratio at max_steps")
+    grad_clip: float = HfArg(default=1.0, help="max gradient norm; 0 turns clipping off")
+    ema_decay: float = HfArg(default=0.0, help="EMA of the weights (e.g. 0.999), saved as the model; 0 turns it off")
+    seed: int = HfArg(default=0, help="the seed of every random choice: same seed, same run")
+    mixed_precision: Literal["no", "fp16", "bf16"] = HfArg(default="no", help="autocast: bf16 (CPU or GPU), fp16 (GPU)")
+    compile: bool = HfArg(default=False, help="torch.compile the trained models (inductor), through accelerate")
+    save_every: int = HfArg(default=500, help="steps between checkpoints; 0: only at the end")
+    keep_checkpoints: int = HfArg(default=2, help="how many of the newest checkpoints to keep")
+    save_best: bool = HfArg(default=False, help="also keep the weights with the best held-out figure in OUTPUT/best")
+    eval_every: int = HfArg(default=250, help="steps between held-out evaluations; 0: only at the end")
+    log_every: int = HfArg(default=10, help="steps between logged training figures")
+    resume: str | None = HfArg(default=None, help='"latest" (the newest complete checkpoint) or a checkpoint folder')
+    log_with: str = HfArg(default="tensorboard", help='an accelerate tracker (tensorboard, wandb, ...) or "none"')
+    num_workers: int = HfArg(default=0, help="DataLoader worker processes")
+    max_bad_steps: int = HfArg(default=10, help="NaN/inf steps in a row that are skipped before training stops")
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size"):
@@ -71,13 +73,17 @@ class JSONDict(dict):
         return dict(json.loads(value) if isinstance(value, str) else value)
 
 
-def parse_recipe(argv: list[str], dataclass_types: tuple[type, ...]) -> tuple:
-    """`RECIPE.yaml [--field value ...]` -> one instance per dataclass type.
+def parse_recipe(
+    argv: list[str], dataclass_types: tuple[type, ...], prog: str | None = None, description: str | None = None
+) -> tuple:
+    """`[RECIPE.yaml] [--field value ...]` -> one instance per dataclass type.
 
     The YAML's values become the defaults of an HfArgumentParser, so the command line overrides
-    any of them. Dict-valued fields (typed `JSONDict`) take JSON on the command line.
+    any of them; without a recipe the dataclasses' defaults apply. Dict-valued fields (typed
+    `JSONDict`) take JSON on the command line.
     """
-    parser = HfArgumentParser(dataclass_types)
+    usage = f"{prog or 'vqar'} [RECIPE.yaml] [--field value ...]"
+    parser = HfArgumentParser(dataclass_types, prog=prog, description=description, usage=usage)
     recipe_path, overrides = _split_recipe(argv)
     if recipe_path is not None:
         recipe = yaml.safe_load(Path(recipe_path).read_text()) or {}
@@ -92,7 +98,7 @@ def parse_recipe(argv: list[str], dataclass_types: tuple[type, ...]) -> tuple:
 def _split_recipe(argv: list[str]) -> tuple[str | None, list[str]]:
     if argv and not argv[0].startswith("-"):
         if not Path(argv[0]).is_file():
-            raise FileNotFoundError(f"recipe {argv[0]} does not exist")
+            raise FileNotFoundError(f"recipe {argv[0]} does not exist (the recipes that ship are in recipes/)")
         return argv[0], argv[1:]
     return None, argv
 

@@ -9,35 +9,51 @@ gives the unconditional predictions classifier-free guidance needs.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
+from transformers.hf_argparser import HfArg
 
-from ..ar import PROMPT_LENGTH, VocabLayout, build_prior, image_nll
+from ..ar import CONFIG_KEY, PROMPT_LENGTH, VocabLayout, build_prior, image_nll
 from ..bpe import VisualBPE, load_bpe
-from ..data import make_loader
+from ..data import image_grid, make_loader
+from ..generation import SamplingConfig, build_prompts, generate_images, load_tokenizer_for
 from ..tokens import TokensManifest, code_arrays, load_tokens
-from .loop import EpochSampler, LoopHooks, Run, TrainData, begin_run, finish_run, run_loop, step_optimizer
+from .loop import EpochSampler, LoopHooks, Run, TrainData, begin_run, finish_run, log_image, run_loop, step_optimizer
 from .optim import backward_and_check, make_accelerator, make_ema, make_optimizer, make_scheduler
 from .recipes import JSONDict, TrainConfig, parse_recipe
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class PriorArgs:
-    tokens: str = "outputs/tokens"  # a dataset written by `vqar tokenize`
-    model_type: str = "llama"  # any AutoModelForCausalLM config type
-    size: str = "cpu"  # a name of vqar.ar.PRIOR_SIZES
-    prior: JSONDict = field(default_factory=JSONDict)  # overrides of the model config (hidden_size, ...)
-    bpe: str = "auto"  # visual_bpe.json to train on: "auto" (the tokenizer's, if any), "none", or a path
-    num_tokens: int | None = None  # 1d nested-dropout tokenizers: model only each image's first k tokens
-    conditional: bool = True  # class-conditional when the tokens have labels
-    label_dropout: float = 0.1  # fraction of labels replaced by the null class (LlamaGen: 0.1)
-    eval_batch_size: int = 128
+    """Which prior to train, on which tokens."""
+
+    tokens: str = HfArg(default="outputs/tokens", help="a tokens folder written by `vqar tokenize`")
+    model_type: str = HfArg(default="llama", help="any transformers AutoModelForCausalLM config type")
+    size: str = HfArg(default="cpu", help="tiny | cpu | S | B | L (vqar.ar.PRIOR_SIZES)")
+    prior: JSONDict = HfArg(
+        default_factory=JSONDict, help="overrides of the model config, JSON: '{\"hidden_size\": 256}'"
+    )
+    bpe: str = HfArg(
+        default="auto", help='visual BPE to train on: "auto" (the tokenizer folder\'s, if any), "none", a path'
+    )
+    num_tokens: int | None = HfArg(
+        default=None, help="1D nested-dropout tokenizers: model only each image's first k tokens"
+    )
+    conditional: bool = HfArg(default=True, help="class-conditional when the tokens have labels")
+    label_dropout: float = HfArg(
+        default=0.1, help="share of labels replaced by the null class, for CFG (LlamaGen: 0.1)"
+    )
+    eval_batch_size: int = HfArg(default=128, help="sequences per held-out batch")
+    eval_samples: int = HfArg(default=10, help="images sampled at each evaluation for TensorBoard; 0: none")
 
     def __post_init__(self):
         if not 0 <= self.label_dropout < 1:
@@ -105,12 +121,15 @@ class PriorRun(Run):
     bpe: VisualBPE | None = None
     eval_split: datasets.Dataset = None
     args: PriorArgs = None
+    tokenizer: torch.nn.Module | None = None  # decodes the evaluation samples (main process; None: no samples)
 
 
 def _sequences(args: PriorArgs) -> tuple[datasets.DatasetDict, VocabLayout, VisualBPE | None]:
     """The tokens to train on (prefixes, BPE ids) and the layout of the prior over them."""
     tokens, manifest = load_tokens(args.tokens)
     bpe = find_bpe(args.bpe, manifest)
+    if args.conditional and not manifest.class_names:
+        logger.info("the tokens in %s have no class labels: training an unconditional prior", args.tokens)
     layout = VocabLayout.from_manifest(
         manifest, conditional=args.conditional and bool(manifest.class_names), bpe=bpe, num_tokens=args.num_tokens
     )
@@ -133,7 +152,7 @@ def setup(args: PriorArgs, train: TrainConfig) -> PriorRun:
     optimizer = make_optimizer(model.parameters(), train)
     scheduler = make_scheduler(optimizer, train)
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
-    return PriorRun(
+    run = PriorRun(
         accelerator,
         train,
         model,
@@ -146,6 +165,18 @@ def setup(args: PriorArgs, train: TrainConfig) -> PriorRun:
         eval_split=tokens["eval"].with_format("torch"),
         args=args,
     )
+    if accelerator.is_main_process and args.eval_samples:
+        run.tokenizer = _sample_decoder(train.output_dir, layout, accelerator.device)
+    return run
+
+
+def _sample_decoder(output_dir: str, layout: VocabLayout, device) -> torch.nn.Module | None:
+    """The tokenizer of the tokens, to show samples at each evaluation; None (and a note) if it is gone."""
+    try:
+        return load_tokenizer_for(output_dir, layout, tokenizer=layout.tokenizer).to(device)
+    except (OSError, ValueError) as error:
+        logger.warning("no samples during training: cannot load the tokenizer (%s)", error)
+        return None
 
 
 # -- one step -------------------------------------------------------------------------------
@@ -156,7 +187,8 @@ def train_step(run: PriorRun, batch: dict) -> dict[str, torch.Tensor]:
     loss = run.model(input_ids=ids, labels=targets).loss
     backward_and_check(run.accelerator, loss, run.model.parameters(), run.optimizer, run.train.grad_clip)
     step_optimizer(run)
-    return {"loss/total": loss.detach()}
+    # bits per token: the held-out figure's unit (the loss is in nats; with label dropout on)
+    return {"loss/total": loss.detach(), "train/bits_per_token": loss.detach() / math.log(2)}
 
 
 # -- evaluation -----------------------------------------------------------------------------
@@ -179,9 +211,27 @@ def evaluate_prior(model, layout: VocabLayout, dataset, batch_size: int) -> dict
 
 
 def evaluate(run: PriorRun, step: int) -> dict:
+    """Held-out bits per token and per image, logged as eval/*; with a tokenizer at hand, a grid of
+    samples (one per class, cycling) in OUTPUT/samples/step-XXXXXX.png and TensorBoard."""
     metrics = evaluate_prior(run.unwrapped, run.layout, run.eval_split, run.args.eval_batch_size)
     run.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    if run.tokenizer is not None:
+        grid = image_grid([_samples(run)])
+        folder = Path(run.train.output_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid.save(folder / f"step-{step:06d}.png")
+        log_image(run.accelerator, "eval/samples", grid, step)
     return metrics
+
+
+def _samples(run: PriorRun) -> torch.Tensor:
+    layout, count = run.layout, run.args.eval_samples
+    classes = [i % layout.num_classes for i in range(count)] if layout.num_classes else None
+    prompts = build_prompts(layout, classes=classes, num_images=None if classes else count, bpe=run.bpe)
+    was_training = run.unwrapped.training
+    images = generate_images(run.unwrapped.eval(), run.tokenizer, layout, prompts, SamplingConfig(seed=0), bpe=run.bpe)
+    run.unwrapped.train(was_training)
+    return images
 
 
 def summary(metrics: dict) -> str:
@@ -189,9 +239,11 @@ def summary(metrics: dict) -> str:
 
 
 def _save(run: PriorRun, prior, output: Path) -> dict:
-    prior.save_pretrained(output / "prior")
+    folder = output / "prior"
+    setattr(prior.config, CONFIG_KEY, run.layout.saved_in(folder).to_dict())  # the tokenizer by a relative path
+    prior.save_pretrained(folder)
     if run.bpe is not None:
-        run.bpe.save(output / "prior")  # the prior's ids mean nothing without it
+        run.bpe.save(folder)  # the prior's ids mean nothing without it
     return {"parameters": sum(p.numel() for p in prior.parameters())}
 
 
@@ -210,6 +262,7 @@ def train_prior(args: PriorArgs, train: TrainConfig) -> dict | None:
         summary=summary,
         save=lambda prior, output: _save(run, prior, output),
         speed_unit="tok_s",
+        best=("bits_per_image", "min"),
     )
     state = run_loop(run, state, hooks)
     return finish_run(run, state, hooks, started)

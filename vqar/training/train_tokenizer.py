@@ -7,13 +7,15 @@ Three pieces, as in accelerate's examples: build everything (`setup`), one optim
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import torch
+from transformers.hf_argparser import HfArg
 
 from ..data import (
     ImageDataset,
@@ -27,9 +29,11 @@ from ..data import (
     split_stream,
 )
 from ..evaluation import real_lpips, reconstruction_metrics
+from ..hub import PROVENANCE
 from ..losses import LossConfig, PerceptualLoss, TokenizerLoss, discriminator_accuracy
+from ..metrics import psnr
 from ..tokenizer import TokenizerConfig, VQTokenizer, load_preset
-from .loop import EpochSampler, LoopHooks, Run, TrainData, begin_run, finish_run, run_loop, step_optimizer
+from .loop import EpochSampler, LoopHooks, Run, TrainData, begin_run, finish_run, log_image, run_loop, step_optimizer
 from .optim import NonFiniteStep, backward_and_check, make_accelerator, make_ema, make_optimizer, make_scheduler
 from .recipes import JSONDict, TrainConfig, parse_recipe
 
@@ -38,29 +42,36 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TokenizerModelArgs:
-    preset: str = "fsq-cpu"  # a name from tokenizers/ (see `vqar presets`)
-    tokenizer: JSONDict = field(default_factory=JSONDict)  # overrides of the preset's config fields
-    init_from: str | None = None  # a trained tokenizer (folder or Hub id) to fine-tune instead
-    # warn when the held-out set uses fewer than this share of the codes it could use (min(1, tokens / K))
-    min_codebook_usage: float = 0.1
+    """Which tokenizer to train."""
+
+    preset: str = HfArg(default="fsq-cpu", help="a tokenizer preset (see `vqar presets`)")
+    tokenizer: JSONDict = HfArg(
+        default_factory=JSONDict, help="overrides of the preset's fields, JSON: '{\"channels\": 64}'"
+    )
+    init_from: str | None = HfArg(default=None, help="a trained tokenizer (folder or Hub id) to fine-tune instead")
+    min_codebook_usage: float = HfArg(
+        default=0.1, help="warn when held-out images use less than this share of the codes they could use"
+    )
 
 
 @dataclass
 class DataArgs:
-    data: str = "digits"  # digits | photos | image folder | *.parquet | Hub dataset id
-    split: str = "train"
-    image_column: str | None = None
-    label_column: str | None = None
-    resolution: int = 32
-    resize_to: int | None = None  # shorter side before cropping (default: resolution)
-    random_crop: bool = False
-    random_flip: bool = False
-    repeats: int = 1  # times each training image appears per epoch (with fresh crops)
-    streaming: bool = False  # read the source as a stream (large Hub or parquet data sets)
-    eval_fraction: float = 0.1  # held out, deterministically
-    eval_size: int = 256  # images held out from a stream (its length is unknown)
-    eval_crops: int = 1  # crops per held-out image (>1 takes fixed random crops)
-    eval_batch_size: int = 64
+    """The images, and how they are cut to the training resolution."""
+
+    data: str = HfArg(default="digits", help="digits | photos | image folder | *.parquet | saved dataset | Hub id")
+    split: str = HfArg(default="train", help="the split of a Hub dataset")
+    image_column: str | None = HfArg(default=None, help="default: the first Image column (or 'image', 'img')")
+    label_column: str | None = HfArg(default=None, help="default: the first ClassLabel column (or 'label')")
+    resolution: int = HfArg(default=64, help="training crops are resolution x resolution pixels")
+    resize_to: int | None = HfArg(default=None, help="shorter side before cropping (default: resolution)")
+    random_crop: bool = HfArg(default=False, help="random crops (default: centre crops)")
+    random_flip: bool = HfArg(default=False, help="random horizontal flips")
+    repeats: int = HfArg(default=1, help="times each training image appears per epoch (with fresh crops)")
+    streaming: bool = HfArg(default=False, help="read the source as a stream (large Hub or parquet data sets)")
+    eval_fraction: float = HfArg(default=0.1, help="share of the images held out, deterministically")
+    eval_size: int = HfArg(default=256, help="images held out from a stream (its length is unknown)")
+    eval_crops: int = HfArg(default=1, help="crops per held-out image (>1 takes fixed random crops)")
+    eval_batch_size: int = HfArg(default=64, help="images per held-out batch")
 
 
 # -- setup ----------------------------------------------------------------------------------
@@ -135,6 +146,7 @@ def setup(
 ) -> TokenizerRun:
     accelerator = make_accelerator(train)
     tokenizer = build_tokenizer(model_args, data_args)  # after the accelerator: VQ syncs EMA codebooks in DDP
+    tokenizer.config.resize_to = data_args.resize_to  # saved: `vqar tokenize` / `evaluate` prepare images alike
     loss_fn = TokenizerLoss(loss_config).to(accelerator.device)
     train_data, eval_data = build_datasets(data_args, train.seed)
     data = _training_loader(train_data, train, accelerator.num_processes)
@@ -180,7 +192,13 @@ def train_step(run: TokenizerRun, pixels: torch.Tensor, step: int) -> dict[str, 
     if run.loss_fn.gan_active(step):
         logs |= _discriminator_step(run, pixels, out.reconstruction)
     stats = out.code_stats
-    return logs | {"codes/batch_usage": stats.usage, "codes/batch_perplexity": stats.perplexity}
+    with torch.no_grad():  # in the held-out figure's unit, to read the two side by side
+        train_psnr = psnr(pixels, out.reconstruction.detach()).mean()
+    return logs | {
+        "codes/batch_usage": stats.usage,
+        "codes/batch_perplexity": stats.perplexity,
+        "train/psnr": train_psnr,
+    }
 
 
 def _discriminator_step(run: TokenizerRun, pixels: torch.Tensor, reconstruction: torch.Tensor) -> dict:
@@ -216,7 +234,9 @@ def evaluate(run: TokenizerRun, step: int) -> dict:
         metrics |= _discriminator_metrics(run, measured.originals, measured.reconstructions)
     samples = Path(run.train.output_dir) / "samples"
     samples.mkdir(parents=True, exist_ok=True)
-    image_grid([measured.originals, measured.reconstructions]).save(samples / f"step-{step:06d}.png")
+    grid = image_grid([measured.originals, measured.reconstructions])
+    grid.save(samples / f"step-{step:06d}.png")
+    log_image(run.accelerator, "eval/originals_over_reconstructions", grid, step)
     run.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
     _warn_about_health(run, metrics, step)
     return metrics
@@ -271,8 +291,10 @@ def summary(metrics: dict) -> str:
     return line + (f"; PSNR from the first {by_prefix} dB" if by_prefix else "")
 
 
-def _save(tokenizer: VQTokenizer, output: Path) -> dict:
+def _save(tokenizer: VQTokenizer, output: Path, init_from: str | None) -> dict:
     tokenizer.save_pretrained(output / "tokenizer")
+    if init_from:  # a model card names what the weights were fine-tuned from
+        (output / "tokenizer" / PROVENANCE).write_text(json.dumps({"base_model": init_from}))
     return {}
 
 
@@ -289,8 +311,9 @@ def train_tokenizer(model_args, data_args, loss_config: LossConfig, train: Train
         count=lambda batch: len(batch["pixels"]),
         evaluate=lambda step: evaluate(run, step),
         summary=summary,
-        save=_save,
+        save=lambda tokenizer, output: _save(tokenizer, output, model_args.init_from),
         progress={"d_real": "disc/accuracy_real", "d_fake": "disc/accuracy_fake", "ada": "loss/adaptive_weight"},
+        best=("psnr", "max"),
     )
     state = run_loop(run, state, hooks)
     return finish_run(run, state, hooks, started)
