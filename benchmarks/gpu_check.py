@@ -37,8 +37,10 @@ PRECISIONS = ("no", "bf16", "fp16")
 
 
 def structured_images(folder: Path, count: int, size: int) -> Path:
-    """`count` PNGs of gradients, filled shapes and stripes, deterministic by index."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """`count` PNGs of gradients, filled shapes and stripes, deterministic by index, in two class
+    subfolders (the recipe reads a label column)."""
+    for name in ("even", "odd"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
     y, x = np.mgrid[0:size, 0:size] / size
     for i in range(count):
         rng = np.random.default_rng(i)
@@ -53,7 +55,7 @@ def structured_images(folder: Path, count: int, size: int) -> Path:
             box = sorted(rng.uniform(0, size, 2)) + sorted(rng.uniform(0, size, 2))
             shape = draw.rectangle if rng.random() < 0.5 else draw.ellipse
             shape((box[0], box[2], box[1], box[3]), fill=tuple(int(c) for c in rng.uniform(0, 255, 3)))
-        image.save(folder / f"{i:05d}.png")
+        image.save(folder / ("even", "odd")[i % 2] / f"{i:05d}.png")
     return folder
 
 
