@@ -287,7 +287,7 @@ def main() -> None:
                 r = json.loads(done.stdout.strip().splitlines()[-1])
                 rates = r["rates"]
                 print(
-                    f"| {kind} ({r['parameters'] / 1e6:.0f}M) | {precision} | {compile} | "
+                    f"| {kind} ({r['parameters'] / 1e6:.1f}M) | {precision} | {compile} | "
                     f"{fmt(rates.get('before_gan'), '.1f')} | {fmt(rates.get('gan'), '.1f')} | "
                     f"{fmt(rates.get('prior'), '.0f')} | {fmt(r['peak_gib'], '.1f')} | {r['finite']} | "
                     f"{r['overflows']} |"
