@@ -102,6 +102,13 @@ def _push(argv: list[str]) -> None:
     print(("wrote " if args.dry_run else "uploaded ") + ", ".join(str(f) for f in folders))
 
 
+def _convert(argv: list[str]) -> None:
+    from .convert import ConvertArgs, convert
+
+    (args,) = _parse("convert", ConvertArgs.__doc__, (ConvertArgs,), argv)
+    print(f"wrote {convert(args)}: load it with VQTokenizer.from_pretrained")
+
+
 def _presets(argv: list[str]) -> None:
     from .tokenizer.presets import describe_presets
 
@@ -136,6 +143,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "generate": (_generate, "sample images from a trained prior"),
     "evaluate": (_evaluate, "rate, distortion and modelability report of a tokenizer (and prior)"),
     "push": (_push, "upload a tokenizer (and prior) to the Hub with model cards"),
+    "convert": (_convert, "a published tokenizer (taming, LlamaGen, Open-MAGVIT2, IBQ) as a vqar folder"),
     "presets": (_presets, "list the tokenizer presets"),
     "demo": (_demo, "the quickstart on bundled digits"),
 }

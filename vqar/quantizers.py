@@ -10,6 +10,16 @@ the kind. Methods:
 - FSQ: finite scalar quantization (Mentzer et al. 2023, arXiv 2309.15505).
 - LFQ: lookup-free quantization with an entropy loss (MAGVIT-v2, Yu et al. 2023, arXiv 2310.05737).
 - BSQ: LFQ on the unit sphere (Zhao et al. 2024, arXiv 2406.07548).
+- IBQ: index backpropagation quantization (Shi et al. 2024, arXiv 2412.02692, SEED-Voken).
+
+Published tokenizers need their quantizer computed exactly as they were trained, and fast at
+their sizes (2^14 to 2^18 codes): `implementation: "vqar"` gives vqar's own VQ (taming,
+LlamaGen: the nearest code, searched exactly in chunks of codes so memory stays flat; a
+codebook learned by gradient; optional l2-normalised codes; optional linear maps in and out,
+the published models' `quant_conv` / `post_quant_conv`), LFQ (Open-MAGVIT2's little-endian bit
+order; the entropy penalty over groups of bits, whose per-sample part is exact because the
+code distribution factorises over bits) and IBQ. The default, "vector-quantize-pytorch", keeps
+lucidrains' EMA codebooks, k-means init, dead-code replacement and the rotation trick.
 
 Quantization always runs in fp32, whatever autocast is active: rounding bf16 latents to codes
 loses the index (a bf16 has 8 bits of mantissa).
@@ -22,12 +32,15 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
 from .metrics import code_histogram, code_perplexity, codebook_usage
 
-QUANTIZER_KINDS = ("vq", "fsq", "lfq", "bsq")
+QUANTIZER_KINDS = ("vq", "fsq", "lfq", "bsq", "ibq")
+IMPLEMENTATIONS = ("vector-quantize-pytorch", "vqar")
+OWN_KINDS = ("vq", "lfq", "ibq")  # the kinds vqar implements itself
 MAX_CODEBOOK_SIZE = 2**31 - 1  # indices must fit int32 inside vector-quantize-pytorch
 
 
@@ -35,7 +48,9 @@ MAX_CODEBOOK_SIZE = 2**31 - 1  # indices must fit int32 inside vector-quantize-p
 class QuantizerConfig:
     """What kind of bottleneck, and its options. Fields a kind does not use are ignored by it."""
 
-    kind: Literal["vq", "fsq", "lfq", "bsq"] = "fsq"
+    kind: Literal["vq", "fsq", "lfq", "bsq", "ibq"] = "fsq"
+    # "vector-quantize-pytorch" or vqar's own ("vqar"; vq, lfq and ibq): None picks vqar only for ibq
+    implementation: str | None = None
     # vq: any size >= 2; lfq/bsq: a power of two (one bit per latent channel); fsq: prod(levels).
     codebook_size: int | None = None
     levels: list[int] = field(default_factory=lambda: [8, 8, 8, 5, 5, 5])  # FSQ paper's ~2^16 codes
@@ -49,19 +64,24 @@ class QuantizerConfig:
     commitment_weight: float = 0.25  # vq/lfq/bsq: beta of the VQ-VAE paper
     entropy_weight: float = 0.1  # lfq/bsq: MAGVIT-v2's entropy penalty
     diversity_gamma: float = 1.0  # lfq/bsq: weight of codebook entropy inside the entropy penalty
+    project: bool | None = None  # vqar vq/ibq/lfq: linear maps in and out of code_dim; None: when widths differ
+    entropy_temperature: float = 0.01  # vqar lfq/ibq: softmax temperature of the entropy penalty
+    entropy_group_bits: int = 9  # vqar lfq: the codebook entropy is taken over groups of this many bits
 
     def __post_init__(self):
         if self.kind not in QUANTIZER_KINDS:
             raise ValueError(f"quantizer kind must be one of {QUANTIZER_KINDS}, got {self.kind!r}")
+        self.implementation = self.implementation or ("vqar" if self.kind == "ibq" else "vector-quantize-pytorch")
+        self._check_implementation()
         if self.kind == "fsq":
             self._check_levels()
-        elif self.kind == "vq":
+        elif self.kind in ("vq", "ibq"):
             if self.codebook_size is None or self.codebook_size < 2:
-                raise ValueError(f"vq needs codebook_size >= 2, got {self.codebook_size!r}")
-            if self.use_cosine and not self.ema_update:
+                raise ValueError(f"{self.kind} needs codebook_size >= 2, got {self.codebook_size!r}")
+            if self.use_cosine and not self.ema_update and self.implementation == "vector-quantize-pytorch":
                 raise ValueError(
-                    "vq with use_cosine=True needs ema_update=True: vector-quantize-pytorch cannot learn a "
-                    "cosine codebook by gradient"
+                    "vq with use_cosine=True needs ema_update=True in vector-quantize-pytorch, which cannot learn a "
+                    'cosine codebook by gradient; implementation: "vqar" can'
                 )
         else:
             size = self.codebook_size
@@ -76,6 +96,19 @@ class QuantizerConfig:
         for name in ("dead_code_threshold", "commitment_weight", "entropy_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def _check_implementation(self):
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"quantizer implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
+        if self.implementation == "vqar" and self.kind not in OWN_KINDS:
+            raise ValueError(f'implementation "vqar" has {OWN_KINDS}; {self.kind} is vector-quantize-pytorch\'s')
+        if self.kind == "ibq" and self.implementation != "vqar":
+            raise ValueError('ibq is vqar\'s own quantizer: implementation must be "vqar"')
+        if not 1 <= self.entropy_group_bits <= 16 or self.entropy_temperature <= 0:
+            raise ValueError(
+                f"entropy_group_bits must lie in [1, 16] and entropy_temperature be > 0, got "
+                f"{self.entropy_group_bits}, {self.entropy_temperature}"
+            )
 
     def _check_levels(self):
         levels = self.levels
@@ -162,7 +195,193 @@ def _build_bsq(config: QuantizerConfig, dim: int) -> nn.Module:
     return _build_lfq(config, dim, spherical=True)
 
 
+# -- vqar's own quantizers (implementation: "vqar") --------------------------------------------
+
+
+class TokenProjection(nn.Conv1d):
+    """A linear map of each token's features [B, N, D_in] -> [B, N, D_out], computed as the published
+    models' 1x1 quant convs are: a Linear gives the same map but not the same last bit."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+def _projections(config: QuantizerConfig, dim: int, code_dim: int) -> tuple[nn.Module, nn.Module]:
+    """Maps between the latent width and the codes' (the published models' quant_conv, post_quant_conv)."""
+    project = code_dim != dim if config.project is None else config.project
+    if not project and code_dim != dim:
+        raise ValueError(f"codes of width {code_dim} need project: true for latents of width {dim}")
+    return (
+        (TokenProjection(dim, code_dim), TokenProjection(code_dim, dim)) if project else (nn.Identity(), nn.Identity())
+    )
+
+
+def _straight_through(x: Tensor, quantized: Tensor) -> Tensor:
+    """The quantized value forward, the identity backward (in evaluation, the code itself is used:
+    x + (q - x) is not q to the last bit)."""
+    return x + (quantized - x).detach()
+
+
+def _entropy_penalty(logits: Tensor, temperature: float, batch_weight: float) -> Tensor:
+    """MAGVIT-v2's entropy penalty of affinities [M, K]: mean per-sample entropy (confident codes)
+    minus `batch_weight` times the entropy of the mean (all codes in use)."""
+    logits = logits.float() / temperature
+    probs, log_probs = logits.softmax(-1), logits.log_softmax(-1)
+    sample_entropy = -(probs * log_probs).sum(-1).mean()
+    mean_probs = probs.mean(0)
+    return sample_entropy - batch_weight * -(mean_probs * torch.log(mean_probs + 1e-5)).sum()
+
+
+class NearestCode(nn.Module):
+    """VQ as taming-transformers and LlamaGen train it: each latent takes its nearest code (of
+    l2-normalised vectors with `use_cosine`), the codebook learns by gradient (codebook loss plus
+    beta times the commitment loss), gradients pass straight through. The search is exact, over
+    chunks of codes, so that memory stays flat however large the codebook."""
+
+    CHUNK_ELEMENTS = 1 << 24  # latents x codes per distance block (64 MiB in fp32)
+
+    def __init__(self, config: QuantizerConfig, dim: int):
+        super().__init__()
+        self.config, code_dim = config, config.code_dim or dim
+        self.project_in, self.project_out = _projections(config, dim, code_dim)
+        K = config.codebook_size
+        codebook = torch.empty(K, code_dim).uniform_(-1 / K, 1 / K)  # taming's and LlamaGen's init
+        self.codebook = nn.Parameter(F.normalize(codebook, dim=-1) if config.use_cosine else codebook)
+
+    def codes(self) -> Tensor:
+        return F.normalize(self.codebook, dim=-1) if self.config.use_cosine else self.codebook
+
+    @torch.no_grad()
+    def nearest(self, z: Tensor) -> Tensor:
+        """Latents [M, D] -> the index of each one's nearest code [M]: the smallest
+        |z|^2 + |e|^2 - 2 z.e, as the published models compute it, the first code on a tie."""
+        codes, best_distance = self.codes(), None
+        chunk = max(1024, self.CHUNK_ELEMENTS // max(1, len(z)))
+        z_squared = z.pow(2).sum(1, keepdim=True)
+        for start in range(0, len(codes), chunk):
+            block = codes[start : start + chunk]
+            distance, index = (z_squared + block.pow(2).sum(1) - 2 * z @ block.t()).min(1)
+            if best_distance is None:
+                best_distance, best_index = distance, index
+            else:
+                better = distance < best_distance
+                best_distance, best_index = (
+                    torch.where(better, distance, best_distance),
+                    torch.where(better, index + start, best_index),
+                )
+        return best_index
+
+    def forward(self, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        z = self.project_in(latents)  # [B, N, D]
+        if self.config.use_cosine:
+            z = F.normalize(z, dim=-1)
+        indices = self.nearest(z.reshape(-1, z.shape[-1])).reshape(z.shape[:-1])
+        z_q = self.codes()[indices]
+        loss = z.new_zeros(())
+        if self.training:
+            codebook_loss, commitment = F.mse_loss(z_q, z.detach()), F.mse_loss(z, z_q.detach())
+            loss = codebook_loss + self.config.commitment_weight * commitment
+        return self.project_out(_straight_through(z, z_q) if self.training else z_q), indices, loss
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        return self.project_out(self.codes()[indices])
+
+
+class IndexBackprop(NearestCode):
+    """IBQ (SEED-Voken): the code is the argmax of the latent's dot products with the codebook;
+    in training the gradient reaches every code through a softmax over those logits (a one-hot
+    whose value is the hard code's), which keeps the whole codebook in use at 2^18 codes."""
+
+    @torch.no_grad()
+    def nearest(self, z: Tensor) -> Tensor:
+        codes, best_logit = self.codes(), None
+        chunk = max(1024, self.CHUNK_ELEMENTS // max(1, len(z)))
+        for start in range(0, len(codes), chunk):
+            logit, index = (z @ codes[start : start + chunk].t()).max(1)
+            if best_logit is None:
+                best_logit, best_index = logit, index
+            else:
+                better = logit > best_logit
+                best_logit, best_index = (
+                    torch.where(better, logit, best_logit),
+                    torch.where(better, index + start, best_index),
+                )
+        return best_index
+
+    def forward(self, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if not self.training:
+            return super().forward(latents)  # the argmax code; no losses
+        z = self.project_in(latents)
+        flat, codes = z.reshape(-1, z.shape[-1]), self.codes()
+        logits = flat @ codes.t()  # [M, K]: all codes take part, as IBQ's gradient needs
+        soft = logits.softmax(-1)
+        indices = logits.argmax(-1)
+        hard = F.one_hot(indices, len(codes)).to(soft.dtype)
+        z_q = ((hard - soft.detach() + soft) @ codes).reshape(z.shape)
+        z_hard = codes[indices].reshape(z.shape)
+        beta = self.config.commitment_weight
+        loss = F.mse_loss(z_q, z) + F.mse_loss(z, z_hard.detach()) + beta * F.mse_loss(z_hard, z.detach())
+        if self.config.entropy_weight:
+            penalty = _entropy_penalty(logits, self.config.entropy_temperature, self.config.diversity_gamma)
+            loss = loss + self.config.entropy_weight * penalty
+        return self.project_out(z_q), indices.reshape(z.shape[:-1]), loss
+
+
+class SignBits(nn.Module):
+    """LFQ as Open-MAGVIT2 computes it: each channel's sign is one bit, channel d the bit of value
+    2^d, the code value +-1. The entropy penalty is taken over groups of `entropy_group_bits`
+    bits (2^9 codes each, not 2^18 at once): exact for the per-sample entropy, since a latent's
+    softmax over all codes is a product of per-bit ones; the sum of the groups' codebook
+    entropies bounds the whole codebook's from above."""
+
+    def __init__(self, config: QuantizerConfig, dim: int):
+        super().__init__()
+        self.config, self.bits = config, int(math.log2(config.codebook_size))
+        self.project_in, self.project_out = _projections(config, dim, self.bits)
+        self.register_buffer("powers", 2 ** torch.arange(self.bits), persistent=False)
+        group = min(config.entropy_group_bits, self.bits)
+        self.register_buffer("group_codes", _all_signs(group), persistent=False)  # [2^g, g]
+
+    def forward(self, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.project_in(latents)  # [B, N, bits]
+        positive = x > 0
+        quantized = torch.where(positive, 1.0, -1.0).to(x.dtype)
+        indices = (positive.long() * self.powers).sum(-1)
+        loss = x.new_zeros(())
+        if self.training:
+            loss = self.config.commitment_weight * F.mse_loss(x, quantized.detach())
+            if self.config.entropy_weight:
+                loss = loss + self.config.entropy_weight * self._entropy(x.reshape(-1, self.bits))
+        return self.project_out(_straight_through(x, quantized) if self.training else quantized), indices, loss
+
+    def _entropy(self, x: Tensor) -> Tensor:
+        group = self.group_codes.shape[1]
+        penalties = [
+            _entropy_penalty(
+                2 * x[:, start : start + group] @ self.group_codes[:, : min(group, self.bits - start)].t(),
+                self.config.entropy_temperature,
+                self.config.diversity_gamma,
+            )
+            for start in range(0, self.bits, group)
+        ]
+        return torch.stack(penalties).sum()
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        bits = (indices[..., None] & self.powers) != 0
+        return self.project_out(torch.where(bits, 1.0, -1.0).to(self.powers.device))
+
+
+def _all_signs(bits: int) -> Tensor:
+    """Every +-1 vector of `bits` entries, index i's bit d = channel d: [2^bits, bits]."""
+    codes = torch.arange(2**bits)[:, None] & (2 ** torch.arange(bits))
+    return torch.where(codes != 0, 1.0, -1.0)
+
+
 QUANTIZER_BUILDERS = {"vq": _build_vq, "fsq": _build_fsq, "lfq": _build_lfq, "bsq": _build_bsq}
+OWN_QUANTIZERS = {"vq": NearestCode, "lfq": SignBits, "ibq": IndexBackprop}
 
 
 def _non_persistent_buffer_names(module: nn.Module) -> list[str]:
@@ -180,7 +399,7 @@ class Quantizer(nn.Module):
         self.config = config
         self.dim = dim
         self.codebook_size = config.num_codes
-        self.inner = QUANTIZER_BUILDERS[config.kind](config, dim)
+        self.inner = _build(config, dim)
 
     def forward(self, latents: Tensor) -> QuantizerOutput:
         """Quantize latents [B, N, D] (any float dtype) -> QuantizerOutput, computed in fp32."""
@@ -193,7 +412,7 @@ class Quantizer(nn.Module):
 
     def _quantize(self, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out = self.inner(latents)
-        if self.config.kind == "fsq":  # FSQ has no loss of its own
+        if self.config.kind == "fsq" and self.config.implementation != "vqar":  # FSQ has no loss of its own
             quantized, indices = out
             return quantized, indices, latents.new_zeros(())
         quantized, indices, loss = out
@@ -207,7 +426,7 @@ class Quantizer(nn.Module):
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Indices [B, N] in [0, K) -> quantized latents [B, N, D], as the forward pass made them."""
         with torch.autocast(device_type=indices.device.type, enabled=False):
-            if self.config.kind == "vq":
+            if self.config.kind == "vq" and self.config.implementation == "vector-quantize-pytorch":
                 return self.inner.get_output_from_indices(indices)
             return self.inner.indices_to_codes(indices)
 
@@ -218,11 +437,17 @@ class Quantizer(nn.Module):
         (transformers issue #48892); FSQ's levels and LFQ's codebook live in such buffers.
         """
         with torch.device("cpu"):
-            fresh = QUANTIZER_BUILDERS[self.config.kind](self.config, self.dim)
+            fresh = _build(self.config, self.dim)
         own = dict(self.inner.named_buffers())
         for name in _non_persistent_buffer_names(fresh):
             value = fresh.get_buffer(name)
             own[name].data = value.to(device=own[name].device, dtype=value.dtype)
+
+
+def _build(config: QuantizerConfig, dim: int) -> nn.Module:
+    if config.implementation == "vqar":
+        return OWN_QUANTIZERS[config.kind](config, dim)
+    return QUANTIZER_BUILDERS[config.kind](config, dim)
 
 
 def build_quantizer(config: QuantizerConfig | dict, dim: int) -> Quantizer:

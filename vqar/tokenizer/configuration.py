@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 from ..quantizers import QuantizerConfig
 
 LAYOUTS = ("grid", "1d")
+CONV_BACKBONES = ("taming", "magvit2")
 PREPROCESSING_FIELDS = ("resize_to",)  # how images are prepared, not what the codes mean
 _SHARED = ("resolution", "latent_channels", "quantizer")
 REQUIRED_FIELDS = {  # in every saved config.json of that layout (`layout` itself defaults to "grid")
@@ -59,6 +60,9 @@ class TokenizerConfig(PretrainedConfig):
     dropout: float = 0.0
     quantizer: dict = field(default_factory=lambda: {"kind": "vq", "codebook_size": 16384, "code_dim": 8})
     layout: str = "grid"  # "grid" (conv, tokens [B, h, w]) or "1d" (ViT, tokens [B, L])
+    # grid: "taming" (VQGAN's ResNet blocks, attention at attn_resolutions) or "magvit2" (Open-MAGVIT2's:
+    # bias-free blocks, no attention, depth-to-space up, adaptive group norm in the decoder)
+    conv_backbone: str = "taming"
     num_latent_tokens: int = 32  # 1d: L
     patch_size: int = 16  # 1d
     vit_width: int = 512  # 1d: encoder and decoder width
@@ -117,6 +121,8 @@ class TokenizerConfig(PretrainedConfig):
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.conv_backbone not in CONV_BACKBONES:
+            raise ValueError(f"conv_backbone must be one of {CONV_BACKBONES}, got {self.conv_backbone!r}")
         if self.layout == "1d":
             self._validate_vit()
 

@@ -28,12 +28,22 @@ from transformers.utils import ModelOutput
 
 from ..data import ImageTransform
 from ..quantizers import CodeStats, build_quantizer
+from . import magvit2
 from .blocks import Decoder, Encoder
 from .configuration import PREPROCESSING_FIELDS, TokenizerConfig
 from .presets import load_preset
 from .vit import ViTDecoder, ViTEncoder
 
 PIXEL_RANGE_TOLERANCE = 1e-3  # resampling and float error may overshoot [-1, 1] slightly
+BACKBONES = {  # encoder and decoder classes by layout (and conv_backbone for grids)
+    "1d": (ViTEncoder, ViTDecoder),
+    "taming": (Encoder, Decoder),
+    "magvit2": (magvit2.Encoder, magvit2.Decoder),
+}
+
+
+def _backbone(config: TokenizerConfig) -> str:
+    return "1d" if config.layout == "1d" else config.conv_backbone
 
 
 @dataclass
@@ -63,10 +73,10 @@ class VQTokenizer(PreTrainedModel):
 
     def __init__(self, config: TokenizerConfig):
         super().__init__(config)
-        one_d = config.layout == "1d"
-        self.encoder = ViTEncoder(config) if one_d else Encoder(config)
+        encoder, decoder = BACKBONES[_backbone(config)]
+        self.encoder = encoder(config)
         self.quantizer = build_quantizer(config.quantizer_config, dim=config.latent_channels)
-        self.decoder = ViTDecoder(config) if one_d else Decoder(config)
+        self.decoder = decoder(config)
         self.post_init()
 
     # -- Hugging Face plumbing --------------------------------------------------------------
@@ -119,6 +129,7 @@ class VQTokenizer(PreTrainedModel):
                 f"{problems or info['error_msgs']}"
             )
         model.quantizer.reset_derived_buffers()
+        _align(model)
         return (model, info) if want_info else model
 
     @classmethod
@@ -318,11 +329,22 @@ class VQTokenizer(PreTrainedModel):
             raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
 
 
+def _align(model: torch.nn.Module, alignment: int = 64) -> None:
+    """Give every tensor an aligned copy of its own. Tensors read from safetensors can start at any
+    offset of the file, and BLAS then takes another code path: the same weights give outputs
+    differing in the last bit (and a deep decoder amplifies that), where aligned ones match the
+    model that was saved, and the original code of a converted one, exactly."""
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.numel() and tensor.data_ptr() % alignment:
+                tensor.data = tensor.data.clone()
+
+
 def parameter_count(config: TokenizerConfig) -> int:
     """Parameters of a tokenizer with this config, without allocating its encoder and decoder."""
-    one_d = config.layout == "1d"
+    encoder, decoder = BACKBONES[_backbone(config)]
     with torch.device("meta"):  # shapes only; the quantizer (small) cannot be built there: FSQ reads its levels
-        nets = (ViTEncoder(config), ViTDecoder(config)) if one_d else (Encoder(config), Decoder(config))
+        nets = (encoder(config), decoder(config))
     quantizer = build_quantizer(config.quantizer_config, dim=config.latent_channels)
     return sum(p.numel() for module in (*nets, quantizer) for p in module.parameters())
 

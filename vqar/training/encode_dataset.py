@@ -92,13 +92,16 @@ def tokenize_dataset(args: TokenizeArgs) -> TokensManifest:
         dataset.require_readable(f"{args.data} ({name} split)")
         columns, bad = _encode(accelerator, tokenizer, dataset, args.batch_size, name)
         splits[name], skipped = columns, skipped + bad
+    # what this preprocessing gives: a grid tokenizer is fully convolutional, --resolution changes its grid
+    grid = [transform.resolution // tokenizer.downsample_factor] * 2 if tokenizer.token_grid else None
+    tokens_per_image = grid[0] * grid[1] if grid else tokenizer.tokens_per_image
     local = Path(args.tokenizer).exists()
     manifest = TokensManifest(
         tokenizer=str(Path(args.tokenizer).resolve()) if local else args.tokenizer,
         tokenizer_fingerprint=tokenizer.fingerprint,
         codebook_size=tokenizer.codebook_size,
-        tokens_per_image=tokenizer.tokens_per_image,
-        grid=list(tokenizer.token_grid) if tokenizer.token_grid else None,
+        tokens_per_image=tokens_per_image,
+        grid=grid,
         fingerprint=fingerprint,
         decodes_prefixes=tokenizer.decodes_prefixes,
         class_names=class_names(source) or [],
