@@ -520,3 +520,16 @@ def test_an_unknown_tokenizer_for_the_fingerprint_is_computed_from_config_and_we
     with torch.no_grad():
         b.encoder.conv_in.weight.mul_(1.01)
     assert a.fingerprint != b.fingerprint
+
+
+def test_every_sampler_on_the_command_line_draws_the_same_greedy_images(own_run, tmp_path):
+    grids = {}
+    for sampler in ("static", "generate", "jacobi"):
+        argv = ["generate", "--prior", own_run / "prior" / "prior", "--class", "dogs", "--temperature", 0]
+        vqar(*argv, "--sampler", sampler, "--output", tmp_path / sampler)
+        grids[sampler] = np.asarray(Image.open(tmp_path / sampler / "grid.png"))
+    assert np.array_equal(grids["static"], grids["generate"]) and np.array_equal(grids["jacobi"], grids["generate"])
+    _, err = vqar(
+        "generate", "--prior", own_run / "prior" / "prior", "--sampler", "fast", "--output", tmp_path, expect=2
+    )
+    assert "fast" in err and "jacobi" in err

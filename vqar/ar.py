@@ -8,7 +8,9 @@ The AR model sees integer ids only. `VocabLayout` owns the id space of DESIGN.md
     K+M+4 ..            one token per class
 
 A training sequence is `[condition, BOI, code_1 .. code_N]`: the condition is a class token,
-or the null class for unconditional models and for CFG's label dropout. The layout is saved
+or the null class for unconditional models and for CFG's label dropout. Raster priors model it
+token by token; over multiscale tokens (`scales`), the prior predicts a whole scale at a time
+from an input derived from the same sequence (`vqar.next_scale`). The layout is saved
 inside the AR model's config.json (key `vqar_vocab`), so a checkpoint describes itself and
 `AutoModelForCausalLM.from_pretrained` loads it without vqar.
 """
@@ -28,6 +30,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from .bpe import VisualBPE, load_bpe
+from .next_scale import next_scale_logits
 
 if TYPE_CHECKING:
     from .tokenizer import VQTokenizer
@@ -43,6 +46,7 @@ class VocabLayout:
     codebook_size: int
     tokens_per_image: int
     grid: list[int] | None = None  # [h, w] for grid tokenizers; None for 1D sequences
+    scales: list[int] | None = None  # multiscale tokenizers: the token maps' sides, coarse to fine
     num_bpe_tokens: int = 0
     class_names: list[str] = field(default_factory=list)  # empty: unconditional
     tokenizer: str = ""  # the tokenizer trained on: a Hub id, or its folder relative to the prior's
@@ -55,6 +59,16 @@ class VocabLayout:
             )
         if self.grid is not None and math.prod(self.grid) != self.tokens_per_image:
             raise ValueError(f"grid {self.grid} does not hold tokens_per_image={self.tokens_per_image}")
+        if self.scales is not None:
+            if self.grid is not None or self.num_bpe_tokens:
+                raise ValueError("multiscale tokens have no grid and no visual BPE (merges would cross scales)")
+            if sum(s * s for s in self.scales) != self.tokens_per_image:
+                raise ValueError(f"scales {self.scales} do not hold tokens_per_image={self.tokens_per_image}")
+
+    @property
+    def is_multiscale(self) -> bool:
+        """A next-scale prior (VAR): one forward pass per scale, not per token."""
+        return self.scales is not None
 
     # -- ids --------------------------------------------------------------------------------
 
@@ -195,7 +209,14 @@ class VocabLayout:
 
         `num_tokens`: model only each image's first k tokens (1D tokenizers trained with nested dropout).
         """
-        if num_tokens is not None and (manifest.grid or not 1 <= num_tokens <= manifest.tokens_per_image):
+        if manifest.scales is not None and bpe is not None:
+            raise ValueError(
+                f"visual BPE does not apply to multiscale tokens ({manifest.tokenizer}): merges would cross scales; "
+                "train the prior with bpe: none"
+            )
+        if num_tokens is not None and (
+            manifest.grid or manifest.scales or not 1 <= num_tokens <= manifest.tokens_per_image
+        ):
             shape = f"a grid {manifest.grid}" if manifest.grid else "1d"
             raise ValueError(
                 f"num_tokens={num_tokens} needs a 1d tokenizer and 1 <= k <= {manifest.tokens_per_image} "
@@ -207,6 +228,7 @@ class VocabLayout:
             codebook_size=manifest.codebook_size,
             tokens_per_image=num_tokens or manifest.tokens_per_image,
             grid=manifest.grid,
+            scales=manifest.scales,
             num_bpe_tokens=bpe.num_merges if bpe else 0,
             class_names=manifest.class_names if conditional else [],
             tokenizer=manifest.tokenizer,
@@ -271,6 +293,11 @@ class VocabLayout:
                 )
             got = (got[0], self.tokens_per_image)
         grid = list(tokenizer.token_grid) if tokenizer.token_grid else None
+        if tokenizer.scales != self.scales:
+            raise ValueError(
+                f"tokenizer does not match the prior: the prior models {self._token_kind(self.scales)}, the "
+                f"tokenizer gives {self._token_kind(tokenizer.scales)}"
+            )
         if got != expected or grid != self.grid:
             raise ValueError(
                 f"tokenizer does not match the prior: the prior was trained on {self.tokenizer or 'a tokenizer'} with "
@@ -278,6 +305,10 @@ class VocabLayout:
                 f"tokens_per_image={got[1]}"
                 + (f" (token grid {grid}, the prior's {self.grid})" if grid != self.grid else "")
             )
+
+    @staticmethod
+    def _token_kind(scales: list[int] | None) -> str:
+        return f"multiscale tokens at scales {scales}" if scales else "single-scale tokens (a grid or a 1D sequence)"
 
     def check_bpe(self, bpe: VisualBPE | None) -> None:
         """Refuse a visual BPE that is not the one the prior's ids were made with (or a missing one)."""
@@ -307,15 +338,29 @@ PRIOR_SIZES = {
 }
 
 
+def prior_loss(model, layout: VocabLayout, sequences: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy in nats of the image ids (and EOI, with BPE) of sequences [B, S] from
+    `layout.to_sequence`: token by token (raster), or each scale given the coarser ones (multiscale)."""
+    if layout.is_multiscale:
+        codes = sequences[:, PROMPT_LENGTH:]
+        logits = next_scale_logits(model, layout.scales, layout.boi, sequences[:, 0], codes).float()
+        return F.cross_entropy(logits.transpose(1, 2), codes, reduction=reduction)
+    targets = sequences.masked_fill(sequences == layout.pad, -100)
+    targets[:, :PROMPT_LENGTH] = -100
+    logits = model(input_ids=sequences).logits[:, :-1].float()
+    return F.cross_entropy(logits.transpose(1, 2), targets[:, 1:], ignore_index=-100, reduction=reduction)
+
+
+def _modelled_ids(layout: VocabLayout, sequences: Tensor) -> int:
+    """How many ids of the sequences the prior predicts: the codes (and EOI with BPE), not padding."""
+    return int((sequences[:, PROMPT_LENGTH:] != layout.pad).sum().item())
+
+
 @torch.inference_mode()
 def image_nll(model, layout: VocabLayout, sequences: Tensor) -> tuple[float, int]:
     """Summed negative log-likelihood in nats of the image ids (and EOI, with BPE) of AR
     sequences [B, S] from `layout.to_sequence`, and how many ids that covers."""
-    targets = sequences.masked_fill(sequences == layout.pad, -100)
-    targets[:, :PROMPT_LENGTH] = -100
-    logits = model(input_ids=sequences).logits[:, :-1].float()
-    nats = F.cross_entropy(logits.transpose(1, 2), targets[:, 1:], ignore_index=-100, reduction="sum").item()
-    return nats, int((targets[:, 1:] != -100).sum().item())
+    return prior_loss(model, layout, sequences, reduction="sum").item(), _modelled_ids(layout, sequences)
 
 
 def build_prior(layout: VocabLayout, model_type: str = "llama", size: str = "cpu", **overrides) -> PreTrainedModel:
@@ -338,6 +383,8 @@ def build_prior(layout: VocabLayout, model_type: str = "llama", size: str = "cpu
         pad_token_id=layout.pad,
         **options,
     )
+    if "num_key_value_heads" not in options and getattr(config, "num_key_value_heads", None) is not None:
+        config.num_key_value_heads = config.num_attention_heads  # some configs default to 32 KV heads (Qwen2)
     setattr(config, CONFIG_KEY, layout.to_dict())
     setattr(config, IDS_KEY, layout.special_ids())
     model = AutoModelForCausalLM.from_config(config)

@@ -1,11 +1,9 @@
-"""Prompts -> ids -> images: sampling from the prior through `generate()` with its KV cache.
+"""Prompts -> ids -> images: prompts built and checked, completed by a sampler, decoded.
 
-Sampling happens inside a logits processor (`ImageTokenSampler`) and `generate()` runs
-greedily over the one token it leaves possible. That is what lets classifier-free guidance
-(Ho & Salimans 2022) run batched: the conditional and unconditional rows sit in one batch,
-one forward pass per step, and both take the same sampled token — transformers' own
-`guidance_scale` runs a second, sequential forward pass per step instead. The processor also
-masks every id that is not an image id, so every generated sequence decodes.
+The decode loops themselves (a static-cache loop, transformers' `generate()`, speculative Jacobi
+decoding) live in `vqar.samplers`; `SamplingConfig.sampler` picks one. Every one samples only
+image ids, so every generated sequence decodes, and runs classifier-free guidance (Ho & Salimans
+2022) batched: conditional and unconditional rows in one forward pass per step.
 """
 
 from __future__ import annotations
@@ -15,111 +13,25 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.hf_argparser import HfArg
 
 from .ar import PROMPT_LENGTH, VocabLayout
 from .bpe import VisualBPE
-
-
-@dataclass
-class SamplingConfig:
-    """How to pick each token."""
-
-    temperature: float = HfArg(default=1.0, help="softmax temperature; 0: greedy")
-    top_k: int = HfArg(default=0, help="sample among the k likeliest tokens; 0: all")
-    top_p: float = HfArg(default=1.0, help="nucleus sampling: the likeliest tokens holding this mass; 1: all")
-    cfg_scale: float = HfArg(default=1.0, help="classifier-free guidance; 1: none (LlamaGen samples ImageNet at 1.5-2)")
-    seed: int | None = HfArg(default=0, help="same seed, same images; None draws from torch's global generator")
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
-
-    @property
-    def uses_cfg(self) -> bool:
-        return self.cfg_scale != 1.0
-
-
-def sample_tokens(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> Tensor:
-    """Logits [B, V] -> token ids [B], after temperature, top-k and top-p (nucleus) filtering."""
-    if sampling.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / sampling.temperature
-    if sampling.top_k:
-        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs > sampling.top_p  # keeps the token that crosses top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-
-
-def guide(scores: Tensor, cfg_scale: float) -> Tensor:
-    """Batched CFG: rows [cond; uncond] -> uncond + s * (cond - uncond), [B, V] from [2B, V]."""
-    cond, uncond = scores.chunk(2, dim=0)
-    return uncond + cfg_scale * (cond - uncond)
-
-
-class CodeBudget:
-    """Keeps BPE sequences to exactly one image: an id is legal only if its codes fit what is
-    left of the current grid row (merges never cross rows) or, for 1D tokenizers, of the image;
-    when the image is full, only EOI is."""
-
-    def __init__(self, layout: VocabLayout, bpe: VisualBPE):
-        lengths = torch.zeros(layout.vocab_size, dtype=torch.long)
-        lengths[: layout.image_vocab_size] = bpe.token_lengths
-        self.token_lengths, self.layout, self.row_length = lengths, layout, bpe.row_length
-
-    def legal(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """-> (legal image ids [B, image_vocab_size], image complete [B])."""
-        lengths = self.token_lengths.to(input_ids.device)
-        used = lengths[input_ids[:, PROMPT_LENGTH:]].sum(dim=1)  # codes generated so far, [B]
-        room = self.layout.tokens_per_image - used
-        if self.row_length:
-            room = torch.minimum(room, self.row_length - used % self.row_length)
-        return lengths[None, : self.layout.image_vocab_size] <= room[:, None], room <= 0
-
-
-class ImageTokenSampler(LogitsProcessor):
-    """Samples the next image token itself and returns scores where only that token is finite."""
-
-    def __init__(
-        self,
-        legal_ids: int,
-        sampling: SamplingConfig,
-        generator: torch.Generator | None,
-        budget: CodeBudget | None = None,
-    ):
-        self.legal_ids, self.sampling, self.generator, self.budget = legal_ids, sampling, generator, budget
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        logits = scores[:, : self.legal_ids].float()  # only image ids may be sampled
-        if self.sampling.uses_cfg:  # rows [cond; uncond] -> B guided rows; both halves share their past
-            logits = guide(logits, self.sampling.cfg_scale)
-        done = None
-        if self.budget is not None:
-            legal, done = self.budget.legal(input_ids[: len(logits)])
-            logits = logits.masked_fill(~legal | done[:, None], float("-inf"))
-            logits[done, 0] = 0.0  # a finite placeholder; the row gets EOI below
-        tokens = sample_tokens(logits, self.sampling, self.generator)
-        if done is not None:
-            tokens = torch.where(done, self.budget.layout.eoi, tokens)
-        if self.sampling.uses_cfg:
-            tokens = tokens.repeat(2)
-        forced = torch.full_like(scores, float("-inf"))
-        return forced.scatter_(1, tokens[:, None], 0.0)
-
+from .next_scale import scale_boundaries
+from .samplers import (  # noqa: F401  (re-exported: the sampling API lives beside generation)
+    CodeBudget,
+    ImageTokenSampler,
+    JacobiStats,
+    SamplingConfig,
+    TokenPicker,
+    decode_jacobi,
+    decode_next_scale,
+    decode_static,
+    decode_with_generate,
+    guide,
+    sample_tokens,
+)
 
 # -- prompts --------------------------------------------------------------------------------
 
@@ -183,6 +95,11 @@ def _conditions(layout: VocabLayout, classes, num_images: int | None) -> Tensor:
 
 
 def _check_prefix(layout: VocabLayout, prefix: Tensor, batch: int, bpe: VisualBPE | None) -> Tensor:
+    if layout.is_multiscale and (prefix.ndim != 2 or prefix.shape[1] not in scale_boundaries(layout.scales)[:-1]):
+        raise ValueError(
+            f"a next-scale prior completes whole scales: prefix must be [B, P] with P in "
+            f"{scale_boundaries(layout.scales)[:-1]} (scales {layout.scales}), got {tuple(prefix.shape)}"
+        )
     if prefix.ndim == 3:
         if layout.grid is None or prefix.shape[2] != layout.grid[1]:
             raise ValueError(f"prefix rows must be [B, r, {layout.grid and layout.grid[1]}], got {tuple(prefix.shape)}")
@@ -237,10 +154,15 @@ def generate_ids(
     sampling: SamplingConfig | None = None,
     use_cache: bool = True,
     bpe: VisualBPE | None = None,
+    stats: JacobiStats | None = None,
 ) -> Tensor:
     """Complete prompts [B, 2 + P] to full images: codes [B, N] (a grid [B, h, w] if any).
 
-    A BPE prior samples BPE ids under a `CodeBudget` and its output is decoded through `bpe`.
+    `sampling.sampler` picks the decode loop (see `vqar.samplers`); `use_cache=False` runs
+    `generate()` without a KV cache (a baseline). A next-scale prior (multiscale tokens) samples a
+    scale per forward pass, codes [B, sum s^2]. A BPE prior samples BPE ids under a
+    `CodeBudget` and its output is decoded through `bpe`. `stats` collects a Jacobi decode's
+    forward passes.
     """
     sampling = sampling or SamplingConfig()
     if layout.uses_bpe and bpe is None:
@@ -256,18 +178,18 @@ def generate_ids(
         batch = torch.cat([prompts, unconditional])
     generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
     budget = CodeBudget(layout, bpe) if layout.uses_bpe else None
+    picker = TokenPicker(layout, sampling, generator, budget)
     new_tokens = layout.sequence_length - prompts.shape[1]
-    out = prior.generate(
-        input_ids=batch,
-        attention_mask=torch.ones_like(batch),
-        max_new_tokens=new_tokens,
-        min_new_tokens=0 if budget else new_tokens,
-        do_sample=False,
-        logits_processor=LogitsProcessorList([ImageTokenSampler(layout.image_vocab_size, sampling, generator, budget)]),
-        use_cache=use_cache,
-        pad_token_id=layout.pad,
-        eos_token_id=layout.eoi if budget else None,
-    )
+    if layout.is_multiscale:
+        if sampling.sampler != "static":
+            raise ValueError(f'a next-scale prior samples scale by scale: sampler "static", not {sampling.sampler!r}')
+        out = decode_next_scale(prior, batch, picker, use_cache)
+    elif sampling.sampler == "generate" or not use_cache:
+        out = decode_with_generate(prior, batch, new_tokens, picker, use_cache)
+    elif sampling.sampler == "jacobi":
+        out = decode_jacobi(prior, batch, new_tokens, picker, stats)
+    else:
+        out = decode_static(prior, batch, new_tokens, picker)
     images = layout.from_sequence(out[: len(prompts)])[1]
     return layout.to_grid(bpe.decode(images.cpu())) if budget else images
 
@@ -292,12 +214,18 @@ def prefix_from_image(tokenizer, image_path: str, rows: int) -> Tensor:
     """The start of an image file's tokens, encoded as the tokenizer's training prepared images.
 
     Grid tokenizers: the first `rows` token rows [1, rows, w]. 1d tokenizers: the first `rows`
-    tokens [1, rows] (the coarsest part of the image, with nested dropout).
+    tokens [1, rows] (the coarsest part of the image, with nested dropout). Multiscale tokenizers:
+    the first `rows` scales [1, s_1^2 + ... + s_rows^2].
     """
     from .data import read_image
 
     pixels = tokenizer.image_transform()(read_image(image_path))[None].to(tokenizer.device)
     tokens = tokenizer.encode(pixels)
+    if tokenizer.is_multiscale:
+        scales = tokenizer.scales
+        if not 1 <= rows < len(scales):
+            raise ValueError(f"the prefix must lie in [1, {len(scales)}) for {len(scales)} scales {scales}, got {rows}")
+        return tokens[:, : scale_boundaries(scales)[rows]]
     unit = "tokens of a 1d sequence" if tokenizer.is_1d else "token rows of a grid"
     if not 1 <= rows < tokens.shape[1]:
         raise ValueError(f"the prefix must lie in [1, {tokens.shape[1]}) for {tokens.shape[1]} {unit}, got {rows}")
@@ -325,7 +253,7 @@ class GenerateArgs:
     num_images: int | None = HfArg(default=None, help="images per class, or in all without classes (default: 1 / 8)")
     prefix_image: str | None = HfArg(default=None, help="an image to complete from its first --prefix-rows")
     prefix_rows: int | None = HfArg(
-        default=None, help="token rows (grid) or leading tokens (1D) of --prefix-image to keep"
+        default=None, help="token rows (grid), leading tokens (1D) or scales (multiscale) of --prefix-image to keep"
     )
 
     def __post_init__(self):

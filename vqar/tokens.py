@@ -3,8 +3,8 @@
 `vqar tokenize` (vqar.training.encode_dataset) encodes images with a frozen tokenizer and
 writes, with `write_tokens`, a `datasets.DatasetDict` with `train` and `eval` splits — `tokens`
 (int32, one row of codes per image) and `label` (-1 without labels) — plus `vqar_tokens.json`,
-the `TokensManifest`: what the codes are (codebook size, tokens per image, grid or 1D) and
-where they came from. The prior trainer and visual-BPE training read both with `load_tokens`;
+the `TokensManifest`: what the codes are (codebook size, tokens per image, grid, 1D or multiscale)
+and where they came from. The prior trainer and visual-BPE training read both with `load_tokens`;
 neither needs the tokenizer itself.
 """
 
@@ -27,7 +27,8 @@ class TokensManifest:
     tokenizer: str  # the tokenizer: the absolute path of its folder, or its Hub id
     codebook_size: int
     tokens_per_image: int
-    grid: list[int] | None  # [h, w] for grid tokenizers; None for 1D sequences
+    grid: list[int] | None  # [h, w] for grid tokenizers; None for 1D sequences and multiscale tokens
+    scales: list[int] | None = None  # multiscale tokenizers: the token maps' sides, coarse to fine
     fingerprint: str = ""  # of the tokenizer, the source, the options and the preprocessing: reuse is safe
     tokenizer_fingerprint: str = ""  # `VQTokenizer.fingerprint`: config and weights; the prior records it
     decodes_prefixes: bool = False  # 1D with nested dropout: any leading k tokens decode

@@ -8,13 +8,16 @@ from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 
 from ..quantizers import QuantizerConfig
+from .multiscale import check_scales
 
-LAYOUTS = ("grid", "1d")
+LAYOUTS = ("grid", "1d", "multiscale")
 CONV_BACKBONES = ("taming", "magvit2")
 PREPROCESSING_FIELDS = ("resize_to",)  # how images are prepared, not what the codes mean
 _SHARED = ("resolution", "latent_channels", "quantizer")
+_CONV = ("channels", "channel_multipliers", "num_res_blocks", "attn_resolutions", "mid_attention")
 REQUIRED_FIELDS = {  # in every saved config.json of that layout (`layout` itself defaults to "grid")
-    "grid": _SHARED + ("channels", "channel_multipliers", "num_res_blocks", "attn_resolutions", "mid_attention"),
+    "grid": _SHARED + _CONV,
+    "multiscale": _SHARED + _CONV + ("layout", "scales", "phi_count"),
     "1d": _SHARED
     + (
         "layout",
@@ -43,6 +46,10 @@ class TokenizerConfig(PretrainedConfig):
     L = num_latent_tokens, for images of exactly `resolution` px (learned positions). The
     `vit_*`, `patch_size` and `conv_channels` fields apply; the conv fields do not.
     `latent_channels` and `quantizer` apply to both.
+
+    layout "multiscale": the conv tokenizer's latent quantized as residual token maps at
+    `scales` (VAR, Tian et al. 2024; see `vqar.tokenizer.multiscale`), tokens [B, sum(s^2)]
+    coarse to fine, for images of exactly `resolution` px (the last scale is the latent's side).
     """
 
     model_type = "vqar_tokenizer"
@@ -71,6 +78,8 @@ class TokenizerConfig(PretrainedConfig):
     vit_mlp_ratio: float = 4.0  # 1d
     conv_channels: int = 0  # 1d: width of a two-conv stem before patch embedding and head after; 0 = none
     nested_dropout: bool = False  # 1d: train on a random leading k in [1, L] tokens, so any prefix decodes
+    scales: list[int] | None = None  # multiscale: token map sides, increasing, the last = resolution / factor
+    phi_count: int = 4  # multiscale: refinement convs shared over the scales (VAR: 4; 1: one for all)
 
     def __post_init__(self, **kwargs):
         # transformers hands unknown keys to __post_init__ and would keep them as attributes: a
@@ -113,7 +122,7 @@ class TokenizerConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.resize_to is not None and self.resize_to < self.resolution:
             raise ValueError(f"resize_to ({self.resize_to}) must be >= resolution ({self.resolution})")
-        if self.layout == "grid" and self.resolution % self.downsample_factor:
+        if self.layout != "1d" and self.resolution % self.downsample_factor:
             raise ValueError(
                 f"resolution {self.resolution} is not divisible by the downsampling factor {self.downsample_factor}"
             )
@@ -125,6 +134,8 @@ class TokenizerConfig(PretrainedConfig):
             raise ValueError(f"conv_backbone must be one of {CONV_BACKBONES}, got {self.conv_backbone!r}")
         if self.layout == "1d":
             self._validate_vit()
+        if self.layout == "multiscale":
+            self._validate_scales()
 
     def _validate_vit(self):
         for name in ("num_latent_tokens", "patch_size", "vit_width", "vit_depth", "vit_heads"):
@@ -137,6 +148,15 @@ class TokenizerConfig(PretrainedConfig):
         if self.vit_mlp_ratio <= 0 or self.conv_channels < 0:
             raise ValueError(
                 f"vit_mlp_ratio must be > 0 and conv_channels >= 0, got {self.vit_mlp_ratio}, {self.conv_channels}"
+            )
+
+    def _validate_scales(self):
+        if self.scales is None:
+            raise ValueError("a multiscale tokenizer needs scales, e.g. [1, 2, 3, 4, 6, 8] for an 8x8 latent")
+        check_scales(self.scales, self.grid_size)
+        if not 1 <= self.phi_count <= len(self.scales):
+            raise ValueError(
+                f"phi_count must lie in [1, {len(self.scales)}] (one per scale at most), got {self.phi_count}"
             )
 
     @property
@@ -160,5 +180,7 @@ class TokenizerConfig(PretrainedConfig):
 
     @property
     def token_shape(self) -> tuple[int, ...]:
-        """One image's tokens: (h, w) for grids, (L,) for 1d."""
+        """One image's tokens: (h, w) for grids, (L,) for 1d, (sum of s^2,) for multiscale."""
+        if self.layout == "multiscale":
+            return (sum(s * s for s in self.scales),)
         return (self.num_latent_tokens,) if self.layout == "1d" else (self.grid_size, self.grid_size)

@@ -1,5 +1,5 @@
-"""The stage-1 tokenizer: images <-> discrete codes (grids [B, h, w] or 1D sequences [B, L]),
-as a Hugging Face model.
+"""The stage-1 tokenizer: images <-> discrete codes (grids [B, h, w], 1D sequences [B, L], or
+multi-scale residual tokens [B, sum(s^2)]), as a Hugging Face model.
 
 `VQTokenizer` is a `PreTrainedModel`: `save_pretrained` writes `config.json` and
 `model.safetensors`, `from_pretrained` reads a local folder or a Hub id, `push_to_hub` uploads.
@@ -31,6 +31,7 @@ from ..quantizers import CodeStats, build_quantizer
 from . import magvit2
 from .blocks import Decoder, Encoder
 from .configuration import PREPROCESSING_FIELDS, TokenizerConfig
+from .multiscale import MultiScaleQuantizer
 from .presets import load_preset
 from .vit import ViTDecoder, ViTEncoder
 
@@ -46,18 +47,26 @@ def _backbone(config: TokenizerConfig) -> str:
     return "1d" if config.layout == "1d" else config.conv_backbone
 
 
+def _bottleneck(config: TokenizerConfig) -> torch.nn.Module:
+    """The quantizer adapter; for multiscale, residual quantization over the scales through it."""
+    if config.layout == "multiscale":
+        beta = config.quantizer_config.commitment_weight
+        return MultiScaleQuantizer(config.quantizer, config.latent_channels, config.scales, config.phi_count, beta)
+    return build_quantizer(config.quantizer_config, dim=config.latent_channels)
+
+
 @dataclass
 class TokenizerOutput(ModelOutput):
     """What `VQTokenizer.forward` returns."""
 
     reconstruction: Tensor | None = None  # [B, 3, H, W], ~[-1, 1]
-    indices: Tensor | None = None  # [B, h, w] (grid) or [B, L] (1d), long in [0, K)
+    indices: Tensor | None = None  # [B, h, w] (grid), [B, L] (1d) or [B, sum s^2] (multiscale), long in [0, K)
     bottleneck_loss: Tensor | None = None  # scalar, the quantizer's own weighted loss
     code_stats: CodeStats | None = None  # per-batch codebook usage and perplexity
 
 
 class VQTokenizer(PreTrainedModel):
-    """Encoder -> VQ/FSQ/LFQ/BSQ bottleneck -> decoder; conv (grid) or ViT (1d) by `config.layout`.
+    """Encoder -> VQ/FSQ/LFQ/BSQ bottleneck -> decoder; conv (grid, multiscale) or ViT (1d) by `config.layout`.
 
     >>> tokenizer = VQTokenizer.from_preset("fsq-cpu")
     >>> indices = tokenizer.encode(images)      # [B, 3, H, W] in [-1, 1] -> [B, H/f, W/f]
@@ -65,6 +74,10 @@ class VQTokenizer(PreTrainedModel):
     >>> tokenizer = VQTokenizer.from_preset("titok-1d-cpu")
     >>> indices = tokenizer.encode(images)      # -> [B, L]
     >>> coarse = tokenizer.decode(indices[:, :8])  # any leading k tokens (nested dropout training)
+    >>> tokenizer = VQTokenizer.from_preset("multiscale-digits")
+    >>> indices = tokenizer.encode(images)      # -> [B, sum(s^2)], coarse to fine
+    >>> maps = tokenizer.split_scales(indices)  # [B, s_k, s_k] per scale
+    >>> coarse = tokenizer.decode(indices[:, :14])  # the first whole scales (1 + 4 + 9 tokens)
     """
 
     config_class = TokenizerConfig
@@ -75,7 +88,7 @@ class VQTokenizer(PreTrainedModel):
         super().__init__(config)
         encoder, decoder = BACKBONES[_backbone(config)]
         self.encoder = encoder(config)
-        self.quantizer = build_quantizer(config.quantizer_config, dim=config.latent_channels)
+        self.quantizer = _bottleneck(config)
         self.decoder = decoder(config)
         self.post_init()
 
@@ -168,8 +181,17 @@ class VQTokenizer(PreTrainedModel):
         return self.config.layout == "1d"
 
     @property
+    def is_multiscale(self) -> bool:
+        return self.config.layout == "multiscale"
+
+    @property
+    def scales(self) -> list[int] | None:
+        """Multiscale: the token maps' sides, coarse to fine; None for other layouts."""
+        return list(self.config.scales) if self.is_multiscale else None
+
+    @property
     def token_shape(self) -> tuple[int, ...]:
-        """One image's tokens at the training resolution: (h, w), or (L,) for 1d."""
+        """One image's tokens at the training resolution: (h, w), (L,) for 1d, (sum s^2,) for multiscale."""
         return self.config.token_shape
 
     @property
@@ -179,8 +201,8 @@ class VQTokenizer(PreTrainedModel):
 
     @property
     def token_grid(self) -> tuple[int, int] | None:
-        """(h, w) of one image's token grid at the training resolution; None for 1D sequences."""
-        return None if self.is_1d else self.token_shape
+        """(h, w) of one image's token grid at the training resolution; None for 1D and multiscale tokens."""
+        return None if self.is_1d or self.is_multiscale else self.token_shape
 
     @property
     def decodes_prefixes(self) -> bool:
@@ -189,7 +211,11 @@ class VQTokenizer(PreTrainedModel):
 
     @property
     def prefix_lengths(self) -> list[int]:
-        """The prefix lengths a variable-length tokenizer is evaluated at (L/4, L/2, L); [] otherwise."""
+        """The prefix lengths a variable-length tokenizer is evaluated at: L/4, L/2, L (1d with nested
+        dropout); the ends of the scales at a third, two thirds and all of them (multiscale); [] otherwise."""
+        if self.is_multiscale:
+            ends, n = self.quantizer.boundaries, len(self.scales)
+            return sorted({ends[max(1, n // 3)], ends[max(1, 2 * n // 3)], ends[n]})
         if not self.decodes_prefixes:
             return []
         L = self.tokens_per_image
@@ -238,6 +264,9 @@ class VQTokenizer(PreTrainedModel):
         """
         self._check_pixels(pixel_values)
         latents = self.encoder(pixel_values)
+        if self.is_multiscale:
+            out = self.quantizer(latents)
+            return TokenizerOutput(self.decoder(out.quantized.to(latents.dtype)), out.indices, out.loss, out.code_stats)
         out = self.quantizer(self._to_sequence(latents))  # [B, N, D]
         quantized = out.quantized.to(latents.dtype)
         if self.is_1d:
@@ -253,9 +282,12 @@ class VQTokenizer(PreTrainedModel):
 
     @torch.inference_mode()
     def encode(self, pixel_values: Tensor) -> Tensor:
-        """Pixels [B, 3, H, W] in [-1, 1] -> indices [B, H/f, W/f], or [B, L] for 1d (long, in [0, K))."""
+        """Pixels [B, 3, H, W] in [-1, 1] -> indices [B, H/f, W/f], [B, L] for 1d, [B, sum s^2] for
+        multiscale (long, in [0, K))."""
         self._check_pixels(pixel_values)
         latents = self.encoder(pixel_values)
+        if self.is_multiscale:
+            return self.quantizer(latents).indices
         indices = self.quantizer(self._to_sequence(latents)).indices
         return indices if self.is_1d else indices.reshape(-1, *latents.shape[-2:])
 
@@ -264,11 +296,20 @@ class VQTokenizer(PreTrainedModel):
         """Indices -> pixels [B, 3, H, W].
 
         Grid: [B, h, w] -> [B, 3, h*f, w*f]. 1d: [B, k], any leading 1 <= k <= L tokens ->
-        [B, 3, R, R]. Any integer dtype, values in [0, codebook_size).
+        [B, 3, R, R]. Multiscale: [B, k], the tokens of the first whole scales -> [B, 3, R, R] (the
+        coarser, the fewer). Any integer dtype, values in [0, codebook_size).
         """
         self._check_indices(indices)
+        if self.is_multiscale:
+            return self.decoder(self.quantizer.indices_to_latents(indices.long()).to(self.dtype))
         codes = self.quantizer.indices_to_codes(indices.long().flatten(1)).to(self.dtype)  # [B, N, D]
         return self.decoder(codes if self.is_1d else self._to_grid(codes, indices.shape[1:]))
+
+    def split_scales(self, indices: Tensor) -> list[Tensor]:
+        """Multiscale tokens [B, sum s^2] (or leading whole scales) -> one map [B, s_k, s_k] per scale."""
+        if not self.is_multiscale:
+            raise ValueError(f"split_scales needs a multiscale tokenizer; this one's layout is {self.config.layout!r}")
+        return self.quantizer.split(indices)
 
     def _to_sequence(self, latents: Tensor) -> Tensor:
         return latents if self.is_1d else rearrange(latents, "b d h w -> b (h w) d")
@@ -296,10 +337,11 @@ class VQTokenizer(PreTrainedModel):
             raise TypeError(f"pixel_values must be floats in [-1, 1], got dtype {pixels.dtype}")
         H, W = pixels.shape[-2:]
         f = self.downsample_factor
-        if self.is_1d and (H, W) != (self.config.resolution,) * 2:
+        if (self.is_1d or self.is_multiscale) and (H, W) != (self.config.resolution,) * 2:
+            why = "its positions are learned" if self.is_1d else "its scales end at the latent's side"
             raise ValueError(
-                f"a 1d tokenizer reads images of exactly its resolution, {self.config.resolution}x"
-                f"{self.config.resolution} (its positions are learned), got {H}x{W}"
+                f"a {self.config.layout} tokenizer reads images of exactly its resolution, {self.config.resolution}x"
+                f"{self.config.resolution} ({why}), got {H}x{W}"
             )
         if H % f or W % f:
             raise ValueError(
@@ -316,11 +358,16 @@ class VQTokenizer(PreTrainedModel):
 
     def _check_indices(self, indices: Tensor) -> None:
         expected = f"[B, k] with 1 <= k <= {self.tokens_per_image}" if self.is_1d else "[B, h, w]"
+        if self.is_multiscale:
+            expected = f"[B, k] with k in {self.quantizer.boundaries[1:]} (whole scales {self.scales})"
         if not isinstance(indices, Tensor):
             raise TypeError(f"indices must be a torch.Tensor {expected}, got {type(indices).__name__}")
         if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
             raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
-        if indices.ndim != (2 if self.is_1d else 3) or (self.is_1d and indices.shape[1] > self.tokens_per_image):
+        sequence = self.is_1d or self.is_multiscale
+        if indices.ndim != (2 if sequence else 3) or (sequence and indices.shape[1] > self.tokens_per_image):
+            raise ValueError(f"indices must have shape {expected}, got {tuple(indices.shape)}")
+        if self.is_multiscale and indices.shape[1] not in self.quantizer.boundaries[1:]:
             raise ValueError(f"indices must have shape {expected}, got {tuple(indices.shape)}")
         if indices.numel() == 0:
             raise ValueError(f"indices must not be empty, got shape {tuple(indices.shape)}")
@@ -345,7 +392,7 @@ def parameter_count(config: TokenizerConfig) -> int:
     encoder, decoder = BACKBONES[_backbone(config)]
     with torch.device("meta"):  # shapes only; the quantizer (small) cannot be built there: FSQ reads its levels
         nets = (encoder(config), decoder(config))
-    quantizer = build_quantizer(config.quantizer_config, dim=config.latent_channels)
+    quantizer = _bottleneck(config)
     return sum(p.numel() for module in (*nets, quantizer) for p in module.parameters())
 
 

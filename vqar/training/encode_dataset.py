@@ -102,6 +102,7 @@ def tokenize_dataset(args: TokenizeArgs) -> TokensManifest:
         codebook_size=tokenizer.codebook_size,
         tokens_per_image=tokens_per_image,
         grid=grid,
+        scales=tokenizer.scales,
         fingerprint=fingerprint,
         decodes_prefixes=tokenizer.decodes_prefixes,
         class_names=class_names(source) or [],

@@ -1,7 +1,8 @@
 """Train the stage-2 prior: `vqar train-prior RECIPE.yaml [--field value ...]`.
 
 A stock `transformers` causal LM over the sequences of `VocabLayout` (`[condition, BOI,
-codes]`), trained on a dataset written by `vqar tokenize`. The same three pieces as the
+codes]`), trained on a dataset written by `vqar tokenize`: token by token, or scale by scale
+over multiscale tokens (`vqar.next_scale`), whichever the tokens' manifest says. The same three pieces as the
 tokenizer trainer — `setup`, `train_step`, `evaluate` — with `training.loop` doing the rest.
 Class-conditional models replace a fraction of labels by the null class, so that one model also
 gives the unconditional predictions classifier-free guidance needs.
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from transformers.hf_argparser import HfArg
 
-from ..ar import CONFIG_KEY, PROMPT_LENGTH, VocabLayout, build_prior, image_nll
+from ..ar import CONFIG_KEY, VocabLayout, build_prior, image_nll, prior_loss
 from ..bpe import VisualBPE, load_bpe
 from ..data import image_grid, make_loader
 from ..generation import SamplingConfig, build_prompts, generate_images, load_tokenizer_for
@@ -101,13 +102,10 @@ def collate_tokens(rows: list[dict]) -> dict:
 
 
 def training_sequences(layout: VocabLayout, tokens: torch.Tensor, labels: torch.Tensor, label_dropout: float):
-    """(input ids [B, 2 + N], targets [B, 2 + N] with -100 on the prompt) with label dropout."""
+    """Sequences [B, 2 + N] (`layout.to_sequence`) with a share `label_dropout` of the labels dropped."""
     if label_dropout > 0:
         labels = torch.where(torch.rand(labels.shape, device=labels.device) < label_dropout, -1, labels)
-    ids = layout.to_sequence(labels, tokens)
-    targets = ids.masked_fill(ids == layout.pad, -100)
-    targets[:, :PROMPT_LENGTH] = -100
-    return ids, targets
+    return layout.to_sequence(labels, tokens)
 
 
 # -- setup ----------------------------------------------------------------------------------
@@ -183,8 +181,8 @@ def _sample_decoder(output_dir: str, layout: VocabLayout, device) -> torch.nn.Mo
 
 
 def train_step(run: PriorRun, batch: dict) -> dict[str, torch.Tensor]:
-    ids, targets = training_sequences(run.layout, batch["tokens"], batch["labels"], run.args.label_dropout)
-    loss = run.model(input_ids=ids, labels=targets).loss
+    ids = training_sequences(run.layout, batch["tokens"], batch["labels"], run.args.label_dropout)
+    loss = prior_loss(run.model, run.layout, ids)
     backward_and_check(run.accelerator, loss, run.model.parameters(), run.optimizer, run.train.grad_clip)
     step_optimizer(run)
     # bits per token: the held-out figure's unit (the loss is in nats; with label dropout on)
