@@ -10,12 +10,13 @@ not depend on the weights) samples `--tokens` tokens per image from a 1,024-code
    conditional and unconditional rows), against `generate` (transformers' `generate()` driven
    by vqar's logits processor: the reference, and what vqar used before). The ceiling is
    the time to read the weights once from memory (their bytes / the streaming-read bandwidth
-   measured here); "of ceiling" = ceiling / step time.
+   measured here); "of ceiling" = ceiling / step time. The header also gives the time of the
+   step's weight matmuls alone (PyTorch's GEMM at batch-size M): the floor no loop around
+   the same kernels goes below.
 2. The static sampler at 64, 256 and 1,024 tokens per image: how step time grows with the KV cache.
 3. Jacobi decoding where drafts can be right: a trained digits prior (`--digits-prior`, e.g.
    `outputs/demo/prior-run/prior` from `make demo`) at CFG 2.0, batch 1 and `--batch`: mean
-   accepted tokens per forward pass and wall clock against "static". On a random prior Jacobi's
-   acceptance means nothing (its distributions are near uniform), so table 1 leaves it out.
+   accepted tokens per forward pass and wall clock against "static".
 """
 
 from __future__ import annotations
@@ -49,6 +50,20 @@ def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return buffer.numel() * 4 / best_seconds(buffer.sum, repeats)
 
 
+def matmul_floor(prior, rows: int, repeats: int = 5) -> float:
+    """Seconds per step spent in the weight matmuls alone: every Linear of the prior applied once to
+    [rows, in] activations, as one decode step does (PyTorch's CPU GEMM at small M)."""
+    weights = [m.weight for m in prior.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(rows, w.shape[1]) for w in weights]
+
+    def run():
+        for x, w in zip(inputs, weights):
+            x @ w.T
+
+    run()
+    return best_seconds(run, repeats)
+
+
 def digits_layout(tokens: int) -> VocabLayout:
     side = int(tokens**0.5)
     return VocabLayout(
@@ -61,13 +76,15 @@ def step_seconds(prior, layout, prompts, sampling: SamplingConfig, repeats: int)
 
 
 def sampler_table(prior, layout, prompts, repeats: int, ceiling: float) -> None:
-    samplers = {"generate": {}, "static": {}, "static + compile": {"compile": True}}
+    samplers = {"generate": {}, "static": {}, "static + compile": {"compile": True}, "jacobi": {}}
     seconds = {}
     for cfg in (1.0, 2.0):
         for name, extra in samplers.items():
             sampling = SamplingConfig(sampler=name.split()[0], seed=0, top_k=100, cfg_scale=cfg, **extra)
             if extra:
                 generate_ids(prior, layout, prompts, sampling)  # compiles once, outside the timing
+            if name == "jacobi":
+                sampling = SamplingConfig(sampler="jacobi", seed=0, top_k=100, cfg_scale=cfg)
             seconds[name, cfg] = step_seconds(prior, layout, prompts, sampling, repeats)
     print("| sampler | CFG | ms/step | tokens/s | vs generate | of ceiling | CFG / no CFG |")
     print("|---|---|---|---|---|---|---|")
@@ -134,10 +151,13 @@ def main():
     weight_bytes = sum(p.numel() * p.element_size() for p in prior.parameters())
     bandwidth = read_bandwidth()
     ceiling = weight_bytes / bandwidth
+    floor = {rows: matmul_floor(prior, rows) for rows in (args.batch, 2 * args.batch)}
     print(
         f"prior: Llama {weight_bytes / 4e6:.1f}M parameters, {layout.tokens_per_image} tokens per image, "
         f"batch {args.batch}, {torch.get_num_threads()} CPU threads; streaming read {bandwidth / 1e9:.1f} GB/s, "
-        f"so reading the weights once takes {ceiling * 1e3:.1f} ms (the ceiling per step)\n"
+        f"so reading the weights once takes {ceiling * 1e3:.1f} ms (the ceiling per step); the weight matmuls "
+        f"alone take {floor[args.batch] * 1e3:.1f} ms per step at {args.batch} rows, "
+        f"{floor[2 * args.batch] * 1e3:.1f} ms at {2 * args.batch} (CFG)\n"
     )
     generate_ids(prior, layout, prompts[:1], SamplingConfig(sampler="generate"))  # warm-up
     sampler_table(prior, layout, prompts, args.repeats, ceiling)

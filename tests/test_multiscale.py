@@ -1,5 +1,8 @@
 """Multi-scale residual tokens (VAR) and the next-scale prior: masks, partial decodes, the cache, save/load."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,3 +215,57 @@ def test_a_next_scale_prior_refuses_single_scale_tokenizers_and_bpe():
     layout = VocabLayout(codebook_size=1000, tokens_per_image=30, scales=SCALES)
     with pytest.raises(ValueError, match=r"the prior models multiscale tokens at scales \[1, 2, 3, 4\]"):
         layout.check_tokenizer(grid_tokenizer)
+
+
+# -- both halves through the CLI, on the shipped recipes ---------------------------------------
+
+
+def test_the_digits_recipes_train_both_halves_and_generate(tmp_path):
+    from vqar.cli import main
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    fast = ["--max_steps", "3", "--save_every", "0", "--eval_every", "0", "--log_with", "none"]
+    main(["train-tokenizer", str(recipes / "multiscale-digits.yaml"), "--output_dir", str(tmp_path / "tok"), *fast])
+    main(
+        [
+            "tokenize",
+            "--tokenizer",
+            str(tmp_path / "tok" / "tokenizer"),
+            "--data",
+            "digits",
+            "--output",
+            str(tmp_path / "tokens"),
+        ]
+    )
+    manifest = json.loads((tmp_path / "tokens" / "vqar_tokens.json").read_text())
+    assert manifest["scales"] == [1, 2, 3, 4, 6, 8] and manifest["tokens_per_image"] == 130 and manifest["grid"] is None
+    prior_recipe = str(recipes / "multiscale-digits-prior.yaml")
+    main(
+        [
+            "train-prior",
+            prior_recipe,
+            "--tokens",
+            str(tmp_path / "tokens"),
+            "--output_dir",
+            str(tmp_path / "prior"),
+            *fast,
+        ]
+    )
+    config = json.loads((tmp_path / "prior" / "prior" / "config.json").read_text())
+    assert config["vqar_vocab"]["scales"] == [1, 2, 3, 4, 6, 8]
+    metrics = json.loads((tmp_path / "prior" / "metrics.json").read_text())
+    assert 0 < metrics["bits_per_image"] < 130 * 8 * 1.5  # near the 8 bits of a code at the start
+    main(
+        [
+            "generate",
+            "--prior",
+            str(tmp_path / "prior" / "prior"),
+            "--class",
+            "3",
+            "--cfg-scale",
+            "2",
+            "--output",
+            str(tmp_path / "gen"),
+        ]
+    )
+    assert (tmp_path / "gen" / "grid.png").is_file()

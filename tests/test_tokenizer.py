@@ -167,3 +167,12 @@ def test_bad_config_values_are_named():
         TokenizerConfig(resolution=30, channel_multipliers=[1, 2, 2])
     with pytest.raises(ValueError, match="unknown quantizer option"):
         TokenizerConfig(quantizer={"kind": "fsq", "lvls": [5, 5]})
+
+
+def test_a_tokenizer_loaded_under_inference_mode_has_the_same_fingerprint(tmp_path):
+    tokenizer = VQTokenizer.from_preset("fsq-cpu")
+    tokenizer.save_pretrained(tmp_path)
+    with torch.inference_mode():  # its tensors are inference tensors: they keep no version counter
+        loaded = VQTokenizer.from_pretrained(tmp_path)
+        assert loaded.fingerprint == tokenizer.fingerprint
+    assert loaded.fingerprint == tokenizer.fingerprint

@@ -169,8 +169,10 @@ def _message(error: BaseException) -> str:
 
 
 def _quiet_libraries() -> None:
-    """Our progress bars only: no 'Loading weights' / 'Writing model shards' / 'Map' bars on every command."""
+    """Our progress bars only: no 'Loading weights' / 'Writing model shards' / 'Map' bars on every command,
+    no retry warnings from huggingface_hub."""
     import datasets
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
@@ -179,6 +181,7 @@ def _quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per checkpoint file
+    hub_logging.set_verbosity_error()  # no line per retry while the Hub is out of reach: vqar's error says it once
 
 
 def _usage(unknown: str | None = None) -> None:

@@ -97,7 +97,8 @@ def tokenizer_card(
         datasets=[dataset] if is_hub_id(dataset) else None,
         base_model=base if is_hub_id(base) else None,
     )
-    layout = f"{report['tokens_per_image']} tokens" + (" (1D)" if config.get("layout") == "1d" else " (grid)")
+    kinds = {"1d": " (1D)", "multiscale": f" (multiscale, scales {config.get('scales')})"}
+    layout = f"{report['tokens_per_image']} tokens" + kinds.get(config.get("layout", "grid"), " (grid)")
     origin = f"\nConverted from `{provenance['source']}`.\n" if provenance.get("source") else ""
     body = f"""
 # {repo_id}
@@ -154,6 +155,8 @@ def prior_card(repo_id: str, tokenizer_repo: str, config: dict, metrics: dict, l
         else "Unconditional: the prompt is the null class, then begin-of-image."
     )
     grid = f"a {layout['grid'][0]} x {layout['grid'][1]} grid" if layout.get("grid") else "a 1D sequence"
+    if layout.get("scales"):
+        grid = f"token maps at scales {layout['scales']}, coarse to fine"
     bits = f"{metrics['bits_per_image']:.4g}" if metrics.get("bits_per_image") is not None else "n/a"
     bpe = (
         "\nIt models visual-BPE ids (`visual_bpe.json`): plain `generate` cannot keep each image to exactly one "
@@ -161,6 +164,11 @@ def prior_card(repo_id: str, tokenizer_repo: str, config: dict, metrics: dict, l
         if layout.get("num_bpe_tokens")
         else ""
     )
+    if layout.get("scales"):
+        bpe = (
+            "\nIt predicts a whole scale per forward pass (next-scale prediction, VAR) under a block-causal "
+            "attention mask: plain `generate` does not sample it; sample with vqar.\n"
+        )
     body = f"""
 # {repo_id}
 

@@ -229,9 +229,12 @@ class VQTokenizer(PreTrainedModel):
         cached, and recomputed when a tensor is replaced or changed in place.
         """
         state = self.state_dict()
-        key = tuple((t.data_ptr(), t._version) for t in state.values())  # _version counts in-place writes
+        # _version counts in-place writes; tensors made under inference_mode have none (they are not
+        # cached then, so the digest is always that of the current weights)
+        versions = tuple(-1 if t.is_inference() else t._version for t in state.values())
+        key = None if -1 in versions else tuple(zip((t.data_ptr() for t in state.values()), versions))
         cached = getattr(self, "_fingerprint_cache", None)
-        if cached is None or cached[0] != key:
+        if cached is None or key is None or cached[0] != key:
             digest = hashlib.sha256()
             names = sorted(set(type(self.config).__annotations__) - set(PREPROCESSING_FIELDS))
             fields = {name: getattr(self.config, name) for name in names}
