@@ -4,9 +4,12 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import tokenize_digits_with_tiny_tokenizer
 
-from vqar.evaluation import EvaluateArgs, codec_at_rate, evaluate_tokenizer, format_table
+from vqar import VQTokenizer
+from vqar.evaluation import EvaluateArgs, codec_at_rate, evaluate_tokenizer, flat_colour_error, format_table
+from vqar.tokenizer.modeling import TokenizerOutput
 from vqar.training.recipes import TrainConfig, parse_recipe
 from vqar.training.train_prior import PriorArgs, train_prior
 
@@ -48,6 +51,7 @@ def test_every_column_is_present_and_finite(report):
         "codebook_usage",
         "code_perplexity",
         "dead_codes",
+        "flat_colour_error",
         "prior_bits_per_image",
     ):
         assert math.isfinite(report[key]), key
@@ -83,3 +87,12 @@ def test_report_files(report):
     assert "| tokenizer |" in text and "jpeg q=" in text and "rfid_missing_reason" in text
     assert (folder / "samples.png").is_file()
     assert format_table(report).count("\n") == 4
+
+
+def test_flat_colour_error_is_the_worst_mean_colour_shift_in_8_bit_levels(monkeypatch):
+    tokenizer = VQTokenizer.from_preset("fsq-cpu")
+    shift = torch.tensor([0.0, -0.4, -0.6])[:, None, None]  # white comes back orange: G and B pulled down
+    monkeypatch.setattr(tokenizer, "forward", lambda pixels: TokenizerOutput(reconstruction=pixels + shift))
+    assert flat_colour_error(tokenizer) == pytest.approx(0.6 * 127.5, rel=1e-4)  # clamped at -1 for dark blue
+    monkeypatch.setattr(tokenizer, "forward", lambda pixels: TokenizerOutput(reconstruction=pixels))
+    assert flat_colour_error(tokenizer) == pytest.approx(0, abs=1e-3)

@@ -263,14 +263,16 @@ class ImageTransform:
     """PIL image -> [3, R, R] float tensor in [-1, 1].
 
     The shorter side is resized to `resize_to` (default: `resolution`), then a `resolution`
-    square is cropped (centre, or random) and optionally flipped. Random choices come from
-    the generator passed in, so a (seed, epoch, index) always gives the same crop.
+    square is cropped (centre, or random) and optionally flipped, and optionally given one of the
+    six orders of its colour channels (`random_channels`). Random choices come from the generator
+    passed in, so a (seed, epoch, index) always gives the same crop.
     """
 
     resolution: int
     resize_to: int | None = None
     random_crop: bool = False
     random_flip: bool = False
+    random_channels: bool = False
 
     def __post_init__(self):
         if self.resolution < 1:
@@ -300,6 +302,8 @@ class ImageTransform:
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         if self.random_flip and torch.rand((), generator=generator) < 0.5:
             pixels = pixels.flip(-1)
+        if self.random_channels:
+            pixels = pixels[torch.randperm(3, generator=generator)]
         return pixels.float() / 127.5 - 1
 
     def _crop_origin(self, size: tuple[int, int], generator: torch.Generator | None) -> tuple[int, int]:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 from collections.abc import Iterable
@@ -53,7 +54,9 @@ CODEC_FORMATS = {"jpeg": "JPEG", "webp": "WEBP"}
 class Reconstructions:
     """What `reconstruction_metrics` measured, and the images it kept."""
 
-    metrics: dict  # psnr, ssim, lpips (+ lpips_missing_reason), codebook_usage, code_perplexity, dead_codes[, psnr_at_tokens]
+    # psnr, ssim, lpips (+ lpips_missing_reason), codebook_usage, code_perplexity, dead_codes,
+    # flat_colour_error[, psnr_at_tokens]
+    metrics: dict
     images: int  # how many images were measured
     originals: Tensor  # [n, 3, H, W] in [-1, 1]: the first `keep` images (all with keep=None)
     reconstructions: Tensor  # [n, 3, H, W], clamped to [-1, 1]
@@ -98,6 +101,7 @@ def reconstruction_metrics(
         "codebook_usage": codebook_usage(counts).item(),
         "code_perplexity": code_perplexity(counts).item(),
         "dead_codes": int((counts == 0).sum().item()),
+        "flat_colour_error": flat_colour_error(tokenizer),
     }
     if tokenizer.prefix_lengths:
         metrics["psnr_at_tokens"] = {str(k): sums[f"psnr@{k}"] / n for k in tokenizer.prefix_lengths}
@@ -106,6 +110,26 @@ def reconstruction_metrics(
         metrics["lpips_missing_reason"] = lpips_missing_reason(download=False) or "LPIPS not requested"
     indices = torch.cat(kept["indices"]) if keep is None else None
     return Reconstructions(metrics, n, torch.cat(kept["originals"]), torch.cat(kept["reconstructions"]), indices)
+
+
+FLAT_LEVELS = (-0.8, 0.0, 0.8)  # each channel at three levels: 27 flat colours, white and black among them
+
+
+@torch.inference_mode()
+def flat_colour_error(tokenizer) -> float:
+    """The worst error, in 8-bit levels, of the mean colour a tokenizer gives back for flat colour
+    patches (27 colours at its resolution, the border left out). Natural photographs hold few
+    flat areas of pure colour, so this catches what PSNR averages away: a decoder that learned the
+    palette of its training photographs instead of reading colour from the codes gives white back
+    orange, and blue back grey."""
+    was_training = tokenizer.training
+    tokenizer.eval()
+    colours = torch.tensor(list(itertools.product(FLAT_LEVELS, repeat=3)), device=tokenizer.device)
+    size, border = tokenizer.config.resolution, tokenizer.config.resolution // 8
+    patches = colours[:, :, None, None].expand(-1, -1, size, size).contiguous()
+    reconstructed = tokenizer(patches).reconstruction.clamp(-1, 1)[..., border : size - border, border : size - border]
+    tokenizer.train(was_training)
+    return (reconstructed.float().mean((2, 3)) - colours).abs().max().item() * 127.5
 
 
 def _accumulate(sums: dict, tokenizer, pixels: Tensor, reconstruction: Tensor, indices: Tensor, lpips) -> None:
@@ -184,7 +208,9 @@ def _readable(batch: dict, unreadable: set) -> Tensor:
 
 
 def _rate(tokenizer, resolution: int) -> dict:
-    tokens = tokenizer.tokens_per_image if tokenizer.is_1d else (resolution // tokenizer.downsample_factor) ** 2
+    tokens = (
+        tokenizer.tokens_per_image if tokenizer.token_grid is None else (resolution // tokenizer.downsample_factor) ** 2
+    )
     bits = tokens * math.log2(tokenizer.codebook_size)
     latent_floats = tokens * tokenizer.config.latent_channels
     return {
@@ -311,6 +337,7 @@ COLUMNS = [
     ("codebook_usage", "usage", "{:.1%}"),
     ("code_perplexity", "perplexity", "{:.0f}"),
     ("dead_codes", "dead codes", "{}"),
+    ("flat_colour_error", "flat colour error", "{:.0f}"),
 ]
 
 

@@ -66,6 +66,11 @@ class DataArgs:
     resize_to: int | None = HfArg(default=None, help="shorter side before cropping (default: resolution)")
     random_crop: bool = HfArg(default=False, help="random crops (default: centre crops)")
     random_flip: bool = HfArg(default=False, help="random horizontal flips")
+    random_channels: bool = HfArg(
+        default=False,
+        help="random RGB channel order per crop: the decoder cannot fall back on the training photos' palette, "
+        "so the reconstructions show how much colour the codes carry",
+    )
     repeats: int = HfArg(default=1, help="times each training image appears per epoch (with fresh crops)")
     streaming: bool = HfArg(default=False, help="read the source as a stream (large Hub or parquet data sets)")
     eval_fraction: float = HfArg(default=0.1, help="share of the images held out, deterministically")
@@ -92,7 +97,9 @@ def build_datasets(data: DataArgs, seed: int) -> tuple[ImageDataset | StreamingI
         label_column=data.label_column,
         streaming=data.streaming,
     )
-    train_transform = ImageTransform(data.resolution, data.resize_to, data.random_crop, data.random_flip)
+    train_transform = ImageTransform(
+        data.resolution, data.resize_to, data.random_crop, data.random_flip, data.random_channels
+    )
     eval_transform = ImageTransform(data.resolution, data.resize_to, random_crop=data.eval_crops > 1)
     if isinstance(source, datasets.IterableDataset):
         train_split, eval_split = split_stream(source, data.eval_size)
