@@ -302,8 +302,13 @@ def decode_next_scale(prior: PreTrainedModel, batch: Tensor, picker: TokenPicker
         mask = as_attention_mask(prior, block_causal_mask(scales, batch.device, new), rows)
         positions = torch.arange(new.start, new.stop, device=batch.device)[None].expand(rows, -1)
         logits = prior(
-            input_ids=inputs[:, new], attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache
-        ).logits[:, -(scales[k] ** 2) :]
+            input_ids=inputs[:, new],
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=use_cache,
+            logits_to_keep=scales[k] ** 2,  # the block that predicts scale k
+        ).logits
         fed = inputs.shape[1]
         tokens = picker.pick(logits.reshape(-1, logits.shape[-1]))  # rows [cond; uncond] stay halves when flat
         codes = torch.cat([codes, tokens.reshape(rows, -1)], dim=1)
