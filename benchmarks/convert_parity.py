@@ -21,11 +21,10 @@ import argparse
 import importlib
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from summary import record
+from summary import best_seconds, record
 
 from vqar import TokenizerConfig, VQTokenizer
 from vqar.convert import ConvertArgs, convert
@@ -35,16 +34,6 @@ DDCONFIG = dict(double_z=False, in_channels=3, out_ch=3, ch=128, resolution=256,
 
 def fields(config: TokenizerConfig) -> dict:
     return {name: getattr(config, name) for name in TokenizerConfig.__annotations__}
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def use_checkout(path: str):

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import torch
-from summary import record
+from summary import best_seconds, record
 
 from vqar.ar import VocabLayout, build_prior, load_prior
 from vqar.generation import JacobiStats, SamplingConfig, build_prompts, generate_ids
@@ -34,19 +33,9 @@ from vqar.generation import JacobiStats, SamplingConfig, build_prompts, generate
 PRIOR_29M = dict(hidden_size=512, num_hidden_layers=9, num_attention_heads=8, intermediate_size=1376)
 
 
-def best_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     """Streaming-read bandwidth in bytes/s: summing a buffer far larger than the caches."""
     buffer = torch.ones(megabytes * 2**20 // 4)
-    buffer.sum()
     return buffer.numel() * 4 / best_seconds(buffer.sum, repeats)
 
 
@@ -60,7 +49,6 @@ def matmul_floor(prior, rows: int, repeats: int = 5) -> float:
         for x, w in zip(inputs, weights):
             x @ w.T
 
-    run()
     return best_seconds(run, repeats)
 
 
@@ -72,7 +60,10 @@ def digits_layout(tokens: int) -> VocabLayout:
 
 
 def step_seconds(prior, layout, prompts, sampling: SamplingConfig, repeats: int) -> float:
-    return best_seconds(lambda: generate_ids(prior, layout, prompts, sampling), repeats) / layout.tokens_per_image
+    return (
+        best_seconds(lambda: generate_ids(prior, layout, prompts, sampling), repeats, warm_up=False)
+        / layout.tokens_per_image
+    )
 
 
 def sampler_table(prior, layout, prompts, repeats: int, ceiling: float) -> None:
@@ -119,12 +110,14 @@ def jacobi_table(folder: str, batch: int, repeats: int) -> None:
     for rows in (1, batch):
         prompts = build_prompts(layout, classes=[i % max(1, layout.num_classes) for i in range(rows)])
         static = SamplingConfig(seed=0, top_k=100, cfg_scale=2.0)
-        static_s = best_seconds(functools.partial(generate_ids, prior, layout, prompts, static), repeats)
+        static_s = best_seconds(functools.partial(generate_ids, prior, layout, prompts, static), repeats, warm_up=False)
         for window in (8, 16):
             jacobi = SamplingConfig(sampler="jacobi", seed=0, top_k=100, cfg_scale=2.0, jacobi_window=window)
             stats = JacobiStats()
             generate_ids(prior, layout, prompts, jacobi, stats=stats)
-            jacobi_s = best_seconds(functools.partial(generate_ids, prior, layout, prompts, jacobi), repeats)
+            jacobi_s = best_seconds(
+                functools.partial(generate_ids, prior, layout, prompts, jacobi), repeats, warm_up=False
+            )
             print(
                 f"| {rows} | {window} | {stats.tokens_per_forward:.2f} | {static_s:.2f} | {jacobi_s:.2f} | "
                 f"{static_s / jacobi_s:.2f}x |"

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from summary import record
+from summary import best_seconds, record
 
 from vqar.ar import load_prior
 from vqar.data import save_images
@@ -71,15 +70,6 @@ def trained(name: str, output: Path) -> tuple[dict, dict, str]:
     return *metrics, str(runs / "prior" / "prior")
 
 
-def best_seconds(fn, repeats: int = 2) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def measure(name: str, output: Path, images: int, classifier) -> dict:
     tokenizer_metrics, prior_metrics, folder = trained(name, output)
     prior, layout = load_prior(folder)
@@ -87,9 +77,11 @@ def measure(name: str, output: Path, images: int, classifier) -> dict:
     classes = [i % layout.num_classes for i in range(images)]
     prompts = build_prompts(layout, classes=classes)
     samples = generate_images(prior, tokenizer, layout, prompts, SAMPLING)
-    seconds = best_seconds(lambda: generate_images(prior, tokenizer, layout, prompts, SAMPLING))
+    seconds = best_seconds(lambda: generate_images(prior, tokenizer, layout, prompts, SAMPLING), 2, warm_up=False)
     singles = [build_prompts(layout, classes=[c]) for c in range(layout.num_classes)]
-    one_at_a_time = best_seconds(lambda: [generate_images(prior, tokenizer, layout, p, SAMPLING) for p in singles])
+    one_at_a_time = best_seconds(
+        lambda: [generate_images(prior, tokenizer, layout, p, SAMPLING) for p in singles], 2, warm_up=False
+    )
     agreement = float(np.mean(classifier.predict(digit_features(samples)) == np.array(classes)))
     save_images(samples[: 10 * layout.num_classes], output / name / "samples", rows=10)
     return {

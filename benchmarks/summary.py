@@ -1,4 +1,4 @@
-"""Rows for the one table `make bench` prints: each script records its figures with `record`.
+"""What the benchmark scripts share: `best_seconds`, and `record` for the one table `make bench` prints.
 
 When VQAR_BENCH_SUMMARY names a file (run_all.py sets it), each row is appended to it as a JSON
 line; run on its own, a script only prints its own table.
@@ -8,6 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import time
+
+
+def best_seconds(fn, repeats: int, warm_up: bool = True) -> float:
+    """The fastest of `repeats` timed calls of fn (after one untimed call with `warm_up`): the least
+    disturbed run on a noisy shared machine."""
+    if warm_up:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def record(benchmark: str, measure: str, value: float, unit: str, baseline: str, baseline_value: float) -> None:

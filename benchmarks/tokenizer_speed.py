@@ -10,25 +10,14 @@ fp32 matmul reaches in the same run — how close the convs run to the hardware'
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from summary import record
+from summary import best_seconds, record
 from torch.utils.flop_counter import FlopCounterMode
 
 from vqar import VQTokenizer
 
 PRESETS = ["vq-cpu", "fsq-cpu", "lfq-cpu", "bsq-cpu"]
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)  # the least disturbed run on a noisy shared machine
 
 
 def matmul_gflops(repeats: int, n: int = 1024) -> float:
