@@ -95,8 +95,10 @@ class VQTokenizer(PreTrainedModel):
     # -- Hugging Face plumbing --------------------------------------------------------------
 
     @classmethod
-    def get_init_context(cls, dtype, is_quantized, _is_ds_init_called, allow_all_kernels=None):
-        contexts = super().get_init_context(dtype, is_quantized, _is_ds_init_called, allow_all_kernels)
+    def get_init_context(cls, *args, **kwargs):
+        # A private hook whose parameters change between transformers releases (5.25 added
+        # `config`): pass them on as given, and only take the meta device out.
+        contexts = super().get_init_context(*args, **kwargs)
         return [c for c in contexts if not (isinstance(c, torch.device) and c.type == "meta")]
 
     def _init_weights(self, module):
