@@ -1,6 +1,6 @@
 """Converted tokenizers against their original code: the same indices, the same pixels, no slower.
 
-    python benchmarks/convert_parity.py --taming DIR --llamagen DIR --seed-voken DIR [--images 2] [--repeats 2]
+    python benchmarks/convert_parity.py --taming DIR --llamagen DIR --seed-voken DIR [--images 2] [--repeats 6]
 
 The three DIRs are checkouts of taming-transformers, LlamaGen and SEED-Voken (Open-MAGVIT2 and
 IBQ); the script imports each one's own model code from there (nothing of it is in vqar), builds
@@ -12,7 +12,10 @@ outputs, so codes are used as they would be), saves the checkpoint in that proje
 - indices equal: the share of tokens whose index is the same (a differing one should only occur
   where the two nearest codes are tied to within float rounding);
 - pixels: the largest difference of decoding the same indices, over the largest output value;
-- encode and decode images/s of each, best of `--repeats`, in the same run, fp32.
+- encode and decode images/s of each, fp32, best of `--repeats` calls timed in turn with the
+  original's (the order reversed every round): the two run the same convolutions, so what
+  separates them is a few per cent, and a shared machine drifts by more than that between
+  separately timed runs.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from summary import best_seconds, record
+import transformers
+from summary import interleaved_best_seconds, record
 
 from vqar import TokenizerConfig, VQTokenizer
 from vqar.convert import ConvertArgs, convert
@@ -175,12 +179,20 @@ def compare(name: str, original, source: str, preset: str, images: torch.Tensor,
     ours, theirs = converted.encode(images), original.encode(images)
     pixels_ours, pixels_theirs = converted.decode(theirs), original.decode(theirs)
     scale = pixels_theirs.abs().max().item()
+    seconds = interleaved_best_seconds(
+        {
+            ("encode", "vqar"): lambda: converted.encode(images),
+            ("encode", "original"): lambda: original.encode(images),
+            ("decode", "vqar"): lambda: converted.decode(theirs),
+            ("decode", "original"): lambda: original.decode(theirs),
+        },
+        repeats,
+    )
     row = {
         "model": name,
         "indices_equal": (ours == theirs).float().mean().item(),
         "pixel_difference": (pixels_ours - pixels_theirs).abs().max().item() / scale,
-        "encode": [len(images) / best_seconds(lambda m=m: m.encode(images), repeats) for m in (converted, original)],
-        "decode": [len(images) / best_seconds(lambda m=m: m.decode(theirs), repeats) for m in (converted, original)],
+        **{what: [len(images) / seconds[what, who] for who in ("vqar", "original")] for what in ("encode", "decode")},
     }
     print(
         f"| {name} | {row['indices_equal']:.4%} | {row['pixel_difference']:.2e} | {row['encode'][0]:.2f} | "
@@ -199,11 +211,13 @@ def main() -> None:
     parser.add_argument("--llamagen", help="a LlamaGen checkout")
     parser.add_argument("--seed-voken", help="a SEED-Voken checkout (Open-MAGVIT2, IBQ)")
     parser.add_argument("--images", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--only", help="comma-separated words of the rows to run, e.g. 'IBQ' or 'VQ-16,2^18'")
     args = parser.parse_args()
     if not (args.taming and args.llamagen and args.seed_voken):  # `make bench` runs every script bare
         print("convert_parity: give --taming, --llamagen and --seed-voken checkouts to compare against")
         return
+    transformers.utils.logging.disable_progress_bar()  # save/load bars would break the table
     torch.manual_seed(0)
     images = torch.rand(args.images, 3, 256, 256) * 2 - 1
     print(f"{args.images} random 256 px images, fp32, {torch.get_num_threads()} threads\n")
@@ -221,6 +235,8 @@ def main() -> None:
         ("IBQ 2^14", lambda: Taming(args.seed_voken, 16384, blocks=4, ibq=True), "ibq", "ibq-256-2p14", True),
         ("IBQ 2^18", lambda: Taming(args.seed_voken, 2**18, blocks=4, ibq=True), "ibq", "ibq-256-2p18", True),
     ]
+    if args.only:
+        models = [m for m in models if any(word.strip() in m[0] for word in args.only.split(","))]
     for name, build, source, preset, ema in models:
         torch.manual_seed(0)
         compare(name, build(), source, preset, images, args.repeats, ema)

@@ -85,3 +85,24 @@ def test_wrong_latent_width_is_named():
     quantizer = build_quantizer(KIND_CONFIGS["fsq"], dim=16)
     with pytest.raises(ValueError, match=r"latents \[B, N, 16\], got \(2, 5, 8\)"):
         quantizer(torch.randn(2, 5, 8))
+
+
+def test_own_projections_on_a_grid_are_the_published_1x1_convs_to_the_bit():
+    # taming's and LlamaGen's quant_conv / post_quant_conv are 1x1 Conv2d over [B, D, h, w]; oneDNN
+    # chooses its kernel by spatial shape, so only the same operation on the same grid gives their bits.
+    torch.set_num_threads(2)  # as converted models run (with one thread the kernels happen to agree here)
+    quantizer = build_quantizer(dict(kind="vq", implementation="vqar", codebook_size=64, project=True), dim=256).eval()
+    project_in = quantizer.inner.project_in
+    conv = torch.nn.Conv2d(256, 256, 1)
+    with torch.no_grad():
+        conv.weight.copy_(project_in.weight[..., None])
+        conv.bias.copy_(project_in.bias)
+    latents = torch.randn(2, 256, 16, 16)
+    tokens = latents.flatten(2).transpose(1, 2)  # [B, N, D], as the tokenizer hands them over
+    expected = conv(latents).flatten(2).transpose(1, 2)
+    assert torch.equal(project_in(tokens, (16, 16)), expected)
+    indices = quantizer(tokens, grid=(16, 16)).indices
+    codes = quantizer.inner.codebook[indices].transpose(1, 2).reshape(2, 256, 16, 16).contiguous()
+    post = quantizer.inner.project_out
+    expected_out = torch.nn.functional.conv2d(codes, post.weight[..., None], post.bias).flatten(2).transpose(1, 2)
+    assert torch.equal(quantizer.indices_to_codes(indices, grid=(16, 16)), expected_out)

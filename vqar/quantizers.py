@@ -198,15 +198,31 @@ def _build_bsq(config: QuantizerConfig, dim: int) -> nn.Module:
 # -- vqar's own quantizers (implementation: "vqar") --------------------------------------------
 
 
+Grid = tuple[int, int] | None  # (h, w) of the token grid that [B, N, D] tokens were flattened from
+
+
 class TokenProjection(nn.Conv1d):
     """A linear map of each token's features [B, N, D_in] -> [B, N, D_out], computed as the published
-    models' 1x1 quant convs are: a Linear gives the same map but not the same last bit."""
+    models' 1x1 quant convs are. Given the token `grid` (h, w), it is a 1x1 conv2d over [B, D, h, w],
+    exactly their operation: oneDNN picks its kernel by spatial shape, so a Linear, a conv1d over
+    [B, D, N] or a conv2d over another shape give the same map but, on some CPUs, not the same last bit."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, kernel_size=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+    def forward(self, x: Tensor, grid: Grid = None) -> Tensor:
+        tokens = x.transpose(1, 2)  # [B, D_in, N]
+        if grid is None:
+            return super().forward(tokens).transpose(1, 2)
+        B, D, N = tokens.shape
+        grid_layout = tokens.reshape(B, D, *grid).contiguous()  # NCHW, as theirs (a view here would be channels-last)
+        h = F.conv2d(grid_layout, self.weight[..., None], self.bias)  # [B, D_out, h, w]
+        return h.flatten(2).transpose(1, 2)
+
+
+class NoProjection(nn.Module):
+    def forward(self, x: Tensor, grid: Grid = None) -> Tensor:
+        return x
 
 
 def _projections(config: QuantizerConfig, dim: int, code_dim: int) -> tuple[nn.Module, nn.Module]:
@@ -215,7 +231,9 @@ def _projections(config: QuantizerConfig, dim: int, code_dim: int) -> tuple[nn.M
     if not project and code_dim != dim:
         raise ValueError(f"codes of width {code_dim} need project: true for latents of width {dim}")
     return (
-        (TokenProjection(dim, code_dim), TokenProjection(code_dim, dim)) if project else (nn.Identity(), nn.Identity())
+        (TokenProjection(dim, code_dim), TokenProjection(code_dim, dim))
+        if project
+        else (NoProjection(), NoProjection())
     )
 
 
@@ -274,8 +292,8 @@ class NearestCode(nn.Module):
                 )
         return best_index
 
-    def forward(self, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        z = self.project_in(latents)  # [B, N, D]
+    def forward(self, latents: Tensor, grid: Grid = None) -> tuple[Tensor, Tensor, Tensor]:
+        z = self.project_in(latents, grid)  # [B, N, D]
         if self.config.use_cosine:
             z = F.normalize(z, dim=-1)
         indices = self.nearest(z.reshape(-1, z.shape[-1])).reshape(z.shape[:-1])
@@ -284,10 +302,10 @@ class NearestCode(nn.Module):
         if self.training:
             codebook_loss, commitment = F.mse_loss(z_q, z.detach()), F.mse_loss(z, z_q.detach())
             loss = codebook_loss + self.config.commitment_weight * commitment
-        return self.project_out(_straight_through(z, z_q) if self.training else z_q), indices, loss
+        return self.project_out(_straight_through(z, z_q) if self.training else z_q, grid), indices, loss
 
-    def indices_to_codes(self, indices: Tensor) -> Tensor:
-        return self.project_out(self.codes()[indices])
+    def indices_to_codes(self, indices: Tensor, grid: Grid = None) -> Tensor:
+        return self.project_out(self.codes()[indices], grid)
 
 
 class IndexBackprop(NearestCode):
@@ -311,10 +329,10 @@ class IndexBackprop(NearestCode):
                 )
         return best_index
 
-    def forward(self, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, latents: Tensor, grid: Grid = None) -> tuple[Tensor, Tensor, Tensor]:
         if not self.training:
-            return super().forward(latents)  # the argmax code; no losses
-        z = self.project_in(latents)
+            return super().forward(latents, grid)  # the argmax code; no losses
+        z = self.project_in(latents, grid)
         flat, codes = z.reshape(-1, z.shape[-1]), self.codes()
         logits = flat @ codes.t()  # [M, K]: all codes take part, as IBQ's gradient needs
         soft = logits.softmax(-1)
@@ -327,7 +345,7 @@ class IndexBackprop(NearestCode):
         if self.config.entropy_weight:
             penalty = _entropy_penalty(logits, self.config.entropy_temperature, self.config.diversity_gamma)
             loss = loss + self.config.entropy_weight * penalty
-        return self.project_out(z_q), indices.reshape(z.shape[:-1]), loss
+        return self.project_out(z_q, grid), indices.reshape(z.shape[:-1]), loss
 
 
 class SignBits(nn.Module):
@@ -345,8 +363,8 @@ class SignBits(nn.Module):
         group = min(config.entropy_group_bits, self.bits)
         self.register_buffer("group_codes", _all_signs(group), persistent=False)  # [2^g, g]
 
-    def forward(self, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = self.project_in(latents)  # [B, N, bits]
+    def forward(self, latents: Tensor, grid: Grid = None) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.project_in(latents, grid)  # [B, N, bits]
         positive = x > 0
         quantized = torch.where(positive, 1.0, -1.0).to(x.dtype)
         indices = (positive.long() * self.powers).sum(-1)
@@ -355,7 +373,8 @@ class SignBits(nn.Module):
             loss = self.config.commitment_weight * F.mse_loss(x, quantized.detach())
             if self.config.entropy_weight:
                 loss = loss + self.config.entropy_weight * self._entropy(x.reshape(-1, self.bits))
-        return self.project_out(_straight_through(x, quantized) if self.training else quantized), indices, loss
+        output = _straight_through(x, quantized) if self.training else quantized
+        return self.project_out(output, grid), indices, loss
 
     def _entropy(self, x: Tensor) -> Tensor:
         group = self.group_codes.shape[1]
@@ -369,9 +388,9 @@ class SignBits(nn.Module):
         ]
         return torch.stack(penalties).sum()
 
-    def indices_to_codes(self, indices: Tensor) -> Tensor:
+    def indices_to_codes(self, indices: Tensor, grid: Grid = None) -> Tensor:
         bits = (indices[..., None] & self.powers) != 0
-        return self.project_out(torch.where(bits, 1.0, -1.0).to(self.powers.device))
+        return self.project_out(torch.where(bits, 1.0, -1.0).to(self.powers.device), grid)
 
 
 def _all_signs(bits: int) -> Tensor:
@@ -401,17 +420,20 @@ class Quantizer(nn.Module):
         self.codebook_size = config.num_codes
         self.inner = _build(config, dim)
 
-    def forward(self, latents: Tensor) -> QuantizerOutput:
-        """Quantize latents [B, N, D] (any float dtype) -> QuantizerOutput, computed in fp32."""
+    def forward(self, latents: Tensor, grid: Grid = None) -> QuantizerOutput:
+        """Quantize latents [B, N, D] (any float dtype) -> QuantizerOutput, computed in fp32.
+
+        `grid`: the (h, w) the N tokens were flattened from, if they form a grid: vqar's own
+        quantizers then compute their projections exactly as the published models did."""
         if latents.ndim != 3 or latents.shape[-1] != self.dim:
             raise ValueError(f"quantizer expects latents [B, N, {self.dim}], got {tuple(latents.shape)}")
         with torch.autocast(device_type=latents.device.type, enabled=False):
-            quantized, indices, loss = self._quantize(latents.float())
+            quantized, indices, loss = self._quantize(latents.float(), grid)
         indices = indices.long()
         return QuantizerOutput(quantized, indices, loss, self._code_stats(indices))
 
-    def _quantize(self, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out = self.inner(latents)
+    def _quantize(self, latents: Tensor, grid: Grid) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.inner(latents, grid) if self.config.implementation == "vqar" else self.inner(latents)
         if self.config.kind == "fsq" and self.config.implementation != "vqar":  # FSQ has no loss of its own
             quantized, indices = out
             return quantized, indices, latents.new_zeros(())
@@ -423,10 +445,13 @@ class Quantizer(nn.Module):
         counts = code_histogram(indices, self.codebook_size)
         return CodeStats(usage=codebook_usage(counts), perplexity=code_perplexity(counts))
 
-    def indices_to_codes(self, indices: Tensor) -> Tensor:
-        """Indices [B, N] in [0, K) -> quantized latents [B, N, D], as the forward pass made them."""
+    def indices_to_codes(self, indices: Tensor, grid: Grid = None) -> Tensor:
+        """Indices [B, N] in [0, K) -> quantized latents [B, N, D], as the forward pass made them
+        (`grid` as in `forward`)."""
         with torch.autocast(device_type=indices.device.type, enabled=False):
-            if self.config.kind == "vq" and self.config.implementation == "vector-quantize-pytorch":
+            if self.config.implementation == "vqar":
+                return self.inner.indices_to_codes(indices, grid)
+            if self.config.kind == "vq":
                 return self.inner.get_output_from_indices(indices)
             return self.inner.indices_to_codes(indices)
 

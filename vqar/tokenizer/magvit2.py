@@ -11,10 +11,11 @@ blocks in the middle and per decoder level.
 
 from __future__ import annotations
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .blocks import group_norm, swish
+from .blocks import group_norm, norm_swish, residual
 from .configuration import TokenizerConfig
 
 
@@ -29,8 +30,8 @@ class ResBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        return self.shortcut(x) + self.conv2(swish(self.norm2(h)))
+        h = self.conv1(norm_swish(self.norm1, x))
+        return residual(self.shortcut(x), self.conv2(norm_swish(self.norm2, h)))
 
 
 def _blocks(in_channels: int, out_channels: int, count: int) -> nn.ModuleList:
@@ -54,7 +55,10 @@ class AdaptiveGroupNorm(nn.Module):
         flat = latents.flatten(2)  # [B, Z, h*w]
         scale = self.gamma((flat.var(dim=-1) + self.eps).sqrt())  # var: unbiased, as Open-MAGVIT2 trained it
         shift = self.beta(flat.mean(dim=-1))
-        return scale[..., None, None] * self.norm(x) + shift[..., None, None]
+        scale, shift, normed = scale[..., None, None], shift[..., None, None], self.norm(x)
+        if torch.is_grad_enabled() or normed.dtype != torch.result_type(normed, scale):
+            return scale * normed + shift
+        return normed.mul_(scale).add_(shift)  # in place, bit for bit the same (see blocks.norm_swish)
 
 
 class Upsample(nn.Module):
@@ -91,7 +95,7 @@ class Encoder(nn.Module):
                 h = self.downsamples[i](h)
         for block in self.mid:
             h = block(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(norm_swish(self.norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -119,7 +123,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(norm_swish(self.norm_out, h))
 
     @property
     def last_layer(self) -> nn.Parameter:

@@ -272,7 +272,7 @@ class VQTokenizer(PreTrainedModel):
         if self.is_multiscale:
             out = self.quantizer(latents)
             return TokenizerOutput(self.decoder(out.quantized.to(latents.dtype)), out.indices, out.loss, out.code_stats)
-        out = self.quantizer(self._to_sequence(latents))  # [B, N, D]
+        out = self.quantizer(self._to_sequence(latents), grid=self._grid_of(latents))  # [B, N, D]
         quantized = out.quantized.to(latents.dtype)
         if self.is_1d:
             reconstruction = self.decoder(quantized[:, :num_tokens], keep=self._nested_dropout_mask(quantized))
@@ -293,7 +293,7 @@ class VQTokenizer(PreTrainedModel):
         latents = self.encoder(pixel_values)
         if self.is_multiscale:
             return self.quantizer(latents).indices
-        indices = self.quantizer(self._to_sequence(latents)).indices
+        indices = self.quantizer(self._to_sequence(latents), grid=self._grid_of(latents)).indices
         return indices if self.is_1d else indices.reshape(-1, *latents.shape[-2:])
 
     @torch.inference_mode()
@@ -307,7 +307,8 @@ class VQTokenizer(PreTrainedModel):
         self._check_indices(indices)
         if self.is_multiscale:
             return self.decoder(self.quantizer.indices_to_latents(indices.long()).to(self.dtype))
-        codes = self.quantizer.indices_to_codes(indices.long().flatten(1)).to(self.dtype)  # [B, N, D]
+        grid = None if self.is_1d else tuple(indices.shape[1:])
+        codes = self.quantizer.indices_to_codes(indices.long().flatten(1), grid).to(self.dtype)  # [B, N, D]
         return self.decoder(codes if self.is_1d else self._to_grid(codes, indices.shape[1:]))
 
     def split_scales(self, indices: Tensor) -> list[Tensor]:
@@ -315,6 +316,9 @@ class VQTokenizer(PreTrainedModel):
         if not self.is_multiscale:
             raise ValueError(f"split_scales needs a multiscale tokenizer; this one's layout is {self.config.layout!r}")
         return self.quantizer.split(indices)
+
+    def _grid_of(self, latents: Tensor) -> tuple[int, int] | None:
+        return None if self.is_1d else tuple(latents.shape[-2:])
 
     def _to_sequence(self, latents: Tensor) -> Tensor:
         return latents if self.is_1d else rearrange(latents, "b d h w -> b (h w) d")
