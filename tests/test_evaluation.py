@@ -8,7 +8,15 @@ import torch
 from conftest import tokenize_digits_with_tiny_tokenizer
 
 from vqar import VQTokenizer
-from vqar.evaluation import EvaluateArgs, codec_at_rate, evaluate_tokenizer, flat_colour_error, format_table
+from vqar.evaluation import (
+    EvaluateArgs,
+    codec_at_rate,
+    evaluate_tokenizer,
+    flat_colour_error,
+    format_table,
+    prior_bits_per_image,
+    prior_tiles,
+)
 from vqar.tokenizer.modeling import TokenizerOutput
 from vqar.training.recipes import TrainConfig, parse_recipe
 from vqar.training.train_prior import PriorArgs, train_prior
@@ -86,7 +94,29 @@ def test_report_files(report):
     text = (folder / "report.md").read_text()
     assert "| tokenizer |" in text and "jpeg q=" in text and "rfid_missing_reason" in text
     assert (folder / "samples.png").is_file()
-    assert format_table(report).count("\n") == 4
+    assert "jpeg at the prior's rate q=" in text
+    assert format_table(report).count("\n") == 6  # header, rule, tokenizer, codecs at both rates
+
+
+def test_codecs_at_the_prior_rate_land_near_it(report):
+    report, _ = report
+    for name in ("jpeg", "webp"):
+        codec = report[f"{name}_at_prior_rate"]
+        assert codec["quality"] == 1 or codec["bits_per_image"] <= 1.35 * report["prior_bits_per_image"]
+
+
+def test_a_grid_larger_than_the_priors_is_coded_tile_by_tile(report):
+    _, folder = report
+    root = folder.parent
+    tokenizer = VQTokenizer.from_pretrained(root / "tokenizer")
+    indices = torch.randint(0, tokenizer.codebook_size, (3, 16, 16))  # 32 px images: four 8x8 tiles each
+    whole = prior_bits_per_image(str(root / "ar" / "prior"), tokenizer, indices, batch_size=5)
+    tiles = [indices[:, i : i + 8, j : j + 8] for i in (0, 8) for j in (0, 8)]
+    by_tile = sum(prior_bits_per_image(str(root / "ar" / "prior"), tokenizer, t, batch_size=5) for t in tiles)
+    assert whole == pytest.approx(by_tile, rel=1e-5)
+    assert torch.equal(prior_tiles(indices, [8, 8])[1], indices[0, :8, 8:].flatten())  # image 0, top right
+    with pytest.raises(ValueError, match="12x12 tokens do not cut into whole tiles"):
+        prior_tiles(indices[:, :12, :12], [8, 8])
 
 
 def test_flat_colour_error_is_the_worst_mean_colour_shift_in_8_bit_levels(monkeypatch):

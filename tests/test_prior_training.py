@@ -47,6 +47,24 @@ def test_tokenize_reuses_what_is_written_and_redoes_it_for_another_tokenizer(tok
     assert manifest.fingerprint != json.loads((tokens_dir / "vqar_tokens.json").read_text())["fingerprint"]
 
 
+def test_tokenize_crops_gives_many_fixed_sequences_per_photograph(tokens_dir, tmp_path):
+    # a few large photographs: each gives `crops` random crops (and flips), the same on every run
+    tokenizer = str(tokens_dir.parent / "tokenizer")
+    options = dict(tokenizer=tokenizer, data="photos", resolution=16, resize_to=64, eval_fraction=0.25)
+    manifest = tokenize_dataset(TokenizeArgs(**options, crops=5, output=str(tmp_path / "a")))
+    assert manifest.num_images == {"train": 30, "eval": 10} and manifest.grid == [8, 8]
+    again = tokenize_dataset(TokenizeArgs(**options, crops=5, output=str(tmp_path / "b")))
+    assert again.fingerprint == manifest.fingerprint
+    first, second = load_tokens(tmp_path / "a")[0], load_tokens(tmp_path / "b")[0]
+    assert first["train"]["tokens"] == second["train"]["tokens"]
+    rows = first["train"]["tokens"]
+    assert len({tuple(r) for r in rows[:6]} | {tuple(r) for r in rows[6:12]}) > 6  # other crops of the same photos
+    single = tokenize_dataset(TokenizeArgs(**options, output=str(tmp_path / "c")))
+    assert single.num_images == {"train": 6, "eval": 2} and single.fingerprint != manifest.fingerprint
+    with pytest.raises(ValueError, match="crops must be >= 1"):
+        tokenize_dataset(TokenizeArgs(**options, crops=0, output=str(tmp_path / "d")))
+
+
 def prior_args(tokens_dir, output_dir, **overrides) -> list[str]:
     options = {
         "tokens": tokens_dir,

@@ -2,7 +2,8 @@
 
 - rate: tokens per image, raw bits per image (tokens x log2 K), bits per pixel, tensor-size
   reduction (input floats / latent floats) and, with a prior, the prior's bits per image: the
-  rate an entropy coder driven by the prior would reach;
+  rate an entropy coder driven by the prior would reach (token grids larger than the prior's,
+  from images above the training resolution, are coded tile by tile);
 - distortion: PSNR, SSIM, LPIPS (real backbone weights only) and rFID (torch-fidelity's
   Inception), each null with the reason when it cannot be computed; their weights are fetched
   once into torch's hub cache unless offline (vqar.weights);
@@ -10,7 +11,7 @@
 - for a 1d tokenizer trained with nested dropout, `psnr_at_tokens`: PSNR decoding only the
   leading k = L/4, L/2, L tokens (the rate then is k x log2 K bits);
 - a reference: the same images through JPEG and WebP (Pillow) at the quality whose file size
-  is closest to the tokenizer's raw rate.
+  is closest to the tokenizer's raw rate, and with a prior, to the prior's rate.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -197,6 +199,9 @@ def evaluate_tokenizer(args: EvaluateArgs) -> dict:
         )
     codecs = {name: codec_at_rate(originals, fmt, report["bits_per_image"]) for name, fmt in CODEC_FORMATS.items()}
     report |= {name: summary for name, (summary, _) in codecs.items()}
+    if report["prior_bits_per_image"] is not None:  # the rate the prior really codes the tokens at
+        for name, fmt in CODEC_FORMATS.items():
+            report[f"{name}_at_prior_rate"] = codec_at_rate(originals, fmt, report["prior_bits_per_image"])[0]
     report |= {"images": measured.images, "resolution": resolution, "tokenizer": args.tokenizer, "data": args.data}
     _write(Path(args.output), report, originals, reconstructions, codecs["jpeg"][1])
     return report
@@ -306,7 +311,11 @@ def codec_at_rate(originals: torch.Tensor, fmt: str, target_bits: float) -> tupl
 def prior_bits_per_image(
     prior_path: str, tokenizer, indices: torch.Tensor, batch_size: int, allow_other_tokenizer: bool = False
 ) -> float:
-    """Held-out bits per image of these tokens under the prior, unconditionally (null class)."""
+    """Held-out bits per image of these tokens under the prior, unconditionally (null class).
+
+    Grid tokens larger than the prior's grid (images evaluated above the training resolution) are
+    cut into tiles of the prior's grid, each coded on its own: what an entropy coder that codes
+    tile by tile with this prior would spend on the whole image."""
     from .ar import image_nll, load_prior
 
     prior, layout = load_prior(prior_path)
@@ -316,10 +325,21 @@ def prior_bits_per_image(
             "prior_bits_per_image reads code sequences; this prior models visual-BPE ids "
             "(its held-out bits per image are in its metrics.json)"
         )
-    codes = indices.flatten(1)[:, : layout.tokens_per_image]
+    codes = prior_tiles(indices, layout.grid) if indices.ndim == 3 else indices[:, : layout.tokens_per_image]
     sequences = (layout.to_sequence(None, chunk).to(prior.device) for chunk in codes.split(batch_size))
     nats = sum(image_nll(prior, layout, ids)[0] for ids in sequences)
-    return nats / math.log(2) / len(codes)
+    return nats / math.log(2) / len(indices)
+
+
+def prior_tiles(indices: Tensor, grid: list[int]) -> Tensor:
+    """Token grids [B, H, W] -> the prior's tiles [B * (H/h) * (W/w), h * w], image by image, in raster order."""
+    (_, H, W), (h, w) = indices.shape, grid
+    if H % h or W % w:
+        raise ValueError(
+            f"the prior models {h}x{w} token grids; {H}x{W} tokens do not cut into whole tiles of that size "
+            f"(evaluate at a resolution whose token grid is a multiple of {h}x{w})"
+        )
+    return rearrange(indices, "b (i h) (j w) -> (b i j) (h w)", h=h, w=w)
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -342,14 +362,19 @@ COLUMNS = [
 
 
 def format_table(report: dict) -> str:
-    """The report as a Markdown table: the tokenizer's row, then JPEG and WebP at the matched rate."""
+    """The report as a Markdown table: the tokenizer's row, then JPEG and WebP at its raw rate (and,
+    with a prior, at the rate the prior codes the tokens to)."""
     cell = lambda key, fmt, r: "n/a" if r.get(key) is None else fmt.format(r[key])  # noqa: E731
     lines = ["| | " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     lines.append("| tokenizer | " + " | ".join(cell(k, f, report) for k, _, f in COLUMNS) + " |")
-    for name in CODEC_FORMATS:
-        codec = {**report[name], "bits_per_pixel": report[name]["bits_per_image"] / report["resolution"] ** 2}
+    rows = [(name, name) for name in CODEC_FORMATS]
+    rows += [(f"{name}_at_prior_rate", f"{name} at the prior's rate") for name in CODEC_FORMATS]
+    for key, label in rows:
+        if key not in report:
+            continue
+        codec = {**report[key], "bits_per_pixel": report[key]["bits_per_image"] / report["resolution"] ** 2}
         lines.append(
-            f"| {name} q={codec['quality']} | "
+            f"| {label} q={codec['quality']} | "
             + " | ".join(
                 cell(k, f, codec) if k in ("bits_per_image", "bits_per_pixel", "psnr", "ssim") else ""
                 for k, _, f in COLUMNS

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -49,6 +49,11 @@ class TokenizeArgs:
     resolution: int | None = HfArg(default=None, help="crop size (default: the tokenizer's training resolution)")
     resize_to: int | None = HfArg(default=None, help="shorter side before the centre crop (default: the tokenizer's)")
     eval_fraction: float = HfArg(default=0.1, help="share held out, deterministically (as the tokenizer trainer does)")
+    crops: int = HfArg(
+        default=1,
+        help="crops per image: 1 is the centre crop; more are fixed random crops (and flips), so that a few "
+        "large photographs give a prior many sequences",
+    )
     batch_size: int = HfArg(default=64, help="images per batch")
 
 
@@ -77,7 +82,11 @@ def tokenize_dataset(args: TokenizeArgs) -> TokensManifest:
     """Encode `args.data` into `args.output`; returns the manifest (reused when up to date)."""
     accelerator = Accelerator()
     tokenizer = VQTokenizer.from_pretrained(args.tokenizer).to(accelerator.device).eval()
+    if args.crops < 1:
+        raise ValueError(f"crops must be >= 1, got {args.crops}")
     transform = tokenizer.image_transform(args.resolution, args.resize_to)
+    if args.crops > 1:
+        transform = replace(transform, random_crop=True, random_flip=True)
     fingerprint = _fingerprint(args, tokenizer, transform)
     manifest = TokensManifest.load(args.output)
     if manifest and manifest.fingerprint == fingerprint:
@@ -88,7 +97,7 @@ def tokenize_dataset(args: TokenizeArgs) -> TokensManifest:
     train_split, eval_split = split_holdout(source, args.eval_fraction, seed=0)
     splits, skipped = {}, 0
     for name, split in (("train", train_split), ("eval", eval_split)):
-        dataset = ImageDataset(split, transform)
+        dataset = ImageDataset(split, transform, repeats=args.crops, seed=0 if name == "train" else 1)
         dataset.require_readable(f"{args.data} ({name} split)")
         columns, bad = _encode(accelerator, tokenizer, dataset, args.batch_size, name)
         splits[name], skipped = columns, skipped + bad
