@@ -522,6 +522,22 @@ def test_an_unknown_tokenizer_for_the_fingerprint_is_computed_from_config_and_we
     assert a.fingerprint != b.fingerprint
 
 
+def test_a_tokenizers_fingerprint_stays_what_priors_recorded():
+    # Priors saved with earlier releases hold this digest of their tokenizer. A config field added
+    # later must leave it unchanged at the value earlier tokenizers had (LATER_FIELDS), or every
+    # prior trained before would refuse its own tokenizer.
+    fingerprints = []
+    for group_size in (1, 2):  # the one TINY_F2 always had, and a different model
+        tokenizer = VQTokenizer(TokenizerConfig(**TINY_F2, norm_group_size=group_size))
+        with torch.no_grad():
+            for tensor in tokenizer.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(torch.linspace(-1, 1, tensor.numel()).reshape(tensor.shape))
+        fingerprints.append(tokenizer.fingerprint)
+    assert fingerprints[0] == "0333480ee43767afa4079878943741cbc322d389f857eedde9cc3a8d5177471e"
+    assert fingerprints[1] != fingerprints[0]
+
+
 def test_every_sampler_on_the_command_line_draws_the_same_greedy_images(own_run, tmp_path):
     grids = {}
     for sampler in ("static", "generate", "jacobi"):

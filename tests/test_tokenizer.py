@@ -201,3 +201,27 @@ def test_inference_computes_in_place_to_the_same_bit(backbone, photo_batch):
         assert torch.equal(tokenizer.encoder(images), latents)
         assert torch.equal(tokenizer.decoder(latents), pixels)
     assert torch.equal(images, photo_batch)  # inputs are never written to
+
+
+def test_group_norms_keep_tamings_32_groups_and_give_narrow_widths_several_channels_a_group():
+    from vqar.tokenizer.blocks import group_norm
+
+    assert [group_norm(c).num_groups for c in (32, 64, 128)] == [32, 32, 32]  # the old rule: gcd(32, C)
+    assert [group_norm(c, 4).num_groups for c in (32, 64, 128, 256, 512)] == [8, 16, 32, 32, 32]
+    assert [group_norm(c, 8).num_groups for c in (8, 32, 64)] == [1, 4, 8]
+
+
+@pytest.mark.parametrize("preset", [*CPU_PRESETS, "multiscale-digits"])
+def test_a_decoded_images_colour_follows_its_codes(preset):
+    # A GroupNorm of one channel per group normalises each feature's image-wide level away, so the
+    # decoder's last norm fixed every reconstruction's overall colour whatever the codes said: it
+    # painted its training photos' palette (white came back orange). In the shipped presets the
+    # mean colour of a decoded image must move with the latents as its pixels do.
+    tokenizer = VQTokenizer.from_preset(preset).eval()
+    width = tokenizer.config.latent_channels
+    latents = torch.randn(16, width, 8, 8) + 2 * torch.randn(16, width, 1, 1)  # each image its own levels
+    with torch.no_grad():
+        pixels = tokenizer.decoder(latents)  # [16, 3, 8f, 8f]
+    image_colour_spread = pixels.mean((2, 3)).std(0).mean()
+    pixel_spread = pixels.std((0, 2, 3)).mean()
+    assert image_colour_spread > 0.2 * pixel_spread

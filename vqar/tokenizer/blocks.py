@@ -53,17 +53,21 @@ def residual(x: Tensor, h: Tensor) -> Tensor:
     return h.add_(x)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    # 32 groups as in taming; narrow CPU models fall back to a divisor of their width.
-    return nn.GroupNorm(num_groups=math.gcd(32, channels), num_channels=channels, eps=1e-6)
+def group_norm(channels: int, group_size: int = 1) -> nn.GroupNorm:
+    """Taming's 32 groups where the width allows; a narrower model gets fewer groups of at least
+    `group_size` channels each (config `norm_group_size`). A group normalises away its mean and
+    spread over the image: with one channel per group (32 groups at width 32, the old fallback)
+    that erases each feature's image-wide level, and so the image's colours, at the encoder's and
+    the decoder's last norm."""
+    return nn.GroupNorm(num_groups=math.gcd(32, max(1, channels // group_size)), num_channels=channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, group_size: int = 1):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, group_size)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, group_size)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -77,9 +81,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions of a feature map (at most 32 x 32 of them)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, group_size: int = 1):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, group_size)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
@@ -109,21 +113,24 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _level(in_channels: int, out_channels: int, num_blocks: int, attention: bool, dropout: float) -> nn.ModuleList:
+def _level(
+    in_channels: int, out_channels: int, num_blocks: int, attention: bool, config: TokenizerConfig
+) -> nn.ModuleList:
     layers = []
     for i in range(num_blocks):
-        layers.append(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, dropout))
+        channels = in_channels if i == 0 else out_channels
+        layers.append(ResnetBlock(channels, out_channels, config.dropout, config.norm_group_size))
         if attention:
-            layers.append(AttnBlock(out_channels))
+            layers.append(AttnBlock(out_channels, config.norm_group_size))
     return nn.ModuleList(layers)
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, attention: bool, dropout: float):
+    def __init__(self, channels: int, attention: bool, dropout: float, group_size: int = 1):
         super().__init__()
-        self.block1 = ResnetBlock(channels, channels, dropout)
-        self.attn = AttnBlock(channels) if attention else nn.Identity()
-        self.block2 = ResnetBlock(channels, channels, dropout)
+        self.block1 = ResnetBlock(channels, channels, dropout, group_size)
+        self.attn = AttnBlock(channels, group_size) if attention else nn.Identity()
+        self.block2 = ResnetBlock(channels, channels, dropout, group_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block2(self.attn(self.block1(x)))
@@ -141,12 +148,12 @@ class Encoder(nn.Module):
         in_width, resolution = widths[0], config.resolution
         for i, width in enumerate(widths):
             attention = resolution in config.attn_resolutions
-            self.levels.append(_level(in_width, width, config.num_res_blocks, attention, config.dropout))
+            self.levels.append(_level(in_width, width, config.num_res_blocks, attention, config))
             last = i == len(widths) - 1
             self.downsamples.append(nn.Identity() if last else Downsample(width))
             in_width, resolution = width, resolution if last else resolution // 2
-        self.mid = MidBlock(in_width, config.mid_attention, config.dropout)
-        self.norm_out = group_norm(in_width)
+        self.mid = MidBlock(in_width, config.mid_attention, config.dropout, config.norm_group_size)
+        self.norm_out = group_norm(in_width, config.norm_group_size)
         self.conv_out = nn.Conv2d(in_width, config.latent_channels, 3, padding=1)
 
     def forward(self, pixels: Tensor) -> Tensor:
@@ -167,18 +174,18 @@ class Decoder(nn.Module):
         widths = [config.channels * m for m in config.channel_multipliers]
         resolution = config.resolution // config.downsample_factor
         self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)
-        self.mid = MidBlock(widths[-1], config.mid_attention, config.dropout)
+        self.mid = MidBlock(widths[-1], config.mid_attention, config.dropout, config.norm_group_size)
         self.levels = nn.ModuleList()
         self.upsamples = nn.ModuleList()
         in_width = widths[-1]
         for i, width in reversed(list(enumerate(widths))):
             attention = resolution in config.attn_resolutions
             # One block more than the encoder per level, as in taming's decoder.
-            self.levels.append(_level(in_width, width, config.num_res_blocks + 1, attention, config.dropout))
+            self.levels.append(_level(in_width, width, config.num_res_blocks + 1, attention, config))
             first = i == 0
             self.upsamples.append(nn.Identity() if first else Upsample(width))
             in_width, resolution = width, resolution if first else resolution * 2
-        self.norm_out = group_norm(in_width)
+        self.norm_out = group_norm(in_width, config.norm_group_size)
         self.conv_out = nn.Conv2d(in_width, 3, 3, padding=1)
 
     def forward(self, latents: Tensor) -> Tensor:

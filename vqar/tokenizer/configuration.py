@@ -13,6 +13,9 @@ from .multiscale import check_scales
 LAYOUTS = ("grid", "1d", "multiscale")
 CONV_BACKBONES = ("taming", "magvit2")
 PREPROCESSING_FIELDS = ("resize_to",)  # how images are prepared, not what the codes mean
+# Fields added after tokenizers were first saved, with the value every earlier one had: a field at
+# that value is left out of the fingerprint, so priors trained on earlier tokenizers still match.
+LATER_FIELDS = {"norm_group_size": 1}
 _SHARED = ("resolution", "latent_channels", "quantizer")
 _CONV = ("channels", "channel_multipliers", "num_res_blocks", "attn_resolutions", "mid_attention")
 REQUIRED_FIELDS = {  # in every saved config.json of that layout (`layout` itself defaults to "grid")
@@ -70,6 +73,10 @@ class TokenizerConfig(PretrainedConfig):
     # grid: "taming" (VQGAN's ResNet blocks, attention at attn_resolutions) or "magvit2" (Open-MAGVIT2's:
     # bias-free blocks, no attention, depth-to-space up, adaptive group norm in the decoder)
     conv_backbone: str = "taming"
+    # conv backbones: GroupNorm groups hold at least this many channels (32 groups where the width allows,
+    # as taming; 1 was the only choice before, and at width 32 it normalises each channel alone, which
+    # erases the colours: see blocks.group_norm). Up to 4 leaves taming's 128+ channel widths unchanged.
+    norm_group_size: int = 1
     num_latent_tokens: int = 32  # 1d: L
     patch_size: int = 16  # 1d
     vit_width: int = 512  # 1d: encoder and decoder width
@@ -117,7 +124,7 @@ class TokenizerConfig(PretrainedConfig):
         """Checked by transformers on construction and on every load of a config.json."""
         if not self.channel_multipliers or any(m < 1 for m in self.channel_multipliers):
             raise ValueError(f"channel_multipliers must be positive ints, got {self.channel_multipliers!r}")
-        for name in ("resolution", "channels", "num_res_blocks", "latent_channels"):
+        for name in ("resolution", "channels", "num_res_blocks", "latent_channels", "norm_group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.resize_to is not None and self.resize_to < self.resolution:

@@ -20,9 +20,9 @@ from .configuration import TokenizerConfig
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, group_size: int = 1):
         super().__init__()
-        self.norm1, self.norm2 = group_norm(in_channels), group_norm(out_channels)
+        self.norm1, self.norm2 = group_norm(in_channels, group_size), group_norm(out_channels, group_size)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.shortcut = (
@@ -34,17 +34,19 @@ class ResBlock(nn.Module):
         return residual(self.shortcut(x), self.conv2(norm_swish(self.norm2, h)))
 
 
-def _blocks(in_channels: int, out_channels: int, count: int) -> nn.ModuleList:
-    return nn.ModuleList(ResBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(count))
+def _blocks(in_channels: int, out_channels: int, count: int, group_size: int) -> nn.ModuleList:
+    return nn.ModuleList(
+        ResBlock(in_channels if i == 0 else out_channels, out_channels, group_size) for i in range(count)
+    )
 
 
 class AdaptiveGroupNorm(nn.Module):
     """Group norm (no affine) of features [B, C, H, W], scaled and shifted per image by linear maps
     of the latent's per-channel standard deviation and mean: the decoder's style input."""
 
-    def __init__(self, latent_channels: int, channels: int, eps: float = 1e-6):
+    def __init__(self, latent_channels: int, channels: int, eps: float = 1e-6, group_size: int = 1):
         super().__init__()
-        self.norm = nn.GroupNorm(group_norm(channels).num_groups, channels, eps=eps, affine=False)
+        self.norm = nn.GroupNorm(group_norm(channels, group_size).num_groups, channels, eps=eps, affine=False)
         self.gamma, self.beta, self.eps = (
             nn.Linear(latent_channels, channels),
             nn.Linear(latent_channels, channels),
@@ -80,10 +82,11 @@ class Encoder(nn.Module):
         widths = [config.channels * m for m in config.channel_multipliers]
         self.conv_in = nn.Conv2d(3, config.channels, 3, padding=1, bias=False)
         inputs = [config.channels, *widths[:-1]]
-        self.levels = nn.ModuleList(_blocks(i, w, config.num_res_blocks) for i, w in zip(inputs, widths))
+        group = config.norm_group_size
+        self.levels = nn.ModuleList(_blocks(i, w, config.num_res_blocks, group) for i, w in zip(inputs, widths))
         self.downsamples = nn.ModuleList(nn.Conv2d(w, w, 3, stride=2, padding=1) for w in widths[:-1])
-        self.mid = _blocks(widths[-1], widths[-1], config.num_res_blocks)
-        self.norm_out = group_norm(widths[-1])
+        self.mid = _blocks(widths[-1], widths[-1], config.num_res_blocks, group)
+        self.norm_out = group_norm(widths[-1], group)
         self.conv_out = nn.Conv2d(widths[-1], config.latent_channels, 1)
 
     def forward(self, pixels: Tensor) -> Tensor:
@@ -105,12 +108,15 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [config.channels * m for m in reversed(config.channel_multipliers)]  # coarsest first
         self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
-        self.mid = _blocks(widths[0], widths[0], config.num_res_blocks)
+        group = config.norm_group_size
+        self.mid = _blocks(widths[0], widths[0], config.num_res_blocks, group)
         inputs = [widths[0], *widths[:-1]]
-        self.adaptive_norms = nn.ModuleList(AdaptiveGroupNorm(config.latent_channels, i) for i in inputs)
-        self.levels = nn.ModuleList(_blocks(i, w, config.num_res_blocks) for i, w in zip(inputs, widths))
+        self.adaptive_norms = nn.ModuleList(
+            AdaptiveGroupNorm(config.latent_channels, i, group_size=group) for i in inputs
+        )
+        self.levels = nn.ModuleList(_blocks(i, w, config.num_res_blocks, group) for i, w in zip(inputs, widths))
         self.upsamples = nn.ModuleList(Upsample(w) for w in widths[:-1])
-        self.norm_out = group_norm(widths[-1])
+        self.norm_out = group_norm(widths[-1], group)
         self.conv_out = nn.Conv2d(widths[-1], 3, 3, padding=1)
 
     def forward(self, latents: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from ..data import ImageTransform
 from ..quantizers import CodeStats, build_quantizer
 from . import magvit2
 from .blocks import Decoder, Encoder
-from .configuration import PREPROCESSING_FIELDS, TokenizerConfig
+from .configuration import LATER_FIELDS, PREPROCESSING_FIELDS, TokenizerConfig
 from .multiscale import MultiScaleQuantizer
 from .presets import load_preset
 from .vit import ViTDecoder, ViTEncoder
@@ -240,6 +240,7 @@ class VQTokenizer(PreTrainedModel):
             digest = hashlib.sha256()
             names = sorted(set(type(self.config).__annotations__) - set(PREPROCESSING_FIELDS))
             fields = {name: getattr(self.config, name) for name in names}
+            fields = {k: v for k, v in fields.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
             digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
             for name, tensor in sorted(state.items()):
                 digest.update(name.encode() + str(tensor.dtype).encode())
