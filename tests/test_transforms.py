@@ -3,6 +3,7 @@
 import collections
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -34,3 +35,13 @@ def test_without_random_channels_the_colours_stay():
     for seed in range(10):
         pixels = transform(image, torch.Generator().manual_seed(seed))
         assert torch.allclose(pixels.mean((1, 2)), ImageTransform(32)(image).mean((1, 2)), atol=0.05)
+
+
+def test_a_share_of_random_channels_reorders_about_that_share_of_crops():
+    image = _photo()
+    plain = ImageTransform(32)(image)
+    quarter = ImageTransform(32, random_channels=0.25)
+    reordered = sum(not torch.equal(quarter(image, torch.Generator().manual_seed(s)), plain) for s in range(400))
+    assert 0.15 * 400 < reordered < 0.25 * 400  # a quarter draw a new order; one in six of those draws the same
+    with pytest.raises(ValueError, match="random_channels is a share of crops"):
+        ImageTransform(32, random_channels=1.5)

@@ -263,8 +263,8 @@ class ImageTransform:
     """PIL image -> [3, R, R] float tensor in [-1, 1].
 
     The shorter side is resized to `resize_to` (default: `resolution`), then a `resolution`
-    square is cropped (centre, or random) and optionally flipped, and optionally given one of the
-    six orders of its colour channels (`random_channels`). Random choices come from the generator
+    square is cropped (centre, or random) and optionally flipped, and a share `random_channels` of
+    the crops gets one of the six orders of its colour channels. Random choices come from the generator
     passed in, so a (seed, epoch, index) always gives the same crop.
     """
 
@@ -272,11 +272,14 @@ class ImageTransform:
     resize_to: int | None = None
     random_crop: bool = False
     random_flip: bool = False
-    random_channels: bool = False
+    random_channels: float = 0.0  # share of crops (0 to 1; true = 1) whose channels get a random order
 
     def __post_init__(self):
         if self.resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {self.resolution}")
+        self.random_channels = float(self.random_channels)
+        if not 0 <= self.random_channels <= 1:
+            raise ValueError(f"random_channels is a share of crops in [0, 1], got {self.random_channels}")
         if self.resize_to is not None and self.resize_to < self.resolution:
             raise ValueError(
                 f"resize_to ({self.resize_to}) must be >= resolution ({self.resolution}): the shorter side is "
@@ -302,7 +305,7 @@ class ImageTransform:
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         if self.random_flip and torch.rand((), generator=generator) < 0.5:
             pixels = pixels.flip(-1)
-        if self.random_channels:
+        if self.random_channels and torch.rand((), generator=generator) < self.random_channels:
             pixels = pixels[torch.randperm(3, generator=generator)]
         return pixels.float() / 127.5 - 1
 

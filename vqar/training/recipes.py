@@ -73,6 +73,19 @@ class JSONDict(dict):
         return dict(json.loads(value) if isinstance(value, str) else value)
 
 
+class Share(float):
+    """The type of a recipe field that is a share in [0, 1]; `true` and `false` read as 1 and 0, so a
+    field that was a switch keeps its recipes (`--random_channels true`, `random_channels: 0.25`)."""
+
+    def __new__(cls, value=0.0, /) -> float:
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        share = float(value)
+        if not 0 <= share <= 1:
+            raise ValueError(f"expected a share in [0, 1], got {value!r}")
+        return share
+
+
 def parse_recipe(
     argv: list[str], dataclass_types: tuple[type, ...], prog: str | None = None, description: str | None = None
 ) -> tuple:

@@ -35,7 +35,7 @@ from ..metrics import psnr
 from ..tokenizer import TokenizerConfig, VQTokenizer, load_preset
 from .loop import EpochSampler, LoopHooks, Run, TrainData, begin_run, finish_run, log_image, run_loop, step_optimizer
 from .optim import NonFiniteStep, backward_and_check, make_accelerator, make_ema, make_optimizer, make_scheduler
-from .recipes import JSONDict, TrainConfig, parse_recipe
+from .recipes import JSONDict, Share, TrainConfig, parse_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +66,10 @@ class DataArgs:
     resize_to: int | None = HfArg(default=None, help="shorter side before cropping (default: resolution)")
     random_crop: bool = HfArg(default=False, help="random crops (default: centre crops)")
     random_flip: bool = HfArg(default=False, help="random horizontal flips")
-    random_channels: bool = HfArg(
-        default=False,
-        help="random RGB channel order per crop: the decoder cannot fall back on the training photos' palette, "
-        "so the reconstructions show how much colour the codes carry",
+    random_channels: Share = HfArg(
+        default=0.0,
+        help="share of crops (0-1; true = all) given a random RGB channel order: colours the training photos lack "
+        "(greens and blues from their reds), so that the codes learn colour rather than the decoder a palette",
     )
     repeats: int = HfArg(default=1, help="times each training image appears per epoch (with fresh crops)")
     streaming: bool = HfArg(default=False, help="read the source as a stream (large Hub or parquet data sets)")
