@@ -180,9 +180,9 @@ def test_bf16_tokenizer_training_is_finite_keeps_the_quantizer_in_fp32_and_resum
 
     seen, real = [], Quantizer._quantize
 
-    def quantize(self, latents):
+    def quantize(self, latents, *rest):
         seen.append((latents.dtype, torch.is_autocast_enabled("cpu")))
-        return real(self, latents)
+        return real(self, latents, *rest)
 
     monkeypatch.setattr(Quantizer, "_quantize", quantize)
     options = dict(max_steps=4, save_every=2, keep_checkpoints=3, mixed_precision="bf16", ema_decay=0.9)
