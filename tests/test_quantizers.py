@@ -9,6 +9,7 @@ KIND_CONFIGS = {
     "vq-learned": dict(kind="vq", codebook_size=64, ema_update=False),
     "vq-kmeans": dict(kind="vq", codebook_size=16, kmeans_init=True, dead_code_threshold=1.0),
     "fsq": dict(kind="fsq", levels=[8, 5, 5]),
+    "fsq-standardized": dict(kind="fsq", levels=[8, 5, 5], standardize=True),
     "lfq": dict(kind="lfq", codebook_size=256),
     "bsq": dict(kind="bsq", codebook_size=256),
 }
@@ -73,12 +74,39 @@ def test_eval_mode_has_no_bottleneck_loss_for_lfq():
         (dict(kind="vq"), "vq needs codebook_size"),
         (dict(kind="vq", codebook_size=8, use_cosine=True, ema_update=False), "use_cosine"),
         (dict(kind="vq", codebook_size=8, ema_decay=1.5), "ema_decay"),
+        (dict(kind="lfq", codebook_size=256, standardize=True), "standardize is an fsq option"),
         (dict(kind="vq", codebook_size=8, codebook_sz=3), "unknown quantizer option\\(s\\) \\['codebook_sz'\\]"),
     ],
 )
 def test_bad_config_names_the_problem(options, message):
     with pytest.raises(ValueError, match=message):
         QuantizerConfig.from_dict(options)
+
+
+def _level_shares(quantizer, latents: torch.Tensor) -> torch.Tensor:
+    """[D, levels]: the share of tokens at each level of each FSQ channel (all levels equal here)."""
+    half = quantizer.config.levels[0] // 2
+    codes = quantizer(latents).quantized * half + half  # FSQ codes k / half for k in [-half, half)
+    return torch.stack([torch.bincount(c.round().long(), minlength=2 * half) for c in codes.flatten(0, 1).T]) / (
+        codes.shape[0] * codes.shape[1]
+    )
+
+
+def test_standardized_fsq_fills_every_level_where_drifted_latents_pile_up_at_the_top():
+    # The 1D tokenizer's latents drift to a mean of about 1.5 (std 1.2): tanh's flat top end, where
+    # they get no gradient back; most tokens then share the top level and most codes are never used.
+    def drifted():
+        return torch.randn(32, 64, 3) * 1.2 + 1.5
+
+    plain = build_quantizer(dict(kind="fsq", levels=[8, 8, 8]), dim=3)
+    standardized = build_quantizer(dict(kind="fsq", levels=[8, 8, 8], standardize=True), dim=3).train()
+    for _ in range(50):  # training batches set the running statistics used after training
+        standardized(drifted())
+    latents = drifted()
+    assert (_level_shares(plain.eval(), latents)[:, -1] > 0.4).all()
+    shares = _level_shares(standardized.eval(), latents)
+    assert (shares > 0.02).all() and (shares < 0.25).all(), shares  # half-width end levels: 4-8 %, 12-20 % inside
+    assert standardized(latents).code_stats.usage > max(0.8, 2 * plain(latents).code_stats.usage)
 
 
 def test_wrong_latent_width_is_named():

@@ -22,6 +22,7 @@ from vqar.training.train_tokenizer import train_tokenizer
 QUANTIZERS = {
     "vq": {"kind": "vq", "codebook_size": 32, "code_dim": 4},
     "fsq": {"kind": "fsq", "levels": [5, 5, 3]},
+    "fsq-standardized": {"kind": "fsq", "levels": [5, 5, 3], "standardize": True},
     "lfq": {"kind": "lfq", "codebook_size": 32},
     "bsq": {"kind": "bsq", "codebook_size": 32},
 }
@@ -40,7 +41,7 @@ TINY_1D = dict(
 
 
 def tiny_1d(kind="fsq", **overrides) -> VQTokenizer:
-    latent = {"vq": 4, "fsq": 3, "lfq": 5, "bsq": 5}[kind]
+    latent = {"vq": 4, "fsq": 3, "lfq": 5, "bsq": 5}[QUANTIZERS[kind]["kind"]]
     return VQTokenizer(
         TokenizerConfig(**{**TINY_1D, "latent_channels": latent, "quantizer": QUANTIZERS[kind], **overrides})
     )

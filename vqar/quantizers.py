@@ -67,6 +67,9 @@ class QuantizerConfig:
     project: bool | None = None  # vqar vq/ibq/lfq: linear maps in and out of code_dim; None: when widths differ
     entropy_temperature: float = 0.01  # vqar lfq/ibq: softmax temperature of the entropy penalty
     entropy_group_bits: int = 9  # vqar lfq: the codebook entropy is taken over groups of this many bits
+    # fsq: standardise each latent channel (batch statistics in training, running ones after) and
+    # scale it so FSQ's tanh bound spreads a standard normal about evenly over the levels (iFSQ)
+    standardize: bool = False
 
     def __post_init__(self):
         if self.kind not in QUANTIZER_KINDS:
@@ -75,6 +78,8 @@ class QuantizerConfig:
         self._check_implementation()
         if self.kind == "fsq":
             self._check_levels()
+        elif self.standardize:
+            raise ValueError(f"standardize is an fsq option (its tanh bound saturates); got kind {self.kind!r}")
         elif self.kind in ("vq", "ibq"):
             if self.codebook_size is None or self.codebook_size < 2:
                 raise ValueError(f"{self.kind} needs codebook_size >= 2, got {self.codebook_size!r}")
@@ -178,6 +183,32 @@ def _build_vq(config: QuantizerConfig, dim: int) -> nn.Module:
 
 def _build_fsq(config: QuantizerConfig, dim: int) -> nn.Module:
     return FSQ(levels=list(config.levels), dim=dim)
+
+
+# tanh(0.8 z) is close to 2 Phi(z) - 1, which maps a standard normal z to uniform on (-1, 1)
+# (iFSQ, Lin et al. 2026): standardised latents then fill FSQ's levels about evenly
+UNIFORMING_SCALE = 0.8
+
+
+class Standardize(nn.Module):
+    """Latents [B, N, D] -> each channel at zero mean and unit variance, times UNIFORMING_SCALE.
+
+    In training by the batch's statistics, with running averages for evaluation (BatchNorm
+    without its affine map). Without it an FSQ encoder's latents drift into tanh's flat ends: the
+    extreme levels take most tokens, and latents there get no gradient to come back.
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.1):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, latents: Tensor) -> Tensor:
+        flat = latents.reshape(-1, latents.shape[-1])
+        use_batch = self.training and flat.shape[0] > 1
+        normed = F.batch_norm(flat, self.running_mean, self.running_var, training=use_batch, momentum=self.momentum)
+        return (normed * UNIFORMING_SCALE).view_as(latents)
 
 
 def _build_lfq(config: QuantizerConfig, dim: int, spherical: bool = False) -> nn.Module:
@@ -419,6 +450,7 @@ class Quantizer(nn.Module):
         self.dim = dim
         self.codebook_size = config.num_codes
         self.inner = _build(config, dim)
+        self.standardize = Standardize(dim) if config.standardize else nn.Identity()
 
     def forward(self, latents: Tensor, grid: Grid = None) -> QuantizerOutput:
         """Quantize latents [B, N, D] (any float dtype) -> QuantizerOutput, computed in fp32.
@@ -433,6 +465,7 @@ class Quantizer(nn.Module):
         return QuantizerOutput(quantized, indices, loss, self._code_stats(indices))
 
     def _quantize(self, latents: Tensor, grid: Grid) -> tuple[Tensor, Tensor, Tensor]:
+        latents = self.standardize(latents)
         out = self.inner(latents, grid) if self.config.implementation == "vqar" else self.inner(latents)
         if self.config.kind == "fsq" and self.config.implementation != "vqar":  # FSQ has no loss of its own
             quantized, indices = out

@@ -16,6 +16,7 @@ PREPROCESSING_FIELDS = ("resize_to",)  # how images are prepared, not what the c
 # Fields added after tokenizers were first saved, with the value every earlier one had: a field at
 # that value is left out of the fingerprint, so priors trained on earlier tokenizers still match.
 LATER_FIELDS = {"norm_group_size": 1}
+LATER_QUANTIZER_FIELDS = {"standardize": False}  # the same, inside the quantizer's options
 _SHARED = ("resolution", "latent_channels", "quantizer")
 _CONV = ("channels", "channel_multipliers", "num_res_blocks", "attn_resolutions", "mid_attention")
 REQUIRED_FIELDS = {  # in every saved config.json of that layout (`layout` itself defaults to "grid")

@@ -30,7 +30,7 @@ from ..data import ImageTransform
 from ..quantizers import CodeStats, build_quantizer
 from . import magvit2
 from .blocks import Decoder, Encoder
-from .configuration import LATER_FIELDS, PREPROCESSING_FIELDS, TokenizerConfig
+from .configuration import LATER_FIELDS, LATER_QUANTIZER_FIELDS, PREPROCESSING_FIELDS, TokenizerConfig
 from .multiscale import MultiScaleQuantizer
 from .presets import load_preset
 from .vit import ViTDecoder, ViTEncoder
@@ -240,7 +240,9 @@ class VQTokenizer(PreTrainedModel):
             digest = hashlib.sha256()
             names = sorted(set(type(self.config).__annotations__) - set(PREPROCESSING_FIELDS))
             fields = {name: getattr(self.config, name) for name in names}
-            fields = {k: v for k, v in fields.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+            fields = _without_defaults(fields, LATER_FIELDS)
+            if isinstance(fields.get("quantizer"), dict):
+                fields["quantizer"] = _without_defaults(fields["quantizer"], LATER_QUANTIZER_FIELDS)
             digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
             for name, tensor in sorted(state.items()):
                 digest.update(name.encode() + str(tensor.dtype).encode())
@@ -384,6 +386,11 @@ class VQTokenizer(PreTrainedModel):
         low, high = (v.item() for v in torch.aminmax(indices))  # Python ints: uint8 would wrap the bound
         if low < 0 or high >= self.codebook_size:
             raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
+
+
+def _without_defaults(fields: dict, later: dict) -> dict:
+    """`fields` less the later-added ones still at the value every earlier config had."""
+    return {k: v for k, v in fields.items() if not (k in later and v == later[k])}
 
 
 def _align(model: torch.nn.Module, alignment: int = 64) -> None:
