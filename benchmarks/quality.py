@@ -41,23 +41,32 @@ CROPS = 128  # random 64 px crops of each training photograph for the prior
 # the recipe keeps the GAN phase's settings at weight 0; these runs are the 1,500 steps it had before
 GAN = ["--adversarial_weight", "0.1", "--max_steps", "1500", "--disc_start", "750"]
 VARIANTS = {  # name: (what it tries, overrides of recipes/photos-cpu.yaml), most telling first
-    "recipe": ("the shipped recipe: FSQ 8,5,5,5 at f4, GroupNorm groups of 8 channels, L2, no GAN", []),
+    "recipe": (
+        "the shipped recipe: VQ, 1,024 l2-normalised 8-dim codes (LlamaGen's), EMA codebook, rotation trick "
+        "(preset vq-cpu), GroupNorm groups of 8 channels, L2, no GAN",
+        [],
+    ),
+    "fsq": ("FSQ 8,5,5,5 (1,000 codes; preset fsq-cpu), otherwise the recipe", ["--preset", "fsq-cpu"]),
     "before": (
-        "photos-cpu as it was: one channel per GroupNorm group (instance norm at width 32), L1, 1,500 steps with a "
-        "GAN from step 750",
-        ["--tokenizer", '{"norm_group_size": 1}', "--regression", "l1", *GAN],
+        "photos-cpu as it was: FSQ, one channel per GroupNorm group (instance norm at width 32), L1, 1,500 steps "
+        "with a GAN from step 750",
+        ["--preset", "fsq-cpu", "--tokenizer", '{"norm_group_size": 1}', "--regression", "l1", *GAN],
     ),
-    "gan": ("the recipe with its GAN phase on: 1,500 steps, PatchGAN from step 750, LeCAM, adaptive weight", GAN),
-    "l1": ("L1 in place of L2", ["--regression", "l1"]),
+    "gan": (
+        "FSQ with the GAN phase on: 1,500 steps, PatchGAN from step 750, LeCAM, adaptive weight",
+        ["--preset", "fsq-cpu", *GAN],
+    ),
     "fsq-6x5": (
-        "a wider latent: six FSQ dimensions of 5 levels (15,625 codes, 13.9 bits a token)",
-        ["--tokenizer", '{"latent_channels": 6, "quantizer": {"kind": "fsq", "levels": [5, 5, 5, 5, 5, 5]}}'],
-    ),
-    "vq-cosine": (
-        "VQ: 1,024 l2-normalised 8-dim codes (LlamaGen), EMA, rotation trick (preset vq-cpu)",
-        ["--preset", "vq-cpu"],
+        "a wider FSQ latent: six dimensions of 5 levels (15,625 codes, 13.9 bits a token)",
+        [
+            "--preset",
+            "fsq-cpu",
+            "--tokenizer",
+            '{"latent_channels": 6, "quantizer": {"kind": "fsq", "levels": [5, 5, 5, 5, 5, 5]}}',
+        ],
     ),
     "lfq-entropy": ("LFQ: 10 bits, MAGVIT-v2's entropy penalty (preset lfq-cpu)", ["--preset", "lfq-cpu"]),
+    "l1": ("L1 in place of L2", ["--regression", "l1"]),
     "deeper": (
         "two residual blocks a level, in the same minutes (850 steps)",
         ["--tokenizer", '{"num_res_blocks": 2}', "--max_steps", "850"],
