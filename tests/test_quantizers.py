@@ -107,6 +107,8 @@ def test_standardized_fsq_fills_every_level_where_drifted_latents_pile_up_at_the
     shares = _level_shares(standardized.eval(), latents)
     assert (shares > 0.02).all() and (shares < 0.25).all(), shares  # half-width end levels: 4-8 %, 12-20 % inside
     assert standardized(latents).code_stats.usage > max(0.8, 2 * plain(latents).code_stats.usage)
+    in_bf16 = standardized.to(torch.bfloat16)(latents.bfloat16())  # a model cast to bf16 still quantizes
+    assert in_bf16.quantized.dtype == torch.float32 and in_bf16.indices.shape == (32, 64)
 
 
 def test_wrong_latent_width_is_named():

@@ -206,8 +206,11 @@ class Standardize(nn.Module):
 
     def forward(self, latents: Tensor) -> Tensor:
         flat = latents.reshape(-1, latents.shape[-1])
-        use_batch = self.training and flat.shape[0] > 1
-        normed = F.batch_norm(flat, self.running_mean, self.running_var, training=use_batch, momentum=self.momentum)
+        if self.training and flat.shape[0] > 1:
+            normed = F.batch_norm(flat, self.running_mean, self.running_var, training=True, momentum=self.momentum)
+        else:  # the quantizer computes in fp32 even in a model cast to bf16
+            mean, var = self.running_mean.to(flat.dtype), self.running_var.to(flat.dtype)
+            normed = F.batch_norm(flat, mean, var, training=False)
         return (normed * UNIFORMING_SCALE).view_as(latents)
 
 
