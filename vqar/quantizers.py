@@ -79,7 +79,9 @@ class QuantizerConfig:
         if self.kind == "fsq":
             self._check_levels()
         elif self.standardize:
-            raise ValueError(f"standardize is an fsq option (its tanh bound saturates); got kind {self.kind!r}")
+            raise ValueError(
+                f"standardize is an fsq option (its tanh bound saturates); got kind {self.kind!r}: drop it"
+            )
         elif self.kind in ("vq", "ibq"):
             if self.codebook_size is None or self.codebook_size < 2:
                 raise ValueError(f"{self.kind} needs codebook_size >= 2, got {self.codebook_size!r}")
