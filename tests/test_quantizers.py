@@ -10,6 +10,7 @@ KIND_CONFIGS = {
     "vq-kmeans": dict(kind="vq", codebook_size=16, kmeans_init=True, dead_code_threshold=1.0),
     "fsq": dict(kind="fsq", levels=[8, 5, 5]),
     "fsq-standardized": dict(kind="fsq", levels=[8, 5, 5], standardize=True),
+    "fsq-entropy": dict(kind="fsq", levels=[8, 5, 5], standardize=True, fsq_entropy_weight=0.1),
     "lfq": dict(kind="lfq", codebook_size=256),
     "bsq": dict(kind="bsq", codebook_size=256),
 }
@@ -75,6 +76,9 @@ def test_eval_mode_has_no_bottleneck_loss_for_lfq():
         (dict(kind="vq", codebook_size=8, use_cosine=True, ema_update=False), "use_cosine"),
         (dict(kind="vq", codebook_size=8, ema_decay=1.5), "ema_decay"),
         (dict(kind="lfq", codebook_size=256, standardize=True), "standardize is an fsq option"),
+        (dict(kind="vq", codebook_size=8, fsq_entropy_weight=0.1), "fsq_entropy_weight is an fsq option"),
+        (dict(kind="fsq", levels=[8, 8, 8, 5, 5, 5], fsq_entropy_weight=0.1), "at most 16384 codes"),
+        (dict(kind="fsq", levels=[8, 5], fsq_entropy_weight=-1.0), "fsq_entropy_weight must be >= 0"),
         (dict(kind="vq", codebook_size=8, codebook_sz=3), "unknown quantizer option\\(s\\) \\['codebook_sz'\\]"),
     ],
 )
@@ -109,6 +113,33 @@ def test_standardized_fsq_fills_every_level_where_drifted_latents_pile_up_at_the
     assert standardized(latents).code_stats.usage > max(0.8, 2 * plain(latents).code_stats.usage)
     in_bf16 = standardized.to(torch.bfloat16)(latents.bfloat16())  # a model cast to bf16 still quantizes
     assert in_bf16.quantized.dtype == torch.float32 and in_bf16.indices.shape == (32, 64)
+
+
+def test_fsq_bound_before_rounding_rounds_to_vector_quantize_pytorchs_codes():
+    # The entropy penalty's soft assignments start from this bound: it must be FSQ's own
+    from vqar.quantizers import _fsq_bounded
+
+    quantizer = build_quantizer(dict(kind="fsq", levels=[8, 5, 6, 3]), dim=4).eval()
+    latents = torch.randn(2, 500, 4) * 3
+    half_width = torch.tensor([4.0, 2.0, 3.0, 1.0])
+    soft = _fsq_bounded(latents.reshape(-1, 4), torch.tensor([8.0, 5.0, 6.0, 3.0]))
+    assert torch.equal(torch.round(soft * half_width) / half_width, quantizer(latents).quantized.reshape(-1, 4))
+
+
+def test_fsq_entropy_penalty_spreads_correlated_latents_over_the_joint_codes():
+    # Three channels that move together reach only the diagonal of the 8x8x8 codes; each channel
+    # alone still uses all its levels, so only a penalty over the joint codes can see it.
+    torch.manual_seed(0)
+    quantizer = build_quantizer(dict(kind="fsq", levels=[8, 8, 8], fsq_entropy_weight=1.0), dim=3).train()
+    latents = torch.nn.Parameter(torch.randn(1, 512, 1).repeat(1, 1, 3) + 0.01 * torch.randn(1, 512, 3))
+    before = quantizer(latents).code_stats.usage
+    optimizer = torch.optim.Adam([latents], lr=0.02)
+    for _ in range(200):
+        optimizer.zero_grad()
+        quantizer(latents).loss.backward()
+        optimizer.step()
+    assert before < 0.05 and quantizer(latents).code_stats.usage > 5 * before
+    assert quantizer.eval()(latents).loss == 0  # a training loss only
 
 
 def test_wrong_latent_width_is_named():

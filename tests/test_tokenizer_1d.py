@@ -23,6 +23,7 @@ QUANTIZERS = {
     "vq": {"kind": "vq", "codebook_size": 32, "code_dim": 4},
     "fsq": {"kind": "fsq", "levels": [5, 5, 3]},
     "fsq-standardized": {"kind": "fsq", "levels": [5, 5, 3], "standardize": True},
+    "fsq-entropy": {"kind": "fsq", "levels": [5, 5, 3], "standardize": True, "fsq_entropy_weight": 0.1},
     "lfq": {"kind": "lfq", "codebook_size": 32},
     "bsq": {"kind": "bsq", "codebook_size": 32},
 }
@@ -125,6 +126,15 @@ def test_nested_dropout_keeps_a_random_leading_prefix_in_training_only(photo_bat
     assert tiny_1d(nested_dropout=False).train()._nested_dropout_mask(quantized) is None
 
 
+def test_a_nested_dropout_share_below_one_trains_the_other_images_on_every_token():
+    torch.manual_seed(0)
+    quantized = torch.zeros(4000, 8, 3)
+    whole = lambda share: tiny_1d(nested_dropout_share=share).train()._nested_dropout_mask(quantized).all(1)  # noqa: E731
+    # k = L also comes up by chance, 1 time in 8: a share s gives (1 - s) + s / 8 whole images
+    assert whole(1.0).float().mean() == pytest.approx(1 / 8, abs=0.02)
+    assert whole(0.5).float().mean() == pytest.approx(0.5 + 0.5 / 8, abs=0.03)
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -147,6 +157,8 @@ def test_bad_input_is_named(call, message):
         ("patch_size", 7, "not divisible by patch_size 7"),
         ("vit_heads", 3, "not divisible by vit_heads 3"),
         ("num_latent_tokens", 0, "num_latent_tokens must be >= 1"),
+        ("nested_dropout_share", 0.0, r"nested_dropout_share must lie in \(0, 1\]"),
+        ("nested_dropout_share", 1.5, r"nested_dropout_share must lie in \(0, 1\]"),
     ],
 )
 def test_bad_config_is_named(field, value, message):

@@ -42,6 +42,7 @@ QUANTIZER_KINDS = ("vq", "fsq", "lfq", "bsq", "ibq")
 IMPLEMENTATIONS = ("vector-quantize-pytorch", "vqar")
 OWN_KINDS = ("vq", "lfq", "ibq")  # the kinds vqar implements itself
 MAX_CODEBOOK_SIZE = 2**31 - 1  # indices must fit int32 inside vector-quantize-pytorch
+MAX_FSQ_ENTROPY_CODES = 2**14  # the fsq entropy penalty holds [tokens, codes] affinities
 
 
 @dataclass
@@ -70,6 +71,10 @@ class QuantizerConfig:
     # fsq: standardise each latent channel (batch statistics in training, running ones after) and
     # scale it so FSQ's tanh bound spreads a standard normal about evenly over the levels (iFSQ)
     standardize: bool = False
+    # fsq: weight of an entropy penalty over the joint codes (MAGVIT-v2's, with soft assignments
+    # of the bounded latents to all prod(levels) codes at `entropy_temperature`): spreads the
+    # latents over combinations of levels that correlated channels leave unused
+    fsq_entropy_weight: float = 0.0
 
     def __post_init__(self):
         if self.kind not in QUANTIZER_KINDS:
@@ -78,10 +83,9 @@ class QuantizerConfig:
         self._check_implementation()
         if self.kind == "fsq":
             self._check_levels()
-        elif self.standardize:
-            raise ValueError(
-                f"standardize is an fsq option (its tanh bound saturates); got kind {self.kind!r}: drop it"
-            )
+        elif self.standardize or self.fsq_entropy_weight:
+            name = "standardize" if self.standardize else "fsq_entropy_weight"
+            raise ValueError(f"{name} is an fsq option; got kind {self.kind!r}: drop it")
         elif self.kind in ("vq", "ibq"):
             if self.codebook_size is None or self.codebook_size < 2:
                 raise ValueError(f"{self.kind} needs codebook_size >= 2, got {self.codebook_size!r}")
@@ -100,7 +104,7 @@ class QuantizerConfig:
             raise ValueError(f"codebook_size must be at most 2^31 - 1, got {self.codebook_size}")
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
-        for name in ("dead_code_threshold", "commitment_weight", "entropy_weight"):
+        for name in ("dead_code_threshold", "commitment_weight", "entropy_weight", "fsq_entropy_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -128,6 +132,11 @@ class QuantizerConfig:
             )
         if math.prod(levels) > MAX_CODEBOOK_SIZE:
             raise ValueError(f"fsq levels {levels} give {math.prod(levels)} codes, more than 2^31 - 1")
+        if self.fsq_entropy_weight and math.prod(levels) > MAX_FSQ_ENTROPY_CODES:
+            raise ValueError(
+                f"fsq_entropy_weight compares every latent with all {math.prod(levels)} codes of levels {levels}; "
+                f"it takes at most {MAX_FSQ_ENTROPY_CODES} codes: use fewer levels, or drop it"
+            )
         if self.codebook_size is not None and self.codebook_size != math.prod(levels):
             raise ValueError(
                 f"fsq codebook_size is prod(levels) = {math.prod(levels)}; got codebook_size={self.codebook_size}"
@@ -163,7 +172,7 @@ class CodeStats:
 class QuantizerOutput:
     quantized: Tensor  # [B, N, D] float32, what the decoder sees
     indices: Tensor  # [B, N] long in [0, K)
-    loss: Tensor  # scalar bottleneck loss, already weighted (0 for FSQ, and in eval mode)
+    loss: Tensor  # scalar bottleneck loss, already weighted (0 for FSQ without fsq_entropy_weight, and in eval mode)
     code_stats: CodeStats
 
 
@@ -214,6 +223,18 @@ class Standardize(nn.Module):
             mean, var = self.running_mean.to(flat.dtype), self.running_var.to(flat.dtype)
             normed = F.batch_norm(flat, mean, var, training=False)
         return (normed * UNIFORMING_SCALE).view_as(latents)
+
+
+FSQ_BOUND_EPS = 1e-3  # vector-quantize-pytorch's FSQ widens its bound by this, so tanh's ends round inward
+
+
+def _fsq_bounded(z: Tensor, levels: Tensor) -> Tensor:
+    """FSQ's bound of latents [M, d] before rounding, in code units ([-1, 1]): rounding it to the
+    nearest level gives the code. Even level counts are shifted half a level, so that tanh's
+    range rounds to exactly L values."""
+    half_range = (levels - 1) * (1 + FSQ_BOUND_EPS) / 2
+    offset = (levels % 2 == 0).to(z.dtype) * 0.5
+    return (torch.tanh(z + torch.atanh(offset / half_range)) * half_range - offset) / (levels // 2)
 
 
 def _build_lfq(config: QuantizerConfig, dim: int, spherical: bool = False) -> nn.Module:
@@ -472,11 +493,23 @@ class Quantizer(nn.Module):
     def _quantize(self, latents: Tensor, grid: Grid) -> tuple[Tensor, Tensor, Tensor]:
         latents = self.standardize(latents)
         out = self.inner(latents, grid) if self.config.implementation == "vqar" else self.inner(latents)
-        if self.config.kind == "fsq" and self.config.implementation != "vqar":  # FSQ has no loss of its own
+        if self.config.kind == "fsq":  # FSQ has no loss of its own
             quantized, indices = out
-            return quantized, indices, latents.new_zeros(())
+            return quantized, indices, self._fsq_entropy(latents)
         quantized, indices, loss = out
         return quantized, indices, loss.reshape(())
+
+    def _fsq_entropy(self, latents: Tensor) -> Tensor:
+        """The weighted fsq entropy penalty of latents [B, N, D] (0 without it, and in evaluation)."""
+        weight = self.config.fsq_entropy_weight
+        if not (weight and self.training):
+            return latents.new_zeros(())
+        z = self.inner.project_in(latents).reshape(-1, len(self.config.levels))
+        codes = self.inner.implicit_codebook  # [K, d], every combination of levels, in [-1, 1]
+        soft = _fsq_bounded(z, self.inner._levels.to(z.dtype))
+        # -|soft - code|^2 up to a per-token constant, which a softmax over codes ignores
+        affinity = 2 * soft @ codes.t() - codes.square().sum(-1)
+        return weight * _entropy_penalty(affinity, self.config.entropy_temperature, self.config.diversity_gamma)
 
     @torch.no_grad()
     def _code_stats(self, indices: Tensor) -> CodeStats:

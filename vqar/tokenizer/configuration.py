@@ -15,8 +15,8 @@ CONV_BACKBONES = ("taming", "magvit2")
 PREPROCESSING_FIELDS = ("resize_to",)  # how images are prepared, not what the codes mean
 # Fields added after tokenizers were first saved, with the value every earlier one had: a field at
 # that value is left out of the fingerprint, so priors trained on earlier tokenizers still match.
-LATER_FIELDS = {"norm_group_size": 1}
-LATER_QUANTIZER_FIELDS = {"standardize": False}  # the same, inside the quantizer's options
+LATER_FIELDS = {"norm_group_size": 1, "nested_dropout_share": 1.0}
+LATER_QUANTIZER_FIELDS = {"standardize": False, "fsq_entropy_weight": 0.0}  # the same, inside the quantizer's options
 _SHARED = ("resolution", "latent_channels", "quantizer")
 _CONV = ("channels", "channel_multipliers", "num_res_blocks", "attn_resolutions", "mid_attention")
 REQUIRED_FIELDS = {  # in every saved config.json of that layout (`layout` itself defaults to "grid")
@@ -86,6 +86,9 @@ class TokenizerConfig(PretrainedConfig):
     vit_mlp_ratio: float = 4.0  # 1d
     conv_channels: int = 0  # 1d: width of a two-conv stem before patch embedding and head after; 0 = none
     nested_dropout: bool = False  # 1d: train on a random leading k in [1, L] tokens, so any prefix decodes
+    # 1d: the share of images nested dropout shortens; the rest train all L tokens (with k uniform,
+    # token i is otherwise trained in only (L - i + 1) / L of the images: the last ones hardly ever)
+    nested_dropout_share: float = 1.0
     scales: list[int] | None = None  # multiscale: token map sides, increasing, the last = resolution / factor
     phi_count: int = 4  # multiscale: refinement convs shared over the scales (VAR: 4; 1: one for all)
 
@@ -153,6 +156,8 @@ class TokenizerConfig(PretrainedConfig):
             raise ValueError(f"resolution {self.resolution} is not divisible by patch_size {self.patch_size}")
         if self.vit_width % self.vit_heads:
             raise ValueError(f"vit_width {self.vit_width} is not divisible by vit_heads {self.vit_heads}")
+        if not 0 < self.nested_dropout_share <= 1:
+            raise ValueError(f"nested_dropout_share must lie in (0, 1], got {self.nested_dropout_share}")
         if self.vit_mlp_ratio <= 0 or self.conv_channels < 0:
             raise ValueError(
                 f"vit_mlp_ratio must be > 0 and conv_channels >= 0, got {self.vit_mlp_ratio}, {self.conv_channels}"

@@ -331,11 +331,15 @@ class VQTokenizer(PreTrainedModel):
         return rearrange(tokens, "b (h w) d -> b d h w", h=shape[0], w=shape[1])
 
     def _nested_dropout_mask(self, quantized: Tensor) -> Tensor | None:
-        """Bool [B, L]: each image keeps its leading k ~ U{1..L} tokens; None when not training with it."""
+        """Bool [B, L]: each image keeps its leading k ~ U{1..L} tokens, or with probability
+        1 - nested_dropout_share all L; None when not training with it."""
         if not (self.training and self.config.nested_dropout):
             return None
         B, L = quantized.shape[:2]
         kept = torch.randint(1, L + 1, (B, 1), device=quantized.device)
+        if self.config.nested_dropout_share < 1:  # drawn only then: share 1 keeps the random stream
+            whole = torch.rand(B, 1, device=quantized.device) >= self.config.nested_dropout_share
+            kept = kept.masked_fill(whole, L)
         return torch.arange(L, device=quantized.device) < kept
 
     # -- input checks -----------------------------------------------------------------------
