@@ -1,6 +1,7 @@
 """The 1D (TiTok-style) tokenizer: shapes, save/load, prefix decoding, training, and the prior on 1D tokens."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -168,7 +169,9 @@ def test_bad_config_is_named(field, value, message):
 
 def test_presets_build(tmp_path):
     cpu = VQTokenizer.from_preset("titok-1d-cpu")
-    assert cpu.tokens_per_image == 160 and cpu.codebook_size == 64000 and cpu.config.nested_dropout
+    assert cpu.tokens_per_image == 256 and cpu.codebook_size == 1000 and cpu.config.nested_dropout
+    # the rate of fsq-cpu's 16x16 grid at 64 px, which the 1D recipe is compared with
+    assert round(cpu.tokens_per_image * math.log2(cpu.codebook_size)) == 2551
     config = TokenizerConfig.from_dict({k: v for k, v in json.loads(_preset_text("titok-l-32")).items() if k[0] != "_"})
     assert (config.num_latent_tokens, config.resolution, config.vit_width, config.vit_depth) == (32, 256, 1024, 24)
 

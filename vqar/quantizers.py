@@ -64,9 +64,9 @@ class QuantizerConfig:
     rotation_trick: bool = True  # vq: gradients through the rotation trick instead of plain STE
     commitment_weight: float = 0.25  # vq/lfq/bsq: beta of the VQ-VAE paper
     entropy_weight: float = 0.1  # lfq/bsq: MAGVIT-v2's entropy penalty
-    diversity_gamma: float = 1.0  # lfq/bsq: weight of codebook entropy inside the entropy penalty
+    diversity_gamma: float = 1.0  # lfq/bsq/fsq: weight of codebook entropy inside the entropy penalty
     project: bool | None = None  # vqar vq/ibq/lfq: linear maps in and out of code_dim; None: when widths differ
-    entropy_temperature: float = 0.01  # vqar lfq/ibq: softmax temperature of the entropy penalty
+    entropy_temperature: float = 0.01  # vqar lfq/ibq, fsq: softmax temperature of the entropy penalty
     entropy_group_bits: int = 9  # vqar lfq: the codebook entropy is taken over groups of this many bits
     # fsq: standardise each latent channel (batch statistics in training, running ones after) and
     # scale it so FSQ's tanh bound spreads a standard normal about evenly over the levels (iFSQ)

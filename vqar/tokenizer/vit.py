@@ -17,8 +17,9 @@ tokens whose regions contain its patch. Both mixings are learned matrices, initi
 Without them the L queries start as near-copies of each other, every token carries the same
 global summary of the image, and on a CPU budget the tokenizer never leaves that state: all
 tokens of an image quantize to the same saturated code and only the mean colour is
-reconstructed (photos-1d-cpu, held-out crops: 15.9 dB without, 24.2 dB with). The
-coarse-to-fine order also suits nested dropout: a short prefix covers the whole image.
+reconstructed (photos-1d-cpu with 160 tokens of FSQ 8,8,8,5,5,5, held-out crops: 15.9 dB
+without, 24.2 dB with). The coarse-to-fine order also suits nested dropout: a short prefix covers
+the whole image.
 """
 
 from __future__ import annotations
