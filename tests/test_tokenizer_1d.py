@@ -130,7 +130,10 @@ def test_nested_dropout_keeps_a_random_leading_prefix_in_training_only(photo_bat
 def test_a_nested_dropout_share_below_one_trains_the_other_images_on_every_token():
     torch.manual_seed(0)
     quantized = torch.zeros(4000, 8, 3)
-    whole = lambda share: tiny_1d(nested_dropout_share=share).train()._nested_dropout_mask(quantized).all(1)  # noqa: E731
+
+    def whole(share: float) -> torch.Tensor:  # [B] bool: the images that train on all L tokens
+        return tiny_1d(nested_dropout_share=share).train()._nested_dropout_mask(quantized).all(1)
+
     # k = L also comes up by chance, 1 time in 8: a share s gives (1 - s) + s / 8 whole images
     assert whole(1.0).float().mean() == pytest.approx(1 / 8, abs=0.02)
     assert whole(0.5).float().mean() == pytest.approx(0.5 + 0.5 / 8, abs=0.03)
