@@ -25,7 +25,7 @@ from summary import record
 
 from vqar.bpe import train_bpe
 from vqar.losses import LossConfig
-from vqar.tokens import load_tokens
+from vqar.tokens import MANIFEST, load_tokens
 from vqar.training.encode_dataset import TokenizeArgs, tokenize_dataset
 from vqar.training.recipes import TrainConfig, parse_recipe
 from vqar.training.train_prior import PriorArgs, train_prior
@@ -42,7 +42,8 @@ def tokens_folder(output: Path) -> Path:
     if not (run / "metrics.json").is_file():
         recipe = [str(RECIPES / "quickstart-digits.yaml"), "--output_dir", str(run), "--log_with", "none"]
         train_tokenizer(*parse_recipe(recipe, (TokenizerModelArgs, DataArgs, LossConfig, TrainConfig)))
-    tokenize_dataset(TokenizeArgs(tokenizer=str(run / "tokenizer"), data="digits", output=str(tokens)))
+    if not (tokens / MANIFEST).is_file():  # written last, so a folder holding it is complete
+        tokenize_dataset(TokenizeArgs(tokenizer=str(run / "tokenizer"), data="digits", output=str(tokens)))
     return tokens
 
 
