@@ -157,7 +157,10 @@ class TokenizerConfig(PretrainedConfig):
         if self.vit_width % self.vit_heads:
             raise ValueError(f"vit_width {self.vit_width} is not divisible by vit_heads {self.vit_heads}")
         if not 0 < self.nested_dropout_share <= 1:
-            raise ValueError(f"nested_dropout_share must lie in (0, 1], got {self.nested_dropout_share}")
+            raise ValueError(
+                f"nested_dropout_share must lie in (0, 1] (a share of the images: 0.5 for half), "
+                f"got {self.nested_dropout_share}"
+            )
         if self.vit_mlp_ratio <= 0 or self.conv_channels < 0:
             raise ValueError(
                 f"vit_mlp_ratio must be > 0 and conv_channels >= 0, got {self.vit_mlp_ratio}, {self.conv_channels}"
