@@ -54,7 +54,7 @@ def matmul_floor(prior, rows: int, repeats: int = 5) -> float:
 
 def digits_layout(tokens: int) -> VocabLayout:
     side = int(tokens**0.5)
-    return VocabLayout(
+    return VocabLayout.create(
         codebook_size=1024, tokens_per_image=side * side, grid=[side, side], class_names=list("0123456789")
     )
 
@@ -62,7 +62,7 @@ def digits_layout(tokens: int) -> VocabLayout:
 def step_seconds(prior, layout, prompts, sampling: SamplingConfig, repeats: int) -> float:
     return (
         best_seconds(lambda: generate_ids(prior, layout, prompts, sampling), repeats, warm_up=False)
-        / layout.tokens_per_image
+        / layout.tokens.tokens_per_image
     )
 
 
@@ -103,12 +103,12 @@ def scaling_table(batch: int, repeats: int, ceiling: float) -> None:
 def jacobi_table(folder: str, batch: int, repeats: int) -> None:
     prior, layout = load_prior(folder)
     prior.eval()
-    print(f"\nJacobi on {folder} ({layout.tokens_per_image} tokens per image), CFG 2.0, top-k 100:\n")
+    print(f"\nJacobi on {folder} ({layout.tokens.tokens_per_image} tokens per image), CFG 2.0, top-k 100:\n")
     print(
         "| batch | window | tokens / forward | static s | jacobi s | wall-clock speed-up |\n|---|---|---|---|---|---|"
     )
     for rows in (1, batch):
-        prompts = build_prompts(layout, classes=[i % max(1, layout.num_classes) for i in range(rows)])
+        prompts = build_prompts(layout, classes=[i % max(1, layout.ids.num_classes) for i in range(rows)])
         static = SamplingConfig(seed=0, top_k=100, cfg_scale=2.0)
         static_s = best_seconds(functools.partial(generate_ids, prior, layout, prompts, static), repeats, warm_up=False)
         for window in (8, 16):
@@ -146,7 +146,7 @@ def main():
     ceiling = weight_bytes / bandwidth
     floor = {rows: matmul_floor(prior, rows) for rows in (args.batch, 2 * args.batch)}
     print(
-        f"prior: Llama {weight_bytes / 4e6:.1f}M parameters, {layout.tokens_per_image} tokens per image, "
+        f"prior: Llama {weight_bytes / 4e6:.1f}M parameters, {layout.tokens.tokens_per_image} tokens per image, "
         f"batch {args.batch}, {torch.get_num_threads()} CPU threads; streaming read {bandwidth / 1e9:.1f} GB/s, "
         f"so reading the weights once takes {ceiling * 1e3:.1f} ms (the ceiling per step); the weight matmuls "
         f"alone take {floor[args.batch] * 1e3:.1f} ms per step at {args.batch} rows, "

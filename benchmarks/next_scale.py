@@ -74,19 +74,19 @@ def measure(name: str, output: Path, images: int, classifier) -> dict:
     tokenizer_metrics, prior_metrics, folder = trained(name, output)
     prior, layout = load_prior(folder)
     tokenizer = load_tokenizer_for(folder, layout)
-    classes = [i % layout.num_classes for i in range(images)]
+    classes = [i % layout.ids.num_classes for i in range(images)]
     prompts = build_prompts(layout, classes=classes)
     samples = generate_images(prior, tokenizer, layout, prompts, SAMPLING)
     seconds = best_seconds(lambda: generate_images(prior, tokenizer, layout, prompts, SAMPLING), 2, warm_up=False)
-    singles = [build_prompts(layout, classes=[c]) for c in range(layout.num_classes)]
+    singles = [build_prompts(layout, classes=[c]) for c in range(layout.ids.num_classes)]
     one_at_a_time = best_seconds(
         lambda: [generate_images(prior, tokenizer, layout, p, SAMPLING) for p in singles], 2, warm_up=False
     )
     agreement = float(np.mean(classifier.predict(digit_features(samples)) == np.array(classes)))
-    save_images(samples[: 10 * layout.num_classes], output / name / "samples", rows=10)
+    save_images(samples[: 10 * layout.ids.num_classes], output / name / "samples", rows=10)
     return {
-        "tokens": layout.tokens_per_image,
-        "passes": len(layout.scales) if layout.is_multiscale else layout.tokens_per_image,
+        "tokens": layout.tokens.tokens_per_image,
+        "passes": layout.tokens.decode_steps,
         "recon_psnr": tokenizer_metrics["psnr"],
         "parameters": sum(p.numel() for p in prior.parameters()),
         "bits_per_image": prior_metrics["bits_per_image"],

@@ -9,36 +9,40 @@ import torch
 from vqar import VQTokenizer
 from vqar.ar import VocabLayout, build_prior, load_prior
 
-LAYOUT = VocabLayout(codebook_size=125, tokens_per_image=16, grid=[4, 4], class_names=list("0123456789"))
+LAYOUT = VocabLayout.create(codebook_size=125, tokens_per_image=16, grid=[4, 4], class_names=list("0123456789"))
 
 
 def test_ids_are_laid_out_as_designed():
     L = LAYOUT
-    assert L.image_vocab_size == 125
-    assert (L.boi, L.eoi, L.pad, L.null_class) == (125, 126, 127, 128)
-    assert L.class_token([0, 9]).tolist() == [129, 138]
-    assert L.vocab_size == 139 and L.sequence_length == 18
+    assert L.ids.image_vocab_size == 125
+    assert (L.ids.boi, L.ids.eoi, L.ids.pad, L.ids.null_class) == (125, 126, 127, 128)
+    assert L.ids.class_token([0, 9]).tolist() == [129, 138]
+    assert L.ids.vocab_size == 139 and L.codec.sequence_length == 18
 
 
 def test_sequence_round_trip_keeps_codes_and_conditions():
     codes = torch.randint(0, 125, (3, 4, 4))
     labels = torch.tensor([2, -1, 7])
-    ids = LAYOUT.to_sequence(labels, codes)
-    assert ids.shape == (3, 18) and (ids[:, 1] == LAYOUT.boi).all()
-    conditions, grid = LAYOUT.from_sequence(ids)
+    ids = LAYOUT.codec.to_sequence(labels, codes)
+    assert ids.shape == (3, 18) and (ids[:, 1] == LAYOUT.ids.boi).all()
+    conditions, grid = LAYOUT.codec.from_sequence(ids)
     assert torch.equal(grid, codes)
-    assert conditions.tolist() == [LAYOUT.class_token(2).item(), LAYOUT.null_class, LAYOUT.class_token(7).item()]
-    assert (LAYOUT.to_sequence(None, codes)[:, 0] == LAYOUT.null_class).all()
+    assert conditions.tolist() == [
+        LAYOUT.ids.class_token(2).item(),
+        LAYOUT.ids.null_class,
+        LAYOUT.ids.class_token(7).item(),
+    ]
+    assert (LAYOUT.codec.to_sequence(None, codes)[:, 0] == LAYOUT.ids.null_class).all()
 
 
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: LAYOUT.class_token([10]), r"class index must lie in \[0, 10\), got \[10\]"),
-        (lambda: LAYOUT.class_index("seven"), "unknown class 'seven'"),
-        (lambda: LAYOUT.to_sequence(None, torch.full((1, 16), 125)), r"image ids must lie in \[0, 125\)"),
-        (lambda: LAYOUT.from_sequence(torch.zeros(1, 17, dtype=torch.long)), r"sequences must be \[B, 18\]"),
-        (lambda: VocabLayout(codebook_size=8, tokens_per_image=16, grid=[4, 3]), "does not hold"),
+        (lambda: LAYOUT.ids.class_token([10]), r"class index must lie in \[0, 10\), got \[10\]"),
+        (lambda: LAYOUT.ids.class_index("seven"), "unknown class 'seven'"),
+        (lambda: LAYOUT.codec.to_sequence(None, torch.full((1, 16), 125)), r"image ids must lie in \[0, 125\)"),
+        (lambda: LAYOUT.codec.from_sequence(torch.zeros(1, 17, dtype=torch.long)), r"sequences must be \[B, 18\]"),
+        (lambda: VocabLayout.create(codebook_size=8, tokens_per_image=16, grid=[4, 3]), "does not hold"),
         (
             lambda: build_prior(LAYOUT, size="tiny", max_position_embeddings=10),
             "max_position_embeddings=10 is shorter than",
@@ -52,7 +56,7 @@ def test_bad_input_is_named(call, message):
 
 
 def test_class_names_and_indices_both_work():
-    assert LAYOUT.class_index("3") == 3 and LAYOUT.class_index(3) == 3
+    assert LAYOUT.ids.class_index("3") == 3 and LAYOUT.ids.class_index(3) == 3
 
 
 def test_a_mismatched_tokenizer_is_refused():
@@ -64,7 +68,7 @@ def test_a_mismatched_tokenizer_is_refused():
 def test_saved_prior_loads_with_plain_transformers(tmp_path):
     prior = build_prior(LAYOUT, size="tiny").eval()
     prior.save_pretrained(tmp_path)
-    ids = LAYOUT.to_sequence(torch.tensor([4]), torch.arange(16)[None])
+    ids = LAYOUT.codec.to_sequence(torch.tensor([4]), torch.arange(16)[None])
     expected = prior(input_ids=ids).logits
     code = (
         "import sys, torch; from transformers import AutoModelForCausalLM; "

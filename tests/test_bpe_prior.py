@@ -47,7 +47,7 @@ def test_train_ar_picks_up_the_tokenizers_bpe(bpe_tokens, tmp_path):
 @pytest.fixture(scope="module")
 def bpe_and_layout(bpe_tokens):
     bpe = VisualBPE.load(bpe_tokens.parent / "tokenizer")
-    layout = VocabLayout(
+    layout = VocabLayout.create(
         codebook_size=25,
         tokens_per_image=64,
         grid=[8, 8],
@@ -62,11 +62,11 @@ def test_generation_always_yields_exactly_one_image_of_codes(bpe_and_layout, fav
     bpe, layout = bpe_and_layout
     torch.manual_seed(0)
     prior = build_prior(layout, size="tiny").eval()
-    bias = torch.zeros(layout.vocab_size)
+    bias = torch.zeros(layout.ids.vocab_size)
     if favour == "eoi":
-        bias[layout.eoi] = 50.0  # without the budget every sequence would end at once
+        bias[layout.ids.eoi] = 50.0  # without the budget every sequence would end at once
     elif favour == "long_tokens":
-        bias[: layout.image_vocab_size] = 5.0 * bpe.token_lengths.float()  # would overrun rows and the image
+        bias[: layout.ids.image_vocab_size] = 5.0 * bpe.token_lengths.float()  # would overrun rows and the image
     handle = prior.lm_head.register_forward_hook(lambda module, args, out: out + bias)
     try:
         for cfg_scale in (1.0, 2.0):

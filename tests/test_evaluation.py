@@ -15,8 +15,8 @@ from vqar.evaluation import (
     flat_colour_error,
     format_table,
     prior_bits_per_image,
-    prior_tiles,
 )
+from vqar.layouts import GridLayout
 from vqar.tokenizer.modeling import TokenizerOutput
 from vqar.training.recipes import TrainConfig, parse_recipe
 from vqar.training.train_prior import PriorArgs, train_prior
@@ -114,9 +114,9 @@ def test_a_grid_larger_than_the_priors_is_coded_tile_by_tile(report):
     tiles = [indices[:, i : i + 8, j : j + 8] for i in (0, 8) for j in (0, 8)]
     by_tile = sum(prior_bits_per_image(str(root / "ar" / "prior"), tokenizer, t, batch_size=5) for t in tiles)
     assert whole == pytest.approx(by_tile, rel=1e-5)
-    assert torch.equal(prior_tiles(indices, [8, 8])[1], indices[0, :8, 8:].flatten())  # image 0, top right
+    assert torch.equal(GridLayout(8, 8).tiles_of(indices)[1], indices[0, :8, 8:].flatten())  # image 0, top right
     with pytest.raises(ValueError, match="12x12 tokens do not cut into whole tiles"):
-        prior_tiles(indices[:, :12, :12], [8, 8])
+        GridLayout(8, 8).tiles_of(indices[:, :12, :12])
 
 
 def test_flat_colour_error_is_the_worst_mean_colour_shift_in_8_bit_levels(monkeypatch):

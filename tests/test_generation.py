@@ -7,7 +7,7 @@ from vqar import VQTokenizer
 from vqar.ar import VocabLayout, build_prior
 from vqar.generation import SamplingConfig, build_prompts, generate_ids, generate_images, guide, sample_tokens
 
-LAYOUT = VocabLayout(codebook_size=125, tokens_per_image=16, grid=[4, 4], class_names=list("0123456789"))
+LAYOUT = VocabLayout.create(codebook_size=125, tokens_per_image=16, grid=[4, 4], class_names=list("0123456789"))
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,8 @@ def prior():
 @pytest.fixture
 def prior_preferring_illegal_ids(prior):
     """The same prior, but every non-image id gets +50 on its logit: unconstrained it would always win."""
-    bias = torch.zeros(LAYOUT.vocab_size)
-    bias[LAYOUT.image_vocab_size :] = 50.0
+    bias = torch.zeros(LAYOUT.ids.vocab_size)
+    bias[LAYOUT.ids.image_vocab_size :] = 50.0
     handle = prior.lm_head.register_forward_hook(lambda module, args, out: out + bias)
     yield prior
     handle.remove()
@@ -34,24 +34,24 @@ def test_only_image_ids_are_ever_sampled(prior_preferring_illegal_ids):
         attention_mask=torch.ones_like(prompts),
         max_new_tokens=16,
         do_sample=True,
-        pad_token_id=LAYOUT.pad,
+        pad_token_id=LAYOUT.ids.pad,
         suppress_tokens=None,  # the prior's generation_config bans non-image ids for plain generate() too
     )
-    assert (unconstrained[:, 2:] >= LAYOUT.image_vocab_size).all()  # what the constraint prevents
+    assert (unconstrained[:, 2:] >= LAYOUT.ids.image_vocab_size).all()  # what the constraint prevents
     for cfg_scale in (1.0, 3.0):
         sampling = SamplingConfig(temperature=2.0, cfg_scale=cfg_scale, seed=int(cfg_scale))
         ids = generate_ids(prior, LAYOUT, prompts, sampling)
         assert ids.shape == (60, 4, 4)
-        assert 0 <= ids.min() and ids.max() < LAYOUT.image_vocab_size
+        assert 0 <= ids.min() and ids.max() < LAYOUT.ids.image_vocab_size
 
 
 def _two_pass_cfg_reference(prior, prompts, cfg_scale):
     """CFG as transformers' guidance_scale does it: two separate forward passes per step, no cache."""
     cond, uncond = prompts.clone(), prompts.clone()
-    uncond[:, 0] = LAYOUT.null_class
-    for _ in range(LAYOUT.tokens_per_image - prompts.shape[1] + 2):
-        logits_cond = prior(input_ids=cond).logits[:, -1, : LAYOUT.image_vocab_size]
-        logits_uncond = prior(input_ids=uncond).logits[:, -1, : LAYOUT.image_vocab_size]
+    uncond[:, 0] = LAYOUT.ids.null_class
+    for _ in range(LAYOUT.tokens.tokens_per_image - prompts.shape[1] + 2):
+        logits_cond = prior(input_ids=cond).logits[:, -1, : LAYOUT.ids.image_vocab_size]
+        logits_uncond = prior(input_ids=uncond).logits[:, -1, : LAYOUT.ids.image_vocab_size]
         token = (logits_uncond + cfg_scale * (logits_cond - logits_uncond)).argmax(-1, keepdim=True)
         cond, uncond = torch.cat([cond, token], 1), torch.cat([uncond, token], 1)
     return cond[:, 2:].reshape(-1, 4, 4)
@@ -98,8 +98,8 @@ def test_prefix_completion_keeps_the_prefix(prior, cfg_scale):
 
 def test_unconditional_and_raw_prompt_ids(prior):
     uncond = build_prompts(LAYOUT, num_images=3)
-    assert (uncond[:, 0] == LAYOUT.null_class).all()
-    raw = torch.tensor([[LAYOUT.class_token(2).item(), LAYOUT.boi, 7, 8]])
+    assert (uncond[:, 0] == LAYOUT.ids.null_class).all()
+    raw = torch.tensor([[LAYOUT.ids.class_token(2).item(), LAYOUT.ids.boi, 7, 8]])
     ids = generate_ids(prior, LAYOUT, build_prompts(LAYOUT, prompt_ids=raw), SamplingConfig(seed=1))
     assert ids.reshape(1, -1)[0, :2].tolist() == [7, 8]
 

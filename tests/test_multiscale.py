@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from vqar import VQTokenizer
 from vqar.ar import VocabLayout, build_prior, load_prior, prior_loss
 from vqar.generation import SamplingConfig, build_prompts, generate_ids
+from vqar.layouts import scale_boundaries
 from vqar.next_scale import block_causal_mask, next_scale_logits
 from vqar.tokenizer.configuration import TokenizerConfig
-from vqar.tokenizer.multiscale import scale_boundaries
 
 SCALES = [1, 2, 3, 4]
-LAYOUT = VocabLayout(codebook_size=16, tokens_per_image=30, scales=SCALES, class_names=list("012"))
+LAYOUT = VocabLayout.create(codebook_size=16, tokens_per_image=30, scales=SCALES, class_names=list("012"))
 
 
 @pytest.fixture(scope="module", params=["vq", "fsq"])
@@ -38,10 +38,12 @@ def test_tokens_are_the_scales_coarse_to_fine_and_split_by_scale(tokenizer, phot
 def test_decoding_the_first_k_scales_decodes_their_partial_residual_sum(tokenizer, photo_batch):
     pixels = F.interpolate(photo_batch[:2], size=16, mode="area")
     indices = tokenizer.encode(pixels)
-    bottleneck, ends = tokenizer.quantizer, scale_boundaries(tokenizer.scales)
+    bottleneck, ends = tokenizer.quantizer, scale_boundaries(tokenizer.token_layout.scales)
     for k in (1, 3, 6):
         partial = torch.zeros(2, tokenizer.config.latent_channels, 8, 8)
-        for scale, side in enumerate(tokenizer.scales[:k]):  # each scale's codes, upsampled and refined, summed
+        for scale, side in enumerate(
+            tokenizer.token_layout.scales[:k]
+        ):  # each scale's codes, upsampled and refined, summed
             codes = bottleneck.quantizer.indices_to_codes(indices[:, ends[scale] : ends[scale + 1]])
             codes = codes.transpose(1, 2).reshape(2, -1, side, side)
             if side != 8:
@@ -73,7 +75,7 @@ def test_the_residual_sum_moves_towards_the_latent_with_every_scale(photo_batch)
     indices = tokenizer.encode(pixels)
     errors = [
         (tokenizer.quantizer.indices_to_latents(indices[:, :end]) - latents).square().mean().item()
-        for end in scale_boundaries(tokenizer.scales)[1:]
+        for end in scale_boundaries(tokenizer.token_layout.scales)[1:]
     ]
     assert errors[-1] < errors[0], errors
 
@@ -132,15 +134,15 @@ def test_the_mask_is_block_causal():
 def test_no_token_sees_a_finer_scale(attention):
     torch.manual_seed(0)
     prior = build_prior(LAYOUT, size="tiny", attn_implementation=attention).eval()
-    conditions = LAYOUT.class_token([0, 2])
+    conditions = LAYOUT.ids.class_token([0, 2])
     codes = torch.randint(0, 16, (2, 30))
     ends = scale_boundaries(SCALES)
     with torch.no_grad():
-        base = next_scale_logits(prior, SCALES, LAYOUT.boi, conditions, codes)
+        base = next_scale_logits(prior, SCALES, LAYOUT.ids.boi, conditions, codes)
         for scale in range(len(SCALES) - 1):  # scale k's codes are the input of scale k + 1's block
             changed = codes.clone()
             changed[:, ends[scale] : ends[scale + 1]] = (codes[:, ends[scale] : ends[scale + 1]] + 1) % 16
-            logits = next_scale_logits(prior, SCALES, LAYOUT.boi, conditions, changed)
+            logits = next_scale_logits(prior, SCALES, LAYOUT.ids.boi, conditions, changed)
             coarse = ends[scale + 1]
             assert torch.equal(logits[:, :coarse], base[:, :coarse]), f"a coarser logit saw scale {scale}"
             assert not torch.allclose(logits[:, coarse:], base[:, coarse:])  # finer ones do see it
@@ -159,7 +161,7 @@ def test_greedy_generation_takes_the_argmax_of_each_scale_given_the_coarser(prio
     prompts = build_prompts(LAYOUT, classes=[2])
     codes = generate_ids(prior, LAYOUT, prompts, SamplingConfig(temperature=0))
     with torch.no_grad():
-        logits = next_scale_logits(prior, SCALES, LAYOUT.boi, LAYOUT.class_token([2]), codes)
+        logits = next_scale_logits(prior, SCALES, LAYOUT.ids.boi, LAYOUT.ids.class_token([2]), codes)
     assert torch.equal(logits[..., :16].argmax(-1), codes)  # teacher-forced on its own output: a fixed point
 
 
@@ -188,7 +190,7 @@ def test_training_on_the_next_scale_loss_fits_a_batch():
     model = build_prior(LAYOUT, size="tiny")
     codes = torch.randint(0, 16, (8, 30))
     codes[:, 14:] = codes[:, 5:14].repeat(1, 2)[:, :16]  # the finest scale follows from the one before
-    sequences = LAYOUT.to_sequence(torch.arange(8) % 3, codes)
+    sequences = LAYOUT.codec.to_sequence(torch.arange(8) % 3, codes)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = prior_loss(model, LAYOUT, sequences)
     for _ in range(40):
@@ -202,7 +204,7 @@ def test_training_on_the_next_scale_loss_fits_a_batch():
 def test_a_saved_next_scale_prior_loads_with_its_layout(prior, tmp_path):
     prior.save_pretrained(tmp_path)
     loaded, layout = load_prior(str(tmp_path))
-    assert layout == LAYOUT and layout.is_multiscale
+    assert layout == LAYOUT and layout.tokens.prior_order == "next-scale"
     prompts = build_prompts(layout, classes=[0, 2])
     greedy = SamplingConfig(temperature=0)
     assert torch.equal(generate_ids(loaded, layout, prompts, greedy), generate_ids(prior, LAYOUT, prompts, greedy))
@@ -210,9 +212,9 @@ def test_a_saved_next_scale_prior_loads_with_its_layout(prior, tmp_path):
 
 def test_a_next_scale_prior_refuses_single_scale_tokenizers_and_bpe():
     with pytest.raises(ValueError, match="multiscale tokens have no grid and no visual BPE"):
-        VocabLayout(codebook_size=16, tokens_per_image=30, scales=SCALES, num_bpe_tokens=4)
+        VocabLayout.create(codebook_size=16, tokens_per_image=30, scales=SCALES, num_bpe_tokens=4)
     grid_tokenizer = VQTokenizer.from_preset("fsq-cpu")
-    layout = VocabLayout(codebook_size=1000, tokens_per_image=30, scales=SCALES)
+    layout = VocabLayout.create(codebook_size=1000, tokens_per_image=30, scales=SCALES)
     with pytest.raises(ValueError, match=r"the prior models multiscale tokens at scales \[1, 2, 3, 4\]"):
         layout.check_tokenizer(grid_tokenizer)
 

@@ -60,7 +60,7 @@ def test_presets_work_after_a_plain_install(wheel, tmp_path):
         capture_output=True,
     )
     code = (
-        "import vqar; from vqar.tokenizer.presets import preset_dir; "
+        "import vqar; from vqar.tokenizer.catalogue import preset_dir; "
         "m = vqar.VQTokenizer.from_preset('fsq-cpu'); print(vqar.__file__, preset_dir(), m.codebook_size)"
     )
     module_path, presets_path, size = _run_python(code, tmp_path, PYTHONPATH=str(target)).split()

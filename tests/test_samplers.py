@@ -12,7 +12,7 @@ from vqar.ar import VocabLayout, build_prior
 from vqar.bpe import VisualBPE
 from vqar.generation import JacobiStats, SamplingConfig, build_prompts, generate_ids
 
-LAYOUT = VocabLayout(codebook_size=125, tokens_per_image=16, grid=[4, 4], class_names=list("0123456789"))
+LAYOUT = VocabLayout.create(codebook_size=125, tokens_per_image=16, grid=[4, 4], class_names=list("0123456789"))
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -46,10 +46,12 @@ def test_static_sampling_draws_the_same_ids_as_generate_from_the_same_seed(prior
 def test_a_bpe_prior_samples_the_same_ids_static_and_through_generate():
     merges = [(0, 1), (2, 2), (25, 3)]  # a long token (three codes) among them: rows fill unevenly
     bpe = VisualBPE(codebook_size=25, merges=merges, row_length=8)
-    layout = VocabLayout(codebook_size=25, tokens_per_image=64, grid=[8, 8], num_bpe_tokens=3, class_names=list("01"))
+    layout = VocabLayout.create(
+        codebook_size=25, tokens_per_image=64, grid=[8, 8], num_bpe_tokens=3, class_names=list("01")
+    )
     torch.manual_seed(0)
     prior = build_prior(layout, size="tiny").eval()
-    bias = torch.zeros(layout.vocab_size)
+    bias = torch.zeros(layout.ids.vocab_size)
     bias[25:28] = 3.0  # merged tokens often win, so sequences end early and at different lengths
     prior.lm_head.register_forward_hook(lambda module, args, out: out + bias)
     prompts = build_prompts(layout, classes=[0, 1, 1, 0], bpe=bpe)
@@ -64,7 +66,7 @@ def test_a_bpe_prior_samples_the_same_ids_static_and_through_generate():
 
 # -- Jacobi's distribution ----------------------------------------------------------------------
 
-SMALL = VocabLayout(codebook_size=8, tokens_per_image=4, grid=[2, 2], class_names=list("ab"))
+SMALL = VocabLayout.create(codebook_size=8, tokens_per_image=4, grid=[2, 2], class_names=list("ab"))
 EXACT = dict(temperature=1.0, top_k=5, cfg_scale=2.0)
 
 
@@ -84,11 +86,11 @@ def _exact_first_two(prior, sampling: SamplingConfig) -> np.ndarray:
     """P(t1, t2) [K, K] for class 1, computed from the prior's logits exactly as every sampler
     transforms them (image ids, guided, temperature, top-k)."""
     picker = samplers.TokenPicker(SMALL, sampling, None)
-    K = SMALL.image_vocab_size
+    K = SMALL.ids.image_vocab_size
 
     def next_distribution(image_ids: list[int]) -> torch.Tensor:
         prompt = build_prompts(SMALL, classes=[1])[0].tolist() + image_ids
-        rows = torch.tensor([prompt, [SMALL.null_class, *prompt[1:]]])
+        rows = torch.tensor([prompt, [SMALL.ids.null_class, *prompt[1:]]])
         scores, _ = picker.scores(prior(input_ids=rows).logits[:, -1])
         return samplers.filtered_logits(scores, sampling).softmax(-1)[0].double()
 
@@ -97,7 +99,7 @@ def _exact_first_two(prior, sampling: SamplingConfig) -> np.ndarray:
 
 
 def _jacobi_first_two(prior, sampling_options: dict, seeds: int, batch: int) -> np.ndarray:
-    counts = np.zeros((SMALL.image_vocab_size,) * 2)
+    counts = np.zeros((SMALL.ids.image_vocab_size,) * 2)
     prompts = build_prompts(SMALL, classes=[1] * batch)
     for seed in range(seeds):
         ids = generate_ids(prior, SMALL, prompts, SamplingConfig(sampler="jacobi", seed=seed, **sampling_options))
@@ -125,7 +127,7 @@ def test_jacobi_samples_the_first_tokens_from_the_exact_distribution(small_prior
     stats = JacobiStats()
     prompts = build_prompts(SMALL, classes=[1] * 8)
     generate_ids(small_prior, SMALL, prompts, SamplingConfig(sampler="jacobi", seed=0, **EXACT), stats=stats)
-    assert stats.forward_passes < SMALL.tokens_per_image  # drafts are accepted, not only resampled
+    assert stats.forward_passes < SMALL.tokens.tokens_per_image  # drafts are accepted, not only resampled
     counts = _jacobi_first_two(small_prior, EXACT, seeds=300, batch=8)
     assert _chi_square_p(counts, exact) > 1e-3
 

@@ -92,7 +92,7 @@ def test_preset_sizes(preset, codebook_size, factor):
 
 
 def _preset_text(name):
-    from vqar.tokenizer.presets import preset_dir
+    from vqar.tokenizer.catalogue import preset_dir
 
     return (preset_dir() / f"{name}.json").read_text()
 

@@ -239,7 +239,7 @@ def test_prior_trains_and_generates_on_1d_tokens(trained_1d, tmp_path, num_token
     k = num_tokens or 8
     assert metrics["bits_per_image"] == pytest.approx(metrics["bits_per_token"] * k)
     prior, layout = load_prior(tmp_path / "prior")
-    assert layout.grid is None and layout.tokens_per_image == k
+    assert layout.tokens.to_fields()["grid"] is None and layout.tokens.tokens_per_image == k
     tokenizer = VQTokenizer.from_pretrained(root / "run" / "tokenizer").eval()
     sampling = SamplingConfig(cfg_scale=2.0, seed=0)
     images = generate_images(prior, tokenizer, layout, build_prompts(layout, classes=[3, 7]), sampling)

@@ -229,11 +229,9 @@ class VisualBPE:
             raise ValueError(f"{path}: unsupported visual BPE format {data.get('format_version')!r}")
         return cls(data["codebook_size"], [tuple(m) for m in data["merges"]], data.get("row_length"))
 
-    def check_codes(
-        self, codebook_size: int, grid: list[int] | tuple[int, int] | None, what: str = "the tokens"
-    ) -> None:
-        """Refuse merges learned on other codes: another codebook size, or another grid row length."""
-        row_length = grid[1] if grid else None
+    def check_codes(self, codebook_size: int, row_length: int | None, what: str = "the tokens") -> None:
+        """Refuse merges learned on other codes: another codebook size, or another grid row length
+        (`row_length`: the codes per grid row, `TokenLayout.row_length`; None for whole sequences)."""
         if (self.codebook_size, self.row_length) != (codebook_size, row_length):
             raise ValueError(
                 f"visual BPE does not match {what}: it was learned on {self.codebook_size} codes in rows of "

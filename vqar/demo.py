@@ -97,9 +97,9 @@ def run_demo(output: str, recipes: str = "recipes") -> dict:
 
     tokenizer = VQTokenizer.from_pretrained(tokenizer_run / "tokenizer").eval()
     prior, layout = load_prior(str(prior_run / "prior"))
-    classes = [c for c in range(layout.num_classes) for _ in range(SAMPLES_PER_CLASS)]
+    classes = [c for c in range(layout.ids.num_classes) for _ in range(SAMPLES_PER_CLASS)]
     images = generate_images(prior, tokenizer, layout, build_prompts(layout, classes=classes), DEMO_SAMPLING)
-    save_images(images, output_dir / "samples", rows=layout.num_classes)
+    save_images(images, output_dir / "samples", rows=layout.ids.num_classes)
 
     classifier, accuracy_on_real = fit_digit_classifier(tokenizer.config.resolution)
     predicted = classifier.predict(digit_features(images))

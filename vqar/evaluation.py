@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import rearrange
 from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -213,9 +212,7 @@ def _readable(batch: dict, unreadable: set) -> Tensor:
 
 
 def _rate(tokenizer, resolution: int) -> dict:
-    tokens = (
-        tokenizer.tokens_per_image if tokenizer.token_grid is None else (resolution // tokenizer.downsample_factor) ** 2
-    )
+    tokens = tokenizer.token_layout.at_resolution(resolution, tokenizer.downsample_factor).tokens_per_image
     bits = tokens * math.log2(tokenizer.codebook_size)
     latent_floats = tokens * tokenizer.config.latent_channels
     return {
@@ -320,26 +317,15 @@ def prior_bits_per_image(
 
     prior, layout = load_prior(prior_path)
     layout.check_tokenizer(tokenizer, allow_other=allow_other_tokenizer)
-    if layout.uses_bpe:
+    if layout.ids.uses_bpe:
         raise ValueError(
             "prior_bits_per_image reads code sequences; this prior models visual-BPE ids "
             "(its held-out bits per image are in its metrics.json)"
         )
-    codes = prior_tiles(indices, layout.grid) if indices.ndim == 3 else indices[:, : layout.tokens_per_image]
-    sequences = (layout.to_sequence(None, chunk).to(prior.device) for chunk in codes.split(batch_size))
+    codes = layout.tokens.tiles_of(indices)
+    sequences = (layout.codec.to_sequence(None, chunk).to(prior.device) for chunk in codes.split(batch_size))
     nats = sum(image_nll(prior, layout, ids)[0] for ids in sequences)
     return nats / math.log(2) / len(indices)
-
-
-def prior_tiles(indices: Tensor, grid: list[int]) -> Tensor:
-    """Token grids [B, H, W] -> the prior's tiles [B * (H/h) * (W/w), h * w], image by image, in raster order."""
-    (_, H, W), (h, w) = indices.shape, grid
-    if H % h or W % w:
-        raise ValueError(
-            f"the prior models {h}x{w} token grids; {H}x{W} tokens do not cut into whole tiles of that size "
-            f"(evaluate at a resolution whose token grid is a multiple of {h}x{w})"
-        )
-    return rearrange(indices, "b (i h) (j w) -> (b i j) (h w)", h=h, w=w)
 
 
 # -- output -----------------------------------------------------------------------------------

@@ -16,15 +16,15 @@ from torch import Tensor
 from transformers import PreTrainedModel
 from transformers.hf_argparser import HfArg
 
-from .ar import PROMPT_LENGTH, VocabLayout
+from .ar import VocabLayout
 from .bpe import VisualBPE
-from .next_scale import scale_boundaries
 from .samplers import (  # noqa: F401  (re-exported: the sampling API lives beside generation)
     CodeBudget,
     ImageTokenSampler,
     JacobiStats,
     SamplingConfig,
     TokenPicker,
+    decode,
     decode_jacobi,
     decode_next_scale,
     decode_static,
@@ -53,12 +53,12 @@ def build_prompts(
     - prompt_ids: raw ids [B, 2 + P], checked and used as they are;
     - bpe: the prior's visual BPE, which prefix codes are encoded with (whole rows only).
     """
-    if layout.uses_bpe and bpe is None:
+    if layout.ids.uses_bpe and bpe is None:
         raise ValueError("this prior models visual-BPE ids: pass its VisualBPE (see vqar.ar.load_prior_bpe)")
     if prompt_ids is not None:
         return _check_prompt_ids(layout, prompt_ids, bpe)
     conditions = _conditions(layout, classes, num_images)
-    prompts = layout.prompt(conditions)
+    prompts = layout.codec.prompt(conditions)
     if prefix is None:
         return prompts
     prefix = _check_prefix(layout, prefix, len(conditions), None)
@@ -85,35 +85,26 @@ def _conditions(layout: VocabLayout, classes, num_images: int | None) -> Tensor:
     if classes is None:
         if not num_images or num_images < 1:
             raise ValueError(f"give classes or num_images >= 1, got num_images={num_images!r}")
-        return torch.full((num_images,), layout.null_class, dtype=torch.long)
+        return torch.full((num_images,), layout.ids.null_class, dtype=torch.long)
     if isinstance(classes, Tensor):
         classes = classes.tolist()
-    indices = [layout.class_index(c) for c in classes]
+    indices = [layout.ids.class_index(c) for c in classes]
     if num_images and len(indices) == 1:
         indices = indices * num_images
-    return layout.class_token(indices)
+    return layout.ids.class_token(indices)
 
 
 def _check_prefix(layout: VocabLayout, prefix: Tensor, batch: int, bpe: VisualBPE | None) -> Tensor:
-    if layout.is_multiscale and (prefix.ndim != 2 or prefix.shape[1] not in scale_boundaries(layout.scales)[:-1]):
-        raise ValueError(
-            f"a next-scale prior completes whole scales: prefix must be [B, P] with P in "
-            f"{scale_boundaries(layout.scales)[:-1]} (scales {layout.scales}), got {tuple(prefix.shape)}"
-        )
-    if prefix.ndim == 3:
-        if layout.grid is None or prefix.shape[2] != layout.grid[1]:
-            raise ValueError(f"prefix rows must be [B, r, {layout.grid and layout.grid[1]}], got {tuple(prefix.shape)}")
-        prefix = prefix.reshape(prefix.shape[0], -1)
-    if prefix.ndim != 2 or prefix.shape[0] not in (1, batch):
-        raise ValueError(f"prefix must be [{batch} or 1, P] image ids, got {tuple(prefix.shape)}")
+    prefix = layout.tokens.check_prompt_prefix(prefix, batch)
     if bpe is None:  # codes
-        layout.check_image_ids(prefix, codes_only=True)
+        layout.ids.check_image_ids(prefix, codes_only=True)
         codes = prefix.shape[1]
     else:  # BPE ids, as in raw prompt ids of a BPE prior
-        layout.check_image_ids(prefix)
+        layout.ids.check_image_ids(prefix)
         codes = bpe.token_lengths[prefix.long()].sum(1).max().item() if prefix.numel() else 0
-    if codes >= layout.tokens_per_image:
-        raise ValueError(f"prefix of {codes} tokens leaves nothing to generate: an image has {layout.tokens_per_image}")
+    per_image = layout.tokens.tokens_per_image
+    if codes >= per_image:
+        raise ValueError(f"prefix of {codes} tokens leaves nothing to generate: an image has {per_image}")
     return prefix.long()
 
 
@@ -122,24 +113,25 @@ def _check_prompt_ids(layout: VocabLayout, prompt_ids: Tensor, bpe: VisualBPE | 
         raise TypeError(
             f"prompt_ids must be an integer tensor, got {getattr(prompt_ids, 'dtype', type(prompt_ids).__name__)}"
         )
-    if prompt_ids.ndim != 2 or prompt_ids.shape[1] < PROMPT_LENGTH or prompt_ids.shape[0] < 1:
+    ids, prompt_length = layout.ids, layout.codec.prompt_length
+    if prompt_ids.ndim != 2 or prompt_ids.shape[1] < prompt_length or prompt_ids.shape[0] < 1:
         raise ValueError(
-            f"prompt_ids must be [B >= 1, >= {PROMPT_LENGTH}] (condition, BOI, ...), got {tuple(prompt_ids.shape)}"
+            f"prompt_ids must be [B >= 1, >= {prompt_length}] (condition, BOI, ...), got {tuple(prompt_ids.shape)}"
         )
     prompt_ids = prompt_ids.long()
-    if prompt_ids.min() < 0 or prompt_ids.max() >= layout.vocab_size:
+    if prompt_ids.min() < 0 or prompt_ids.max() >= ids.vocab_size:
         raise ValueError(
-            f"prompt ids must lie in [0, {layout.vocab_size}), got values in "
+            f"prompt ids must lie in [0, {ids.vocab_size}), got values in "
             f"[{prompt_ids.min().item()}, {prompt_ids.max().item()}]"
         )
     conditions = prompt_ids[:, 0]
-    if ((conditions != layout.null_class) & (conditions < layout.null_class + 1)).any():
+    if not ids.is_condition(conditions).all():
         raise ValueError(
-            f"prompt_ids[:, 0] must be a class token or the null class ({layout.null_class}), got {conditions.tolist()}"
+            f"prompt_ids[:, 0] must be a class token or the null class ({ids.null_class}), got {conditions.tolist()}"
         )
-    if (prompt_ids[:, 1] != layout.boi).any():
-        raise ValueError(f"prompt_ids[:, 1] must be begin-of-image ({layout.boi}), got {prompt_ids[:, 1].tolist()}")
-    _check_prefix(layout, prompt_ids[:, PROMPT_LENGTH:], len(prompt_ids), bpe)
+    if (prompt_ids[:, 1] != ids.boi).any():
+        raise ValueError(f"prompt_ids[:, 1] must be begin-of-image ({ids.boi}), got {prompt_ids[:, 1].tolist()}")
+    _check_prefix(layout, prompt_ids[:, prompt_length:], len(prompt_ids), bpe)
     return prompt_ids
 
 
@@ -165,33 +157,23 @@ def generate_ids(
     forward passes.
     """
     sampling = sampling or SamplingConfig()
-    if layout.uses_bpe and bpe is None:
+    if layout.ids.uses_bpe and bpe is None:
         raise ValueError("this prior models visual-BPE ids: pass its VisualBPE (see vqar.ar.load_prior_bpe)")
-    if sampling.uses_cfg and layout.num_classes == 0:
+    if sampling.uses_cfg and layout.ids.num_classes == 0:
         raise ValueError("classifier-free guidance needs a class-conditional prior; this one is unconditional")
     device = prior.device
     prompts = prompts.to(device)
     batch = prompts
     if sampling.uses_cfg:
         unconditional = prompts.clone()
-        unconditional[:, 0] = layout.null_class  # swap only the condition; the image prefix stays
+        unconditional[:, 0] = layout.ids.null_class  # swap only the condition; the image prefix stays
         batch = torch.cat([prompts, unconditional])
     generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    budget = CodeBudget(layout, bpe) if layout.uses_bpe else None
+    budget = CodeBudget(layout, bpe) if layout.ids.uses_bpe else None
     picker = TokenPicker(layout, sampling, generator, budget)
-    new_tokens = layout.sequence_length - prompts.shape[1]
-    if layout.is_multiscale:
-        if sampling.sampler != "static":
-            raise ValueError(f'a next-scale prior samples scale by scale: sampler "static", not {sampling.sampler!r}')
-        out = decode_next_scale(prior, batch, picker, use_cache)
-    elif sampling.sampler == "generate" or not use_cache:
-        out = decode_with_generate(prior, batch, new_tokens, picker, use_cache)
-    elif sampling.sampler == "jacobi":
-        out = decode_jacobi(prior, batch, new_tokens, picker, stats)
-    else:
-        out = decode_static(prior, batch, new_tokens, picker)
-    images = layout.from_sequence(out[: len(prompts)])[1]
-    return layout.to_grid(bpe.decode(images.cpu())) if budget else images
+    out = decode(prior, batch, layout.codec.sequence_length - prompts.shape[1], picker, use_cache, stats)
+    images = layout.codec.from_sequence(out[: len(prompts)])[1]
+    return layout.tokens.unflatten(bpe.decode(images.cpu())) if budget else images
 
 
 def generate_images(
@@ -220,16 +202,8 @@ def prefix_from_image(tokenizer, image_path: str, rows: int) -> Tensor:
     from .data import read_image
 
     pixels = tokenizer.image_transform()(read_image(image_path))[None].to(tokenizer.device)
-    tokens = tokenizer.encode(pixels)
-    if tokenizer.is_multiscale:
-        scales = tokenizer.scales
-        if not 1 <= rows < len(scales):
-            raise ValueError(f"the prefix must lie in [1, {len(scales)}) for {len(scales)} scales {scales}, got {rows}")
-        return tokens[:, : scale_boundaries(scales)[rows]]
-    unit = "tokens of a 1d sequence" if tokenizer.is_1d else "token rows of a grid"
-    if not 1 <= rows < tokens.shape[1]:
-        raise ValueError(f"the prefix must lie in [1, {tokens.shape[1]}) for {tokens.shape[1]} {unit}, got {rows}")
-    return tokens[:, :rows]
+    layout = tokenizer.token_layout.at_resolution(pixels.shape[-1], tokenizer.downsample_factor)
+    return layout.prefix_of(tokenizer.encode(pixels), rows)
 
 
 # -- from a prior folder to PNGs (`vqar generate`) -------------------------------------------
@@ -269,15 +243,15 @@ def load_tokenizer_for(prior: str, layout: VocabLayout, tokenizer: str | None = 
     (beside it, or on the Hub), checked against what the prior was trained on."""
     from .tokenizer import VQTokenizer
 
-    location = tokenizer or layout.tokenizer_location(prior)
+    location = tokenizer or layout.provenance.location(prior)
     try:
         loaded = VQTokenizer.from_pretrained(location).eval()
     except OSError as error:
         if tokenizer:
             raise
-        local = (Path(prior) / layout.tokenizer).resolve()
+        local = (Path(prior) / layout.provenance.tokenizer).resolve()
         raise FileNotFoundError(
-            f"the prior {prior} was trained on the tokenizer {layout.tokenizer!r}, which is neither at {local} "
+            f"the prior {prior} was trained on the tokenizer {layout.provenance.tokenizer!r}, which is neither at {local} "
             "nor on the Hub; pass its folder or Hub id with --tokenizer"
         ) from error
     layout.check_tokenizer(loaded, allow_other=allow_other)
@@ -292,7 +266,7 @@ def generate_to_folder(args: GenerateArgs, sampling: SamplingConfig | None = Non
 
     sampling = sampling or SamplingConfig()
     prior, layout = load_prior(args.prior)
-    if layout.num_classes == 0 and (args.classes or sampling.uses_cfg):
+    if layout.ids.num_classes == 0 and (args.classes or sampling.uses_cfg):
         raise ValueError(
             f"the prior {args.prior} is unconditional (its tokens had no class labels): drop --class and --cfg-scale"
         )
@@ -303,10 +277,10 @@ def generate_to_folder(args: GenerateArgs, sampling: SamplingConfig | None = Non
     classes = [c for c in args.classes for _ in range(per_class)] or None
     prompts = build_prompts(layout, classes=classes, num_images=None if classes else per_class, prefix=prefix, bpe=bpe)
     images = generate_images(prior, tokenizer, layout, prompts, sampling, bpe, args.allow_other_tokenizer)
-    labels = [layout.class_names[layout.class_index(c)] for c in args.classes] if args.classes else None
+    labels = [layout.ids.class_names[layout.ids.class_index(c)] for c in args.classes] if args.classes else None
     source = boundary = None
     if prefix is not None:  # the grid shows the image completed, and where its kept part ends
         source = tokenizer.image_transform()(read_image(args.prefix_image))[None]
-        boundary = args.prefix_rows * tokenizer.downsample_factor if tokenizer.token_grid else None
+        boundary = tokenizer.token_layout.prefix_pixel_row(args.prefix_rows, tokenizer.downsample_factor)
     rows = len(args.classes) or 1
     return save_images(images, args.output, rows=rows, labels=labels, first=source, mark_row=boundary)

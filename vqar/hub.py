@@ -21,6 +21,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from transformers.hf_argparser import HfArg
 
 from .evaluation import format_table
+from .layouts import NEXT_SCALE, TokenLayout
 
 WEIGHT_FILES = ("config.json", "model.safetensors", "generation_config.json", "visual_bpe.json")
 CARD_METRICS = ("psnr", "ssim", "lpips", "rfid", "bits_per_image", "codebook_usage", "prior_bits_per_image")
@@ -97,8 +98,7 @@ def tokenizer_card(
         datasets=[dataset] if is_hub_id(dataset) else None,
         base_model=base if is_hub_id(base) else None,
     )
-    kinds = {"1d": " (1D)", "multiscale": f" (multiscale, scales {config.get('scales')})"}
-    layout = f"{report['tokens_per_image']} tokens" + kinds.get(config.get("layout", "grid"), " (grid)")
+    layout = f"{report['tokens_per_image']} tokens ({config.get('layout', 'grid')} layout)"
     origin = f"\nConverted from `{provenance['source']}`.\n" if provenance.get("source") else ""
     body = f"""
 # {repo_id}
@@ -132,6 +132,7 @@ def prior_card(repo_id: str, tokenizer_repo: str, config: dict, metrics: dict, l
     """README.md for a prior repo: a stock causal LM over the tokens of `tokenizer_repo`, usable
     with plain transformers (its config and generation_config say how)."""
     ids, layout = config["vqar_ids"], config["vqar_vocab"]
+    tokens = TokenLayout.from_fields(layout["tokens_per_image"], layout.get("grid"), layout.get("scales"))
     results = [
         EvalResult(
             task_type="unconditional-image-generation",
@@ -154,9 +155,6 @@ def prior_card(repo_id: str, tokenizer_repo: str, config: dict, metrics: dict, l
         if names
         else "Unconditional: the prompt is the null class, then begin-of-image."
     )
-    grid = f"a {layout['grid'][0]} x {layout['grid'][1]} grid" if layout.get("grid") else "a 1D sequence"
-    if layout.get("scales"):
-        grid = f"token maps at scales {layout['scales']}, coarse to fine"
     bits = f"{metrics['bits_per_image']:.4g}" if metrics.get("bits_per_image") is not None else "n/a"
     bpe = (
         "\nIt models visual-BPE ids (`visual_bpe.json`): plain `generate` cannot keep each image to exactly one "
@@ -164,7 +162,7 @@ def prior_card(repo_id: str, tokenizer_repo: str, config: dict, metrics: dict, l
         if layout.get("num_bpe_tokens")
         else ""
     )
-    if layout.get("scales"):
+    if tokens.prior_order == NEXT_SCALE:
         bpe = (
             "\nIt predicts a whole scale per forward pass (next-scale prediction, VAR) under a block-causal "
             "attention mask: plain `generate` does not sample it; sample with vqar.\n"
@@ -174,7 +172,7 @@ def prior_card(repo_id: str, tokenizer_repo: str, config: dict, metrics: dict, l
 
 An autoregressive prior over the tokens of the image tokenizer
 [{tokenizer_repo}](https://huggingface.co/{tokenizer_repo}): {layout["tokens_per_image"]} codes per image
-({grid}) from a codebook of {layout["codebook_size"]}, trained with [vqar](https://github.com/vqar/vqar).
+({tokens.describe()}) from a codebook of {layout["codebook_size"]}, trained with [vqar](https://github.com/vqar/vqar).
 Held-out: {bits} bits per image.
 
 ![samples](samples.png)

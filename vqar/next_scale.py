@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .tokenizer.multiscale import scale_boundaries
+from .layouts import scale_boundaries
 
 
 @functools.cache

@@ -39,8 +39,9 @@ from torch import Tensor
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedModel, StaticCache
 from transformers.hf_argparser import HfArg
 
-from .ar import PROMPT_LENGTH, VocabLayout
+from .ar import VocabLayout
 from .bpe import VisualBPE
+from .layouts import NEXT_SCALE, NEXT_TOKEN
 from .next_scale import as_attention_mask, block_causal_mask, next_scale_inputs, scale_boundaries
 
 
@@ -116,18 +117,18 @@ class CodeBudget:
     when the image is full, only EOI is."""
 
     def __init__(self, layout: VocabLayout, bpe: VisualBPE):
-        lengths = torch.zeros(layout.vocab_size, dtype=torch.long)
-        lengths[: layout.image_vocab_size] = bpe.token_lengths
+        lengths = torch.zeros(layout.ids.vocab_size, dtype=torch.long)
+        lengths[: layout.ids.image_vocab_size] = bpe.token_lengths
         self.token_lengths, self.layout, self.row_length = lengths, layout, bpe.row_length
 
     def legal(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """-> (legal image ids [B, image_vocab_size], image complete [B])."""
         lengths = self.token_lengths.to(input_ids.device)
-        used = lengths[input_ids[:, PROMPT_LENGTH:]].sum(dim=1)  # codes generated so far, [B]
-        room = self.layout.tokens_per_image - used
+        used = lengths[input_ids[:, self.layout.codec.prompt_length :]].sum(dim=1)  # codes generated so far, [B]
+        room = self.layout.tokens.tokens_per_image - used
         if self.row_length:
             room = torch.minimum(room, self.row_length - used % self.row_length)
-        return lengths[None, : self.layout.image_vocab_size] <= room[:, None], room <= 0
+        return lengths[None, : self.layout.ids.image_vocab_size] <= room[:, None], room <= 0
 
 
 @dataclass
@@ -141,7 +142,7 @@ class TokenPicker:
 
     def scores(self, logits: Tensor, sequences: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits [R, V] (R = 2B rows with CFG) -> (scores [B, image ids], rows whose image is full [B] or None)."""
-        scores = logits[:, : self.layout.image_vocab_size].float()  # only image ids may be sampled
+        scores = logits[:, : self.layout.ids.image_vocab_size].float()  # only image ids may be sampled
         if self.sampling.uses_cfg:  # rows [cond; uncond] -> B guided rows; both halves share their past
             scores = guide(scores, self.sampling.cfg_scale)
         if self.budget is None:
@@ -156,7 +157,7 @@ class TokenPicker:
         scores, done = self.scores(logits, sequences)
         tokens = sample_tokens(scores, self.sampling, self.generator)
         if done is not None:
-            tokens = torch.where(done, self.layout.eoi, tokens)
+            tokens = torch.where(done, self.layout.ids.eoi, tokens)
         return tokens.repeat(2) if self.sampling.uses_cfg else tokens
 
 
@@ -189,8 +190,8 @@ def decode_with_generate(
         do_sample=False,
         logits_processor=LogitsProcessorList([ImageTokenSampler(picker)]),
         use_cache=use_cache,
-        pad_token_id=layout.pad,
-        eos_token_id=layout.eoi if budget else None,
+        pad_token_id=layout.ids.pad,
+        eos_token_id=layout.ids.eoi if budget else None,
     )
 
 
@@ -201,13 +202,15 @@ def decode_static(prior: PreTrainedModel, batch: Tensor, new_tokens: int, picker
     prompt = batch.shape[1]
     step = _step_function(prior, picker.sampling.compile)
     cache = _static_cache(prior, len(batch), prompt + new_tokens, picker.sampling.compile)
-    sequences = torch.full((len(batch), prompt + new_tokens), picker.layout.pad, dtype=torch.long, device=batch.device)
+    sequences = torch.full(
+        (len(batch), prompt + new_tokens), picker.layout.ids.pad, dtype=torch.long, device=batch.device
+    )
     sequences[:, :prompt] = batch
     logits = _last_logits(prior, batch, cache)
     for position in range(prompt, prompt + new_tokens):
         token = picker.pick(logits, sequences[:, :position])
         sequences[:, position] = token
-        if picker.budget is not None and position % 8 == 0 and (sequences == picker.layout.eoi).any(1).all():
+        if picker.budget is not None and position % 8 == 0 and (sequences == picker.layout.ids.eoi).any(1).all():
             return _pad_after_end(sequences[:, : position + 1], picker.layout)  # a sync every 8 steps, not each
         if position + 1 < prompt + new_tokens:
             logits = step(token[:, None], cache)
@@ -221,8 +224,8 @@ def _last_logits(prior: PreTrainedModel, input_ids: Tensor, cache: StaticCache) 
 
 def _pad_after_end(sequences: Tensor, layout: VocabLayout) -> Tensor:
     """A row that ended keeps its first EOI; what the loop wrote after it becomes padding."""
-    is_end = sequences == layout.eoi
-    return sequences.masked_fill(is_end.cumsum(1) - is_end.long() > 0, layout.pad)
+    is_end = sequences == layout.ids.eoi
+    return sequences.masked_fill(is_end.cumsum(1) - is_end.long() > 0, layout.ids.pad)
 
 
 @dataclass
@@ -292,12 +295,13 @@ def decode_next_scale(prior: PreTrainedModel, batch: Tensor, picker: TokenPicker
     [R, 2 + sum s^2]. Each pass feeds the next scale's input block (its coarser scale's codes,
     upsampled) and samples all its tokens; without the cache each pass re-reads the whole sequence."""
     layout, rows = picker.layout, len(batch)
-    scales, ends = layout.scales, scale_boundaries(layout.scales)
-    conditions, codes = batch[:, 0], batch[:, PROMPT_LENGTH:]
+    scales, prompt_length = list(layout.tokens.scales), layout.codec.prompt_length
+    ends = scale_boundaries(scales)
+    conditions, codes = batch[:, 0], batch[:, prompt_length:]
     cache = DynamicCache(config=prior.config) if use_cache else None
     fed = 0  # input positions the cache holds
     for k in range(ends.index(codes.shape[1]), len(scales)):
-        inputs = next_scale_inputs(scales, layout.boi, conditions, codes)  # [R, 1 + ends[k + 1]]
+        inputs = next_scale_inputs(scales, layout.ids.boi, conditions, codes)  # [R, 1 + ends[k + 1]]
         new = slice(fed if use_cache else 0, inputs.shape[1])
         mask = as_attention_mask(prior, block_causal_mask(scales, batch.device, new), rows)
         positions = torch.arange(new.start, new.stop, device=batch.device)[None].expand(rows, -1)
@@ -312,7 +316,7 @@ def decode_next_scale(prior: PreTrainedModel, batch: Tensor, picker: TokenPicker
         fed = inputs.shape[1]
         tokens = picker.pick(logits.reshape(-1, logits.shape[-1]))  # rows [cond; uncond] stay halves when flat
         codes = torch.cat([codes, tokens.reshape(rows, -1)], dim=1)
-    return torch.cat([batch[:, :PROMPT_LENGTH], codes], dim=1)
+    return torch.cat([batch[:, :prompt_length], codes], dim=1)
 
 
 @dataclass
@@ -366,7 +370,7 @@ class _JacobiWindow:
 
     def drafts(self, count: int) -> Tensor:
         """[R, count] drafts for the next positions: last pass's where there are some, uniform ones past them."""
-        K = self.picker.layout.image_vocab_size
+        K = self.picker.layout.ids.image_vocab_size
         rows = self.images
         have = 0 if self.tokens is None else self.tokens.shape[1]
         if have < count:
@@ -427,3 +431,34 @@ class _JacobiWindow:
         else:
             probs = filtered_logits(scores, self.picker.sampling).softmax(-1)
         return probs.reshape(-1, n, probs.shape[-1])
+
+
+# -- which loop ---------------------------------------------------------------------------------
+
+
+def _decode_by_token(prior, batch: Tensor, new_tokens: int, picker: TokenPicker, use_cache: bool, stats) -> Tensor:
+    sampler = picker.sampling.sampler
+    if sampler == "generate" or not use_cache:
+        return decode_with_generate(prior, batch, new_tokens, picker, use_cache)
+    if sampler == "jacobi":
+        return decode_jacobi(prior, batch, new_tokens, picker, stats)
+    return decode_static(prior, batch, new_tokens, picker)
+
+
+def _decode_by_scale(prior, batch: Tensor, new_tokens: int, picker: TokenPicker, use_cache: bool, stats) -> Tensor:
+    if picker.sampling.sampler != "static":
+        raise ValueError(
+            f'a next-scale prior samples scale by scale: sampler "static", not {picker.sampling.sampler!r}'
+        )
+    return decode_next_scale(prior, batch, picker, use_cache)
+
+
+DECODE_LOOPS = {NEXT_TOKEN: _decode_by_token, NEXT_SCALE: _decode_by_scale}  # by `TokenLayout.prior_order`
+
+
+def decode(
+    prior: PreTrainedModel, batch: Tensor, new_tokens: int, picker: TokenPicker, use_cache: bool = True, stats=None
+) -> Tensor:
+    """Complete prompt rows [R, P] with the loop that fits the prior and `picker.sampling.sampler`."""
+    loop = DECODE_LOOPS[picker.layout.tokens.prior_order]
+    return loop(prior, batch, new_tokens, picker, use_cache, stats)

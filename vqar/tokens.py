@@ -16,6 +16,9 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
+
+from .layouts import TokenLayout
 
 MANIFEST = "vqar_tokens.json"
 
@@ -57,6 +60,11 @@ class TokensManifest:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def token_layout(self) -> TokenLayout:
+        """The layout of one image's tokens (`vqar.layouts`), from `tokens_per_image`, `grid` and `scales`."""
+        return TokenLayout.from_fields(self.tokens_per_image, self.grid, self.scales, self.decodes_prefixes)
+
 
 def write_tokens(output: str | Path, splits: dict[str, dict], manifest: TokensManifest) -> None:
     """Write splits {name: {"tokens": [N rows of codes], "label": [N]}} and the manifest.
@@ -90,9 +98,9 @@ def load_tokens(path: str | Path) -> tuple[datasets.DatasetDict, TokensManifest]
 
 
 def code_arrays(dataset: datasets.DatasetDict, manifest: TokensManifest) -> dict[str, np.ndarray]:
-    """Each split's codes as one int64 array: [N, h, w] for grids, [N, L] for 1D tokens."""
-    arrays = {}
-    for name, split in dataset.items():
-        codes = np.asarray(split["tokens"], dtype=np.int64)
-        arrays[name] = codes.reshape(len(codes), *manifest.grid) if manifest.grid else codes
-    return arrays
+    """Each split's codes as one int64 array [N, *shape]: [N, h, w] for grids, [N, L] for 1D tokens."""
+    layout = manifest.token_layout
+    return {
+        name: layout.unflatten(torch.from_numpy(np.asarray(split["tokens"], dtype=np.int64))).numpy()
+        for name, split in dataset.items()
+    }

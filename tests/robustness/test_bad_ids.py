@@ -84,7 +84,7 @@ def test_bpe_round_trips_any_codes(bpe, rows):
     assert torch.equal(bpe.decode(bpe.encode(codes, padded=True)), codes.reshape(len(codes), -1))
 
 
-LAYOUT = VocabLayout(codebook_size=125, tokens_per_image=16, grid=[4, 4], class_names=list("0123456789"))
+LAYOUT = VocabLayout.create(codebook_size=125, tokens_per_image=16, grid=[4, 4], class_names=list("0123456789"))
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,10 @@ def test_a_half_written_file_is_refused(saved_tokenizer, filename, message):
     "tokenizer_overrides, message",
     [
         ({"quantizer": {"kind": "fsq", "levels": [5, 5, 5]}}, r"codebook_size=125, tokens_per_image=64"),
-        ({"resolution": 32}, r"tokens_per_image=256"),
+        (
+            {"layout": "1d", "num_latent_tokens": 64, "patch_size": 4, "vit_width": 8, "vit_depth": 1, "vit_heads": 2},
+            r"the prior models a 8 x 8 grid of tokens, the tokenizer gives a sequence of 64 tokens",
+        ),
     ],
 )
 def test_a_tokenizer_that_does_not_match_the_prior_is_refused(tokenizer_overrides, message):
@@ -109,7 +112,7 @@ def test_a_tokenizer_that_does_not_match_the_prior_is_refused(tokenizer_override
     from vqar.ar import VocabLayout, build_prior
     from vqar.generation import build_prompts, generate_images
 
-    layout = VocabLayout(codebook_size=25, tokens_per_image=64, grid=[8, 8])
+    layout = VocabLayout.create(codebook_size=25, tokens_per_image=64, grid=[8, 8])
     prior = build_prior(layout, size="tiny").eval()
     tokenizer = VQTokenizer(TokenizerConfig(**{**TINY_F2, **tokenizer_overrides})).eval()
     with pytest.raises(ValueError, match="tokenizer does not match the prior.*" + message):

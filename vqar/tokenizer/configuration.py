@@ -7,10 +7,9 @@ from dataclasses import field
 from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 
+from ..layouts import LAYOUT_KINDS, TokenLayout, layout_kind, layout_of_config
 from ..quantizers import QuantizerConfig
-from .multiscale import check_scales
 
-LAYOUTS = ("grid", "1d", "multiscale")
 CONV_BACKBONES = ("taming", "magvit2")
 PREPROCESSING_FIELDS = ("resize_to",)  # how images are prepared, not what the codes mean
 # Fields added after tokenizers were first saved, with the value every earlier one had: a field at
@@ -19,21 +18,9 @@ LATER_FIELDS = {"norm_group_size": 1, "nested_dropout_share": 1.0}
 LATER_QUANTIZER_FIELDS = {"standardize": False, "fsq_entropy_weight": 0.0}  # the same, inside the quantizer's options
 _SHARED = ("resolution", "latent_channels", "quantizer")
 _CONV = ("channels", "channel_multipliers", "num_res_blocks", "attn_resolutions", "mid_attention")
-REQUIRED_FIELDS = {  # in every saved config.json of that layout (`layout` itself defaults to "grid")
-    "grid": _SHARED + _CONV,
-    "multiscale": _SHARED + _CONV + ("layout", "scales", "phi_count"),
-    "1d": _SHARED
-    + (
-        "layout",
-        "num_latent_tokens",
-        "patch_size",
-        "vit_width",
-        "vit_depth",
-        "vit_heads",
-        "vit_mlp_ratio",
-        "conv_channels",
-        "nested_dropout",
-    ),
+# in every saved config.json of that layout (`layout` itself defaults to "grid"); a 1d tokenizer has no conv fields
+REQUIRED_FIELDS = {
+    name: _SHARED + (() if kind.backbone_is_vit else _CONV) + kind.config_fields for name, kind in LAYOUT_KINDS.items()
 }
 
 
@@ -91,6 +78,11 @@ class TokenizerConfig(PretrainedConfig):
     nested_dropout_share: float = 1.0
     scales: list[int] | None = None  # multiscale: token map sides, increasing, the last = resolution / factor
     phi_count: int = 4  # multiscale: refinement convs shared over the scales (VAR: 4; 1: one for all)
+    # written by save_pretrained (`vqar.tokenizer.fingerprint`): what the codes mean, so that loading does not
+    # hash the weights again; and the fingerprints of tokenizers whose codes this one shares (the base of a
+    # decoder-only fine-tune), which priors trained on them recorded
+    code_fingerprint: str | None = None
+    same_codes_as: list[str] = field(default_factory=list)
 
     def __post_init__(self, **kwargs):
         # transformers hands unknown keys to __post_init__ and would keep them as attributes: a
@@ -113,9 +105,7 @@ class TokenizerConfig(PretrainedConfig):
     def from_dict(cls, config_dict: dict, **kwargs):
         """Read a saved config, refusing one that lacks a field its layout needs (a truncated or
         hand-edited config.json would otherwise build a different model from defaults)."""
-        needed = (
-            REQUIRED_FIELDS[config_dict.get("layout", "grid")] if config_dict.get("layout", "grid") in LAYOUTS else ()
-        )
+        needed = REQUIRED_FIELDS.get(config_dict.get("layout", "grid"), ())
         missing = sorted(set(needed) - config_dict.keys())
         if missing:
             raise ValueError(
@@ -133,60 +123,29 @@ class TokenizerConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.resize_to is not None and self.resize_to < self.resolution:
             raise ValueError(f"resize_to ({self.resize_to}) must be >= resolution ({self.resolution})")
-        if self.layout != "1d" and self.resolution % self.downsample_factor:
-            raise ValueError(
-                f"resolution {self.resolution} is not divisible by the downsampling factor {self.downsample_factor}"
-            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.conv_backbone not in CONV_BACKBONES:
             raise ValueError(f"conv_backbone must be one of {CONV_BACKBONES}, got {self.conv_backbone!r}")
-        if self.layout == "1d":
-            self._validate_vit()
-        if self.layout == "multiscale":
-            self._validate_scales()
-
-    def _validate_vit(self):
-        for name in ("num_latent_tokens", "patch_size", "vit_width", "vit_depth", "vit_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.resolution % self.patch_size:
-            raise ValueError(f"resolution {self.resolution} is not divisible by patch_size {self.patch_size}")
-        if self.vit_width % self.vit_heads:
-            raise ValueError(f"vit_width {self.vit_width} is not divisible by vit_heads {self.vit_heads}")
-        if not 0 < self.nested_dropout_share <= 1:
-            raise ValueError(
-                f"nested_dropout_share must lie in (0, 1] (a share of the images: 0.5 for half), "
-                f"got {self.nested_dropout_share}"
-            )
-        if self.vit_mlp_ratio <= 0 or self.conv_channels < 0:
-            raise ValueError(
-                f"vit_mlp_ratio must be > 0 and conv_channels >= 0, got {self.vit_mlp_ratio}, {self.conv_channels}"
-            )
-
-    def _validate_scales(self):
-        if self.scales is None:
-            raise ValueError("a multiscale tokenizer needs scales, e.g. [1, 2, 3, 4, 6, 8] for an 8x8 latent")
-        check_scales(self.scales, self.grid_size)
-        if not 1 <= self.phi_count <= len(self.scales):
-            raise ValueError(
-                f"phi_count must lie in [1, {len(self.scales)}] (one per scale at most), got {self.phi_count}"
-            )
+        layout_kind(self).validate_config(self)
 
     @property
     def quantizer_config(self) -> QuantizerConfig:
         return QuantizerConfig.from_dict(self.quantizer)
 
     @property
+    def token_layout(self) -> TokenLayout:
+        """The layout of one image's tokens at the training resolution (`vqar.layouts`)."""
+        return layout_of_config(self)
+
+    @property
     def downsample_factor(self) -> int:
-        """Pixels per token side (grid); for 1d the patch size, which input sizes must divide."""
-        return self.patch_size if self.layout == "1d" else 2 ** (len(self.channel_multipliers) - 1)
+        """Pixels per token side (conv encoders); for 1d the patch size, which input sizes must divide."""
+        return layout_kind(self).downsample_factor(self)
 
     @property
     def grid_size(self) -> int:
-        """Tokens per side at the training resolution (grid layout)."""
+        """Tokens per side of the conv encoder's latent at the training resolution."""
         return self.resolution // self.downsample_factor
 
     @property
@@ -197,6 +156,4 @@ class TokenizerConfig(PretrainedConfig):
     @property
     def token_shape(self) -> tuple[int, ...]:
         """One image's tokens: (h, w) for grids, (L,) for 1d, (sum of s^2,) for multiscale."""
-        if self.layout == "multiscale":
-            return (sum(s * s for s in self.scales),)
-        return (self.num_latent_tokens,) if self.layout == "1d" else (self.grid_size, self.grid_size)
+        return self.token_layout.shape

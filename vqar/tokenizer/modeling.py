@@ -14,45 +14,47 @@ Two departures from transformers' defaults keep a reload bit-identical:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from einops import rearrange
 from torch import Tensor
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..data import ImageTransform
+from ..layouts import PER_TOKEN, RESIDUAL_SCALES, TokenLayout, layout_kind
 from ..quantizers import CodeStats, build_quantizer
+from . import fingerprint as fingerprints
 from . import magvit2
 from .blocks import Decoder, Encoder
-from .configuration import LATER_FIELDS, LATER_QUANTIZER_FIELDS, PREPROCESSING_FIELDS, TokenizerConfig
+from .catalogue import load_preset
+from .configuration import TokenizerConfig
 from .multiscale import MultiScaleQuantizer
-from .presets import load_preset
 from .vit import ViTDecoder, ViTEncoder
 
 PIXEL_RANGE_TOLERANCE = 1e-3  # resampling and float error may overshoot [-1, 1] slightly
-BACKBONES = {  # encoder and decoder classes by layout (and conv_backbone for grids)
-    "1d": (ViTEncoder, ViTDecoder),
+BACKBONES = {  # encoder and decoder classes, by `TokenLayout.backbone(config)`
+    "vit": (ViTEncoder, ViTDecoder),
     "taming": (Encoder, Decoder),
     "magvit2": (magvit2.Encoder, magvit2.Decoder),
 }
 
 
-def _backbone(config: TokenizerConfig) -> str:
-    return "1d" if config.layout == "1d" else config.conv_backbone
+def _residual_scales(config: TokenizerConfig) -> torch.nn.Module:
+    beta = config.quantizer_config.commitment_weight
+    return MultiScaleQuantizer(config.quantizer, config.latent_channels, config.scales, config.phi_count, beta)
 
 
-def _bottleneck(config: TokenizerConfig) -> torch.nn.Module:
-    """The quantizer adapter; for multiscale, residual quantization over the scales through it."""
-    if config.layout == "multiscale":
-        beta = config.quantizer_config.commitment_weight
-        return MultiScaleQuantizer(config.quantizer, config.latent_channels, config.scales, config.phi_count, beta)
-    return build_quantizer(config.quantizer_config, dim=config.latent_channels)
+BOTTLENECKS = {  # the quantizer module, by `TokenLayout.bottleneck`
+    PER_TOKEN: lambda config: build_quantizer(config.quantizer_config, dim=config.latent_channels),
+    RESIDUAL_SCALES: _residual_scales,  # residual quantization over the scales, through the adapter
+}
+
+
+def _backbone(config: TokenizerConfig) -> tuple[type, type]:
+    return BACKBONES[layout_kind(config).backbone(config)]
 
 
 @dataclass
@@ -86,9 +88,9 @@ class VQTokenizer(PreTrainedModel):
 
     def __init__(self, config: TokenizerConfig):
         super().__init__(config)
-        encoder, decoder = BACKBONES[_backbone(config)]
+        encoder, decoder = _backbone(config)
         self.encoder = encoder(config)
-        self.quantizer = _bottleneck(config)
+        self.quantizer = BOTTLENECKS[layout_kind(config).bottleneck](config)
         self.decoder = decoder(config)
         self.post_init()
 
@@ -145,7 +147,15 @@ class VQTokenizer(PreTrainedModel):
             )
         model.quantizer.reset_derived_buffers()
         _align(model)
+        model._trust_saved_fingerprint()
         return (model, info) if want_info else model
+
+    def _trust_saved_fingerprint(self) -> None:
+        """Take the fingerprint config.json records for the weights just loaded, instead of hashing them."""
+        saved = self.config.code_fingerprint
+        if saved and fingerprints.is_current(saved):
+            state = {k: v for k, v in self.state_dict().items() if k.startswith(fingerprints.CODE_MEANING_MODULES)}
+            self._fingerprint_cache = (fingerprints.tensors_key(state), saved)
 
     @classmethod
     def _shape_mismatches(cls, path, **kwargs) -> list[str]:
@@ -179,76 +189,68 @@ class VQTokenizer(PreTrainedModel):
         return self.config.downsample_factor
 
     @property
-    def is_1d(self) -> bool:
-        return self.config.layout == "1d"
-
-    @property
-    def is_multiscale(self) -> bool:
-        return self.config.layout == "multiscale"
-
-    @property
-    def scales(self) -> list[int] | None:
-        """Multiscale: the token maps' sides, coarse to fine; None for other layouts."""
-        return list(self.config.scales) if self.is_multiscale else None
+    def token_layout(self) -> TokenLayout:
+        """One image's tokens at the training resolution (`vqar.layouts`): what every layout-dependent
+        question is asked of."""
+        return self.config.token_layout
 
     @property
     def token_shape(self) -> tuple[int, ...]:
         """One image's tokens at the training resolution: (h, w), (L,) for 1d, (sum s^2,) for multiscale."""
-        return self.config.token_shape
+        return self.token_layout.shape
 
     @property
     def tokens_per_image(self) -> int:
         """Tokens for one image at the training resolution."""
-        return math.prod(self.token_shape)
-
-    @property
-    def token_grid(self) -> tuple[int, int] | None:
-        """(h, w) of one image's token grid at the training resolution; None for 1D and multiscale tokens."""
-        return None if self.is_1d or self.is_multiscale else self.token_shape
+        return self.token_layout.tokens_per_image
 
     @property
     def decodes_prefixes(self) -> bool:
         """Whether any leading k tokens decode (a 1D tokenizer trained with nested dropout)."""
-        return self.is_1d and self.config.nested_dropout
+        return self.token_layout.decodes_prefixes
 
     @property
     def prefix_lengths(self) -> list[int]:
         """The prefix lengths a variable-length tokenizer is evaluated at: L/4, L/2, L (1d with nested
         dropout); the ends of the scales at a third, two thirds and all of them (multiscale); [] otherwise."""
-        if self.is_multiscale:
-            ends, n = self.quantizer.boundaries, len(self.scales)
-            return sorted({ends[max(1, n // 3)], ends[max(1, 2 * n // 3)], ends[n]})
-        if not self.decodes_prefixes:
-            return []
-        L = self.tokens_per_image
-        return sorted({max(1, L // 4), max(1, L // 2), L})
+        return self.token_layout.prefix_lengths
+
+    # -- what the codes mean ----------------------------------------------------------------
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 of what makes the codes mean what they mean: the config's fields and every saved tensor.
+        """What makes the codes mean what they mean (`vqar.tokenizer.fingerprint`, scheme 2): the
+        encoder's and quantizer's config and tensors, not the decoder's.
 
-        A prior records the fingerprint of the tokenizer it was trained on and refuses another. It is
-        cached, and recomputed when a tensor is replaced or changed in place.
+        A prior records the fingerprint of the tokenizer it was trained on and refuses another.
+        Stored in config.json at `save_pretrained`, and recomputed when an encoder or quantizer
+        tensor is replaced or changed in place.
         """
-        state = self.state_dict()
-        # _version counts in-place writes; tensors made under inference_mode have none (they are not
-        # cached then, so the digest is always that of the current weights)
-        versions = tuple(-1 if t.is_inference() else t._version for t in state.values())
-        key = None if -1 in versions else tuple(zip((t.data_ptr() for t in state.values()), versions))
+        state = {k: v for k, v in self.state_dict().items() if k.startswith(fingerprints.CODE_MEANING_MODULES)}
+        key = fingerprints.tensors_key(state)
         cached = getattr(self, "_fingerprint_cache", None)
         if cached is None or key is None or cached[0] != key:
-            digest = hashlib.sha256()
-            names = sorted(set(type(self.config).__annotations__) - set(PREPROCESSING_FIELDS))
-            fields = {name: getattr(self.config, name) for name in names}
-            fields = _without_defaults(fields, LATER_FIELDS)
-            if isinstance(fields.get("quantizer"), dict):
-                fields["quantizer"] = _without_defaults(fields["quantizer"], LATER_QUANTIZER_FIELDS)
-            digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
-            for name, tensor in sorted(state.items()):
-                digest.update(name.encode() + str(tensor.dtype).encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            self._fingerprint_cache = cached = (key, digest.hexdigest())
+            self._fingerprint_cache = cached = (key, fingerprints.code_fingerprint(self.config, state))
         return cached[1]
+
+    @property
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint of scheme 1, which priors and tokens folders saved before scheme 2 recorded."""
+        return fingerprints.legacy_fingerprint(self.config, self.state_dict())
+
+    def has_codes_of(self, fingerprint: str) -> bool:
+        """Whether this tokenizer gives the codes of the one a prior or tokens folder recorded
+        (`fingerprint`, of either scheme): the same, or its decoder fine-tuned."""
+        if fingerprint in (self.config.same_codes_as or []):
+            return True
+        if fingerprints.is_current(fingerprint):
+            return fingerprint == self.fingerprint
+        return fingerprint == self.legacy_fingerprint
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with the fingerprint written into config.json."""
+        self.config.code_fingerprint = self.fingerprint
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @property
     def bits_per_image(self) -> float:
@@ -270,34 +272,19 @@ class VQTokenizer(PreTrainedModel):
         1d only: `num_tokens` decodes from the leading k tokens; in training with
         `nested_dropout`, each image keeps a random leading k in [1, L] instead.
         """
-        self._check_pixels(pixel_values)
+        layout = self._check_pixels(pixel_values)
         latents = self.encoder(pixel_values)
-        if self.is_multiscale:
-            out = self.quantizer(latents)
-            return TokenizerOutput(self.decoder(out.quantized.to(latents.dtype)), out.indices, out.loss, out.code_stats)
-        out = self.quantizer(self._to_sequence(latents), grid=self._grid_of(latents))  # [B, N, D]
+        out = layout.quantize(self.quantizer, latents)
         quantized = out.quantized.to(latents.dtype)
-        if self.is_1d:
-            reconstruction = self.decoder(quantized[:, :num_tokens], keep=self._nested_dropout_mask(quantized))
-        else:
-            reconstruction = self.decoder(self._to_grid(quantized, latents.shape[-2:]))
-        return TokenizerOutput(
-            reconstruction=reconstruction,
-            indices=out.indices if self.is_1d else out.indices.reshape(-1, *latents.shape[-2:]),
-            bottleneck_loss=out.loss,
-            code_stats=out.code_stats,
-        )
+        reconstruction = layout.decode_with(self.decoder, quantized, num_tokens, self._nested_dropout_mask(quantized))
+        return TokenizerOutput(reconstruction, out.indices, out.loss, out.code_stats)
 
     @torch.inference_mode()
     def encode(self, pixel_values: Tensor) -> Tensor:
         """Pixels [B, 3, H, W] in [-1, 1] -> indices [B, H/f, W/f], [B, L] for 1d, [B, sum s^2] for
         multiscale (long, in [0, K))."""
-        self._check_pixels(pixel_values)
-        latents = self.encoder(pixel_values)
-        if self.is_multiscale:
-            return self.quantizer(latents).indices
-        indices = self.quantizer(self._to_sequence(latents), grid=self._grid_of(latents)).indices
-        return indices if self.is_1d else indices.reshape(-1, *latents.shape[-2:])
+        layout = self._check_pixels(pixel_values)
+        return layout.quantize(self.quantizer, self.encoder(pixel_values)).indices
 
     @torch.inference_mode()
     def decode(self, indices: Tensor) -> Tensor:
@@ -307,28 +294,13 @@ class VQTokenizer(PreTrainedModel):
         [B, 3, R, R]. Multiscale: [B, k], the tokens of the first whole scales -> [B, 3, R, R] (the
         coarser, the fewer). Any integer dtype, values in [0, codebook_size).
         """
-        self._check_indices(indices)
-        if self.is_multiscale:
-            return self.decoder(self.quantizer.indices_to_latents(indices.long()).to(self.dtype))
-        grid = None if self.is_1d else tuple(indices.shape[1:])
-        codes = self.quantizer.indices_to_codes(indices.long().flatten(1), grid).to(self.dtype)  # [B, N, D]
-        return self.decoder(codes if self.is_1d else self._to_grid(codes, indices.shape[1:]))
+        layout = self.token_layout
+        layout.check_indices(indices, self.codebook_size)
+        return layout.decode_with(self.decoder, layout.dequantize(self.quantizer, indices).to(self.dtype))
 
     def split_scales(self, indices: Tensor) -> list[Tensor]:
         """Multiscale tokens [B, sum s^2] (or leading whole scales) -> one map [B, s_k, s_k] per scale."""
-        if not self.is_multiscale:
-            raise ValueError(f"split_scales needs a multiscale tokenizer; this one's layout is {self.config.layout!r}")
-        return self.quantizer.split(indices)
-
-    def _grid_of(self, latents: Tensor) -> tuple[int, int] | None:
-        return None if self.is_1d else tuple(latents.shape[-2:])
-
-    def _to_sequence(self, latents: Tensor) -> Tensor:
-        return latents if self.is_1d else rearrange(latents, "b d h w -> b (h w) d")
-
-    @staticmethod
-    def _to_grid(tokens: Tensor, shape) -> Tensor:
-        return rearrange(tokens, "b (h w) d -> b d h w", h=shape[0], w=shape[1])
+        return self.token_layout.split(indices)
 
     def _nested_dropout_mask(self, quantized: Tensor) -> Tensor | None:
         """Bool [B, L]: each image keeps its leading k ~ U{1..L} tokens, or with probability
@@ -344,7 +316,8 @@ class VQTokenizer(PreTrainedModel):
 
     # -- input checks -----------------------------------------------------------------------
 
-    def _check_pixels(self, pixels: Tensor) -> None:
+    def _check_pixels(self, pixels: Tensor) -> TokenLayout:
+        """Refuse what the encoder cannot read; return the token layout these pixels give."""
         if not isinstance(pixels, Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor [B, 3, H, W], got {type(pixels).__name__}")
         if pixels.ndim != 4 or pixels.shape[1] != 3:
@@ -352,17 +325,8 @@ class VQTokenizer(PreTrainedModel):
         if not pixels.is_floating_point():
             raise TypeError(f"pixel_values must be floats in [-1, 1], got dtype {pixels.dtype}")
         H, W = pixels.shape[-2:]
-        f = self.downsample_factor
-        if (self.is_1d or self.is_multiscale) and (H, W) != (self.config.resolution,) * 2:
-            why = "its positions are learned" if self.is_1d else "its scales end at the latent's side"
-            raise ValueError(
-                f"a {self.config.layout} tokenizer reads images of exactly its resolution, {self.config.resolution}x"
-                f"{self.config.resolution} ({why}), got {H}x{W}"
-            )
-        if H % f or W % f:
-            raise ValueError(
-                f"pixel_values height and width must be multiples of the downsampling factor {f}, got {H}x{W}"
-            )
+        layout, resolution, factor = self.token_layout, self.config.resolution, self.downsample_factor
+        layout.check_image_size(H, W, resolution, factor)
         low, high = torch.aminmax(pixels.detach())
         if low.isnan() or high.isnan():  # NaN compares false with everything: ask for it by name
             raise ValueError("pixel_values contain NaN")
@@ -371,30 +335,7 @@ class VQTokenizer(PreTrainedModel):
                 f"pixel_values must lie in [-1, 1], got values in [{low.item():.3g}, {high.item():.3g}]; "
                 "map uint8 images with x / 127.5 - 1"
             )
-
-    def _check_indices(self, indices: Tensor) -> None:
-        expected = f"[B, k] with 1 <= k <= {self.tokens_per_image}" if self.is_1d else "[B, h, w]"
-        if self.is_multiscale:
-            expected = f"[B, k] with k in {self.quantizer.boundaries[1:]} (whole scales {self.scales})"
-        if not isinstance(indices, Tensor):
-            raise TypeError(f"indices must be a torch.Tensor {expected}, got {type(indices).__name__}")
-        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
-            raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
-        sequence = self.is_1d or self.is_multiscale
-        if indices.ndim != (2 if sequence else 3) or (sequence and indices.shape[1] > self.tokens_per_image):
-            raise ValueError(f"indices must have shape {expected}, got {tuple(indices.shape)}")
-        if self.is_multiscale and indices.shape[1] not in self.quantizer.boundaries[1:]:
-            raise ValueError(f"indices must have shape {expected}, got {tuple(indices.shape)}")
-        if indices.numel() == 0:
-            raise ValueError(f"indices must not be empty, got shape {tuple(indices.shape)}")
-        low, high = (v.item() for v in torch.aminmax(indices))  # Python ints: uint8 would wrap the bound
-        if low < 0 or high >= self.codebook_size:
-            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
-
-
-def _without_defaults(fields: dict, later: dict) -> dict:
-    """`fields` less the later-added ones still at the value every earlier config had."""
-    return {k: v for k, v in fields.items() if not (k in later and v == later[k])}
+        return layout if H == W == resolution else layout.at_resolution(H, factor)
 
 
 def _align(model: torch.nn.Module, alignment: int = 64) -> None:
@@ -410,10 +351,10 @@ def _align(model: torch.nn.Module, alignment: int = 64) -> None:
 
 def parameter_count(config: TokenizerConfig) -> int:
     """Parameters of a tokenizer with this config, without allocating its encoder and decoder."""
-    encoder, decoder = BACKBONES[_backbone(config)]
+    encoder, decoder = _backbone(config)
     with torch.device("meta"):  # shapes only; the quantizer (small) cannot be built there: FSQ reads its levels
         nets = (encoder(config), decoder(config))
-    quantizer = _bottleneck(config)
+    quantizer = BOTTLENECKS[layout_kind(config).bottleneck](config)
     return sum(p.numel() for module in (*nets, quantizer) for p in module.parameters())
 
 

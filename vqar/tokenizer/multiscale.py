@@ -19,35 +19,16 @@ the scales' codes concatenated coarse to fine, [B, sum(s_k^2)]; any leading whol
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layouts import MultiscaleLayout
 from ..metrics import code_histogram, code_perplexity, codebook_usage
 from ..quantizers import CodeStats, QuantizerOutput, build_quantizer
 
 PHI_RATIO = 0.5  # VAR's quant_resi
-
-
-def check_scales(scales: list[int], latent_side: int) -> None:
-    """Scales must be positive sides, strictly increasing, the last one the latent's side."""
-    if not scales or not all(isinstance(s, int) and s >= 1 for s in scales):
-        raise ValueError(f"scales must be a non-empty list of positive ints, got {scales!r}")
-    if any(b <= a for a, b in itertools.pairwise(scales)):
-        raise ValueError(f"scales must increase strictly (coarse to fine), got {scales}")
-    if scales[-1] != latent_side:
-        raise ValueError(
-            f"the last scale must be the latent's side, {latent_side} (resolution / downsampling factor), "
-            f"got scales {scales}"
-        )
-
-
-def scale_boundaries(scales: list[int]) -> list[int]:
-    """Tokens before each scale and in all: [0, s_1^2, s_1^2 + s_2^2, ..., sum(s_k^2)]."""
-    return [0, *itertools.accumulate(s * s for s in scales)]
 
 
 class Phi(nn.Conv2d):
@@ -80,7 +61,7 @@ class MultiScaleQuantizer(nn.Module):
         ticks = _phi_ticks(phi_count)
         at = [k / max(1, len(scales) - 1) for k in range(len(scales))]
         self.phi_of_scale = [int(np.abs(ticks - a).argmin()) for a in at]
-        self.boundaries = scale_boundaries(scales)
+        self.layout = MultiscaleLayout(tuple(scales))
 
     @property
     def codebook_size(self) -> int:
@@ -122,33 +103,15 @@ class MultiScaleQuantizer(nn.Module):
 
     def indices_to_latents(self, indices: Tensor) -> Tensor:
         """Tokens of the first k whole scales [B, s_1^2 + ... + s_k^2] -> their partial sum f_hat [B, C, h, w]."""
-        count = self.scales_in(indices.shape[1])
+        count, ends = self.layout.scales_in(indices.shape[1]), self.layout.boundaries
         B, side = indices.shape[0], self.scales[-1]
         f_hat = torch.zeros(B, self.channels, side, side, device=indices.device)
         with torch.autocast(device_type=indices.device.type, enabled=False):
             for k in range(count):
-                start, end = self.boundaries[k], self.boundaries[k + 1]
-                codes = self.quantizer.indices_to_codes(indices[:, start:end]).float()  # [B, s^2, C]
+                codes = self.quantizer.indices_to_codes(indices[:, ends[k] : ends[k + 1]]).float()  # [B, s^2, C]
                 s = self.scales[k]
                 f_hat = f_hat + self._refined(k, codes.transpose(1, 2).reshape(B, self.channels, s, s))
         return f_hat
-
-    def scales_in(self, length: int) -> int:
-        """How many whole scales `length` leading tokens hold; anything else is refused by name."""
-        if length not in self.boundaries[1:]:
-            raise ValueError(
-                f"multiscale tokens decode whole scales: a length in {self.boundaries[1:]} (scales {self.scales}), "
-                f"got {length}"
-            )
-        return self.boundaries.index(length)
-
-    def split(self, indices: Tensor) -> list[Tensor]:
-        """Tokens [B, sum s_k^2] (or leading whole scales) -> one [B, s_k, s_k] map per scale."""
-        count = self.scales_in(indices.shape[1])
-        return [
-            indices[:, self.boundaries[k] : self.boundaries[k + 1]].reshape(-1, self.scales[k], self.scales[k])
-            for k in range(count)
-        ]
 
 
 def _code_stats(indices: Tensor, codebook_size: int) -> CodeStats:

@@ -1,42 +1,18 @@
-"""Named tokenizer presets: the config JSON files of the repository's `tokenizers/` folder.
-
-The folder is data, never a Python package (it would shadow Hugging Face's `tokenizers`). A
-wheel ships it as `vqar/presets/`; a source checkout or editable install reads it in place.
-"""
+"""The tokenizer presets described: one row per preset for `vqar presets` (the files themselves are
+read by `vqar.tokenizer.catalogue`)."""
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
-_PACKAGE_DIR = Path(__file__).resolve().parent.parent
-
-
-def preset_dir() -> Path:
-    installed = _PACKAGE_DIR / "presets"  # non-editable install: shipped as package data
-    return installed if installed.is_dir() else _PACKAGE_DIR.parent / "tokenizers"
-
-
-def list_presets() -> list[str]:
-    """Names of the tokenizer presets, sorted."""
-    return sorted(p.stem for p in preset_dir().glob("*.json"))
-
-
-def load_preset(name: str) -> dict:
-    """The config dict of preset `name`, without its `_comment` notes."""
-    path = preset_dir() / f"{name}.json"
-    if not path.is_file():
-        raise ValueError(f"unknown tokenizer preset {name!r}; available presets: {', '.join(list_presets())}")
-    config = json.loads(path.read_text())
-    return {k: v for k, v in config.items() if not k.startswith("_")}
+from .catalogue import list_presets, load_preset, preset_dir
+from .configuration import TokenizerConfig
+from .modeling import parameter_count
 
 
 def describe_presets() -> list[dict]:
     """One row per preset: name, layout, codes, tokens per image at its resolution, parameters, description."""
-    from .configuration import TokenizerConfig
-    from .modeling import parameter_count
-
     rows = []
     for name in list_presets():
         raw = json.loads((preset_dir() / f"{name}.json").read_text())

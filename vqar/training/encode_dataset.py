@@ -102,16 +102,13 @@ def tokenize_dataset(args: TokenizeArgs) -> TokensManifest:
         columns, bad = _encode(accelerator, tokenizer, dataset, args.batch_size, name)
         splits[name], skipped = columns, skipped + bad
     # what this preprocessing gives: a grid tokenizer is fully convolutional, --resolution changes its grid
-    grid = [transform.resolution // tokenizer.downsample_factor] * 2 if tokenizer.token_grid else None
-    tokens_per_image = grid[0] * grid[1] if grid else tokenizer.tokens_per_image
+    layout = tokenizer.token_layout.at_resolution(transform.resolution, tokenizer.downsample_factor)
     local = Path(args.tokenizer).exists()
     manifest = TokensManifest(
         tokenizer=str(Path(args.tokenizer).resolve()) if local else args.tokenizer,
         tokenizer_fingerprint=tokenizer.fingerprint,
         codebook_size=tokenizer.codebook_size,
-        tokens_per_image=tokens_per_image,
-        grid=grid,
-        scales=tokenizer.scales,
+        **layout.to_fields(),
         fingerprint=fingerprint,
         decodes_prefixes=tokenizer.decodes_prefixes,
         class_names=class_names(source) or [],

@@ -102,10 +102,10 @@ def collate_tokens(rows: list[dict]) -> dict:
 
 
 def training_sequences(layout: VocabLayout, tokens: torch.Tensor, labels: torch.Tensor, label_dropout: float):
-    """Sequences [B, 2 + N] (`layout.to_sequence`) with a share `label_dropout` of the labels dropped."""
+    """Sequences [B, 2 + N] (`layout.codec.to_sequence`) with a share `label_dropout` of the labels dropped."""
     if label_dropout > 0:
         labels = torch.where(torch.rand(labels.shape, device=labels.device) < label_dropout, -1, labels)
-    return layout.to_sequence(labels, tokens)
+    return layout.codec.to_sequence(labels, tokens)
 
 
 # -- setup ----------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def setup(args: PriorArgs, train: TrainConfig) -> PriorRun:
 def _sample_decoder(output_dir: str, layout: VocabLayout, device) -> torch.nn.Module | None:
     """The tokenizer of the tokens, to show samples at each evaluation; None (and a note) if it is gone."""
     try:
-        return load_tokenizer_for(output_dir, layout, tokenizer=layout.tokenizer).to(device)
+        return load_tokenizer_for(output_dir, layout, tokenizer=layout.provenance.tokenizer).to(device)
     except (OSError, ValueError) as error:
         logger.warning("no samples during training: cannot load the tokenizer (%s)", error)
         return None
@@ -199,7 +199,7 @@ def evaluate_prior(model, layout: VocabLayout, dataset, batch_size: int) -> dict
     model.eval()
     total_nats, count, images = 0.0, 0, 0
     for batch in make_loader(dataset, batch_size, collate_fn=collate_tokens):
-        ids = layout.to_sequence(batch["labels"].to(model.device), batch["tokens"].to(model.device))
+        ids = layout.codec.to_sequence(batch["labels"].to(model.device), batch["tokens"].to(model.device))
         nats, tokens = image_nll(model, layout, ids)
         total_nats, count, images = total_nats + nats, count + tokens, images + len(ids)
     model.train(was_training)
@@ -224,7 +224,7 @@ def evaluate(run: PriorRun, step: int) -> dict:
 
 def _samples(run: PriorRun) -> torch.Tensor:
     layout, count = run.layout, run.args.eval_samples
-    classes = [i % layout.num_classes for i in range(count)] if layout.num_classes else None
+    classes = [i % layout.ids.num_classes for i in range(count)] if layout.ids.num_classes else None
     prompts = build_prompts(layout, classes=classes, num_images=None if classes else count, bpe=run.bpe)
     was_training = run.unwrapped.training
     images = generate_images(run.unwrapped.eval(), run.tokenizer, layout, prompts, SamplingConfig(seed=0), bpe=run.bpe)

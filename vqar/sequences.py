@@ -1,0 +1,94 @@
+"""The sequence codec: how a condition and an image's ids become one sequence of the prior, and back.
+
+A sequence is `[condition, BOI, image ids]` (DESIGN.md): the condition a class token or the null
+class, then begin-of-image, then the image's ids in the token layout's order. Raster priors model
+it token by token; with visual BPE the image's ids vary in number, so the sequence ends with EOI
+and is padded to `sequence_length`. A next-scale prior (multiscale tokens) reads the same
+sequence and predicts a scale at a time (`vqar.next_scale`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .layouts import TokenLayout
+from .vocab import IdSpace
+
+PROMPT_LENGTH = 2  # condition, BOI
+
+
+@dataclass(frozen=True)
+class SequenceCodec:
+    """(condition, image ids) <-> sequences [B, S] of `ids`, for images of `tokens`' layout."""
+
+    ids: IdSpace
+    tokens: TokenLayout
+
+    @property
+    def prompt_length(self) -> int:
+        """Ids before the image's: the condition and BOI."""
+        return PROMPT_LENGTH
+
+    @property
+    def sequence_length(self) -> int:
+        """The longest sequence: the prompt, one id per code at worst, and EOI with BPE."""
+        return self.prompt_length + self.tokens.tokens_per_image + int(self.ids.uses_bpe)
+
+    def conditions(self, labels: Tensor | None, batch_size: int) -> Tensor:
+        """Condition ids [B]: class tokens for labels >= 0, the null class for None or -1."""
+        if labels is None or self.ids.num_classes == 0:
+            return torch.full((batch_size,), self.ids.null_class, dtype=torch.long)
+        labels = labels.long()
+        tokens = self.ids.class_token(labels.clamp_min(0))
+        return torch.where(labels < 0, torch.full_like(tokens, self.ids.null_class), tokens)
+
+    def prompt(self, conditions: Tensor) -> Tensor:
+        """Condition ids [B] -> the prompt [B, 2]: condition, BOI."""
+        return torch.stack([conditions, torch.full_like(conditions, self.ids.boi)], dim=1)
+
+    def to_sequence(self, labels: Tensor | None, image_ids: Tensor) -> Tensor:
+        """(labels [B] or None, image ids [B, N] or [B, *shape]) -> AR input ids [B, sequence_length].
+
+        With BPE, image ids are [B, L] left-aligned and padded with -1; the output is
+        `condition, BOI, ids, EOI` padded with the pad id.
+        """
+        ids = self.tokens.flatten(image_ids).long()
+        prompt = self.prompt(self.conditions(labels, ids.shape[0]).to(ids.device))
+        if not self.ids.uses_bpe:
+            self.ids.check_image_ids(ids)
+            return torch.cat([prompt, ids], dim=1)
+        present = ids >= 0
+        self.ids.check_image_ids(ids[present])
+        B, L = ids.shape
+        out = torch.full((B, self.sequence_length), self.ids.pad, dtype=torch.long, device=ids.device)
+        out[:, : self.prompt_length] = prompt
+        out[:, self.prompt_length : self.prompt_length + L] = torch.where(present, ids, self.ids.pad)
+        return out.scatter_(1, self.prompt_length + present.sum(1, keepdim=True), self.ids.eoi)
+
+    def from_sequence(self, sequences: Tensor) -> tuple[Tensor, Tensor]:
+        """AR ids -> (condition ids [B], image ids).
+
+        Image ids are [B, *shape] (a grid [B, h, w] when there is one), or with BPE [B, L] padded
+        with -1 after each sequence's EOI.
+        """
+        if sequences.ndim != 2 or sequences.shape[1] > self.sequence_length:
+            raise ValueError(f"sequences must be [B, <= {self.sequence_length}], got {tuple(sequences.shape)}")
+        images = sequences[:, self.prompt_length :]
+        if self.ids.uses_bpe:
+            ended = (images == self.ids.eoi).long().cumsum(1) > 0
+            images = images.masked_fill(ended | (images == self.ids.pad), -1)
+            self.ids.check_image_ids(images[images >= 0])
+            return sequences[:, 0], images
+        if images.shape[1] != self.tokens.tokens_per_image:
+            raise ValueError(f"sequences must be [B, {self.sequence_length}], got {tuple(sequences.shape)}")
+        self.ids.check_image_ids(images)
+        return sequences[:, 0], self.tokens.unflatten(images)
+
+    def modelled_ids(self, sequences: Tensor) -> Tensor:
+        """Bool [B, S]: the positions whose ids the prior predicts (the image's, and EOI with BPE)."""
+        modelled = sequences != self.ids.pad
+        modelled[:, : self.prompt_length] = False
+        return modelled
