@@ -26,6 +26,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch-installed
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
 	$(BIN)/python -m pytest
 
 demo: $(VENV)/.installed

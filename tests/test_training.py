@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from vqar.data import load_source
@@ -89,6 +90,21 @@ def test_recipe_fields_are_overridden_from_the_command_line(tmp_path):
     assert (train.max_steps, data.data, model.tokenizer, data.random_flip) == (7, "digits", {"channels": 8}, False)
     assert model.preset == "vq-cpu"  # from the recipe, not overridden
     assert loss.regression == "l1"  # the dataclass default
+
+
+def test_a_dict_on_the_command_line_merges_into_the_recipes_and_the_run_records_the_merge(tmp_path):
+    recipe = REPO / "recipes" / "quickstart-digits.yaml"
+    override = '{"layout": "multiscale", "scales": [1, 2, 4, 8], "quantizer": {"levels": [4, 4, 4]}}'
+    argv = [str(recipe), "--tokenizer", override, "--max_steps=2", f"--output_dir={tmp_path}", "--batch_size=8"]
+    argv += ["--log_with=none", "--eval_every=0", "--save_every=0"]
+    model, *_ = parse_recipe(argv, TYPES)
+    recipe_tokenizer = yaml.safe_load(recipe.read_text())["tokenizer"]
+    assert model.tokenizer["channel_multipliers"] == recipe_tokenizer["channel_multipliers"]  # kept
+    assert model.tokenizer["layout"] == "multiscale" and model.tokenizer["scales"] == [1, 2, 4, 8]
+    assert model.tokenizer["quantizer"] == {"kind": "fsq", "levels": [4, 4, 4]}  # nested dicts merge too
+    run(argv)  # a latent of side 8 for scales ending at 8: the recipe's channel_multipliers were kept
+    saved = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    assert saved["tokenizer"] == model.tokenizer
 
 
 def test_recipe_with_unknown_field_is_refused(tmp_path):

@@ -170,6 +170,9 @@ class CodeStats:
 
 @dataclass
 class QuantizerOutput:
+    """What every quantizer kind returns for tokens [B, N, D]: the same four fields, so the
+    tokenizer never asks which kind it holds (a multiscale bottleneck returns them over its scales)."""
+
     quantized: Tensor  # [B, N, D] float32, what the decoder sees
     indices: Tensor  # [B, N] long in [0, K)
     loss: Tensor  # scalar bottleneck loss, already weighted (0 for FSQ without fsq_entropy_weight, and in eval mode)

@@ -11,11 +11,6 @@ from ..layouts import LAYOUT_KINDS, TokenLayout, layout_kind, layout_of_config
 from ..quantizers import QuantizerConfig
 
 CONV_BACKBONES = ("taming", "magvit2")
-PREPROCESSING_FIELDS = ("resize_to",)  # how images are prepared, not what the codes mean
-# Fields added after tokenizers were first saved, with the value every earlier one had: a field at
-# that value is left out of the fingerprint, so priors trained on earlier tokenizers still match.
-LATER_FIELDS = {"norm_group_size": 1, "nested_dropout_share": 1.0}
-LATER_QUANTIZER_FIELDS = {"standardize": False, "fsq_entropy_weight": 0.0}  # the same, inside the quantizer's options
 _SHARED = ("resolution", "latent_channels", "quantizer")
 _CONV = ("channels", "channel_multipliers", "num_res_blocks", "attn_resolutions", "mid_attention")
 # in every saved config.json of that layout (`layout` itself defaults to "grid"); a 1d tokenizer has no conv fields
@@ -26,7 +21,7 @@ REQUIRED_FIELDS = {
 
 @strict
 class TokenizerConfig(PretrainedConfig):
-    """A discrete image tokenizer, in one of two layouts.
+    """A discrete image tokenizer, in one of three layouts (`vqar.layouts`).
 
     layout "grid": a VQGAN-style conv tokenizer (Esser et al. 2021, "Taming Transformers"),
     tokens [B, h, w]. The encoder halves the resolution once per entry of

@@ -93,7 +93,9 @@ def parse_recipe(
 
     The YAML's values become the defaults of an HfArgumentParser, so the command line overrides
     any of them; without a recipe the dataclasses' defaults apply. Dict-valued fields (typed
-    `JSONDict`) take JSON on the command line.
+    `JSONDict`) take JSON on the command line, which merges into the recipe's dict key by key (nested
+    dicts too), as OmegaConf and Hydra merge overrides: `--tokenizer '{"layout": "multiscale"}'`
+    keeps the recipe's other tokenizer fields.
     """
     usage = f"{prog or 'vqar'} [RECIPE.yaml] [--field value ...]"
     parser = HfArgumentParser(dataclass_types, prog=prog, description=description, usage=usage)
@@ -105,7 +107,22 @@ def parse_recipe(
         if unknown:
             raise ValueError(f"recipe {recipe_path} has unknown field(s) {unknown}; known fields: {sorted(known)}")
         parser.set_defaults(**recipe)
-    return parser.parse_args_into_dataclasses(args=overrides)
+    else:
+        recipe = {}
+    configs = parser.parse_args_into_dataclasses(args=overrides)
+    for config in configs:
+        for f in dataclasses.fields(config):
+            if isinstance(recipe.get(f.name), dict) and isinstance(getattr(config, f.name), dict):
+                setattr(config, f.name, merged(recipe[f.name], getattr(config, f.name)))
+    return configs
+
+
+def merged(base: dict, override: dict) -> dict:
+    """`override` merged into `base` key by key: nested dicts merge, anything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
 
 
 def _split_recipe(argv: list[str]) -> tuple[str | None, list[str]]:
