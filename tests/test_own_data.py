@@ -16,7 +16,7 @@ from PIL import Image
 
 from vqar import TokenizerConfig, VQTokenizer
 from vqar.cli import main
-from vqar.data import class_names, load_source
+from vqar.data import class_names, describe_source, load_source
 
 TINY_TOKENIZER = json.dumps({k: v for k, v in TINY_F2.items() if k != "resolution"})
 
@@ -77,6 +77,33 @@ def test_a_folder_of_class_subfolders_is_labelled_by_subfolder_name(nested_folde
 def test_a_flat_folder_has_no_labels(tmp_path):
     write_images(tmp_path, 3)
     assert "label" not in load_source(str(tmp_path)).column_names
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_labels_and_captions_come_from_metadata_files_as_datasets_reads_them(tmp_path, fmt, caplog):
+    paths = write_images(tmp_path / "imgs", 7)
+    rows = [
+        {"file_name": f"imgs/{p.name}", "label": ["red", "blue"][i % 2], "text": f"shape {i}"}
+        for i, p in enumerate(paths[:6])
+    ]
+    if fmt == "jsonl":
+        (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    else:
+        lines = [",".join(rows[0])] + [",".join(str(v) for v in r.values()) for r in rows]
+        (tmp_path / "metadata.csv").write_text("\n".join(lines))
+    with caplog.at_level("WARNING"):
+        source = load_source(str(tmp_path))
+    assert class_names(source) == ["blue", "red"] and source["label"][:2] == [1, 0]
+    assert source["caption"][3] == "shape 3" and len(source) == 6
+    assert "1 image file(s)" in caplog.text and "not named in its metadata" in caplog.text  # imgs/img006.png
+    assert describe_source(source, "mine") == "mine: 6 images, 2 classes (blue: 3, red: 3), 6 captions"
+    assert load_source(str(tmp_path), label_column="label").column_names == ["image", "label", "caption"]
+
+
+def test_every_command_that_reads_images_says_what_it_read(tmp_path):
+    VQTokenizer(TokenizerConfig(**TINY_F2)).save_pretrained(tmp_path / "tokenizer")
+    out, _ = vqar("tokenize", "--tokenizer", tmp_path / "tokenizer", "--data", "digits", "--output", tmp_path / "t")
+    assert "digits: 1,797 images, 10 classes (0: 178, 1: 182," in out
 
 
 def test_a_classlabel_column_is_found_like_the_image_column(tmp_path):

@@ -22,6 +22,7 @@ import glob
 import importlib
 import io
 import logging
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -90,16 +91,78 @@ def _photos() -> datasets.Dataset:
 BUNDLED_SOURCES = {"digits": _digits, "photos": _photos}
 
 
+STREAM_SHARDS = 64  # a local source streams as this many shards: enough to divide among processes and workers
+METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")  # datasets' imagefolder convention
+CAPTION_COLUMNS = ("text", "caption", "prompt")  # the first string column of these names holds captions
+
+
 def _image_folder(root: Path) -> datasets.Dataset:
+    """A folder as `datasets`' imagefolder reads it: with metadata files, their columns (labels,
+    captions) joined to the images by `file_name`; without, labels from first-level subfolders."""
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}, ...) found under {root}")
+    metadata = sorted(p for p in root.rglob("*") if p.name in METADATA_FILES)
+    if metadata:
+        return _with_metadata(root, paths, metadata)
     classes = sorted({p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1})
     if len(classes) < 2 or any(len(p.relative_to(root).parts) == 1 for p in paths):
         return datasets.Dataset.from_dict({"image": [str(p) for p in paths]})
     labels = [classes.index(p.relative_to(root).parts[0]) for p in paths]
     features = datasets.Features({"image": datasets.Value("string"), "label": datasets.ClassLabel(names=classes)})
     return datasets.Dataset.from_dict({"image": [str(p) for p in paths], "label": labels}, features=features)
+
+
+def _read_metadata(path: Path) -> list[dict]:
+    """The rows of one metadata file (csv, jsonl or parquet), with types inferred as `datasets` does."""
+    import pyarrow.csv
+    import pyarrow.json
+    import pyarrow.parquet
+
+    readers = {".csv": pyarrow.csv.read_csv, ".jsonl": pyarrow.json.read_json, ".parquet": pyarrow.parquet.read_table}
+    try:
+        table = readers[path.suffix](str(path))
+    except Exception as error:  # a malformed file: say which
+        raise ValueError(f"cannot read the metadata file {path}: {type(error).__name__}: {error}") from error
+    if "file_name" not in table.column_names:
+        raise ValueError(f"metadata file {path} has no `file_name` column (the image's path relative to it)")
+    return table.to_pylist()
+
+
+def _with_metadata(root: Path, paths: list[Path], metadata: list[Path]) -> datasets.Dataset:
+    """Images joined to their metadata rows; images no row names are left out (and counted)."""
+    rows = {}
+    for file in metadata:
+        for row in _read_metadata(file):
+            rows[(file.parent / str(row.pop("file_name"))).resolve()] = row
+    listed = [p for p in paths if p.resolve() in rows]
+    if not listed:
+        raise ValueError(
+            f"no image under {root} is named in its metadata file(s) {[str(m) for m in metadata]}: "
+            "`file_name` holds each image's path relative to the metadata file"
+        )
+    columns = sorted({key for row in rows.values() for key in row})
+    table = {"image": [str(p) for p in listed]}
+    table |= {c: [rows[p.resolve()].get(c) for p in listed] for c in columns if c not in ("image",)}
+    if len(listed) < len(paths):
+        logger.warning(
+            "%d image file(s) under %s are not named in its metadata file(s): skipped", len(paths) - len(listed), root
+        )
+    label = table.get("label")
+    if label is not None and all(isinstance(v, str) for v in label):  # names, as datasets keeps them: classes
+        names = sorted(set(label))
+        index = {name: i for i, name in enumerate(names)}
+        table["label"] = [index[v] for v in label]
+        return datasets.Dataset.from_dict(table, features=_features(table, datasets.ClassLabel(names=names)))
+    if label is not None and all(isinstance(v, numbers.Integral) and v >= 0 for v in label):
+        names = [str(i) for i in range(max(label) + 1)]
+        return datasets.Dataset.from_dict(table, features=_features(table, datasets.ClassLabel(names=names)))
+    return datasets.Dataset.from_dict(table)
+
+
+def _features(table: dict, label: datasets.ClassLabel) -> datasets.Features:
+    inferred = datasets.Dataset.from_dict({k: v[:1] for k, v in table.items() if k != "label"}).features
+    return datasets.Features({**inferred, "label": label})
 
 
 def _saved_dataset(root: Path, split: str) -> datasets.Dataset:
@@ -146,10 +209,11 @@ def load_source(
     split: str = "train",
     image_column: str | None = None,
     label_column: str | None = None,
+    caption_column: str | None = None,
     streaming: bool = False,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Resolve a source string to a dataset with an `image` column (undecoded) and, if the
-    source has labels, a `label` column."""
+    source has them, a `label` column (class labels) and a `caption` column (strings)."""
     source = str(source)
     if source in BUNDLED_SOURCES:
         dataset = BUNDLED_SOURCES[source]()
@@ -169,10 +233,15 @@ def load_source(
         )
     else:
         dataset = _hub_dataset(source, split, streaming)
-    return _standardise_columns(dataset, source, image_column, label_column)
+    dataset = _standardise_columns(dataset, source, image_column, label_column, caption_column)
+    if streaming and isinstance(dataset, datasets.Dataset):  # folders, saved datasets, bundled sets stream too
+        dataset = dataset.to_iterable_dataset(num_shards=min(len(dataset), STREAM_SHARDS))
+    return dataset
 
 
-def _standardise_columns(dataset, source: str, image_column: str | None, label_column: str | None):
+def _standardise_columns(
+    dataset, source: str, image_column: str | None, label_column: str | None, caption_column: str | None = None
+):
     features = dataset.features or {}
     columns = list(features) or list(dataset.column_names or [])
     image_column = image_column or next(
@@ -187,18 +256,50 @@ def _standardise_columns(dataset, source: str, image_column: str | None, label_c
         (c for c in columns if isinstance(features.get(c), datasets.ClassLabel)),
         "label" if "label" in columns else None,
     )
+    if caption_column is not None and caption_column not in columns:
+        raise ValueError(f"data source {source!r} has no caption column {caption_column!r}; columns: {columns}")
+    caption_column = caption_column or next((c for c in CAPTION_COLUMNS if _is_string(features.get(c))), None)
     keep = {image_column: "image", **({label_column: "label"} if label_column else {})}
+    keep |= {caption_column: "caption"} if caption_column else {}
     dataset = dataset.select_columns(list(keep))
     dataset = dataset.rename_columns({k: v for k, v in keep.items() if k != v})
     if isinstance(features.get(image_column), datasets.Image):
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    if label_column and _is_string(features.get(label_column)) and isinstance(dataset, datasets.Dataset):
+        dataset = dataset.class_encode_column("label")  # label names as classes, sorted
     return dataset
+
+
+def _is_string(feature) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
 def class_names(dataset) -> list[str] | None:
     """Names of the label classes when the source has a ClassLabel column."""
     feature = (dataset.features or {}).get("label")
     return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def describe_source(dataset, name: str) -> str:
+    """One line saying what a source holds: images, classes (names and counts), captions.
+
+    Read at the start of every command that reads images, so that labels a user expected and the
+    source did not give (or gave under another column) are seen before the run, not after it."""
+    if not isinstance(dataset, datasets.Dataset):
+        columns = ", ".join(c for c in ("label", "caption") if c in (dataset.column_names or []))
+        return f"{name}: a stream of images (its length is read as it goes){'; with ' + columns if columns else ''}"
+    line = f"{name}: {len(dataset):,} images"
+    names = class_names(dataset)
+    if names:
+        counts = np.bincount(np.asarray(dataset["label"], dtype=np.int64).clip(0), minlength=len(names))
+        shown = ", ".join(f"{n}: {c:,}" for n, c in zip(names[:12], counts[:12]))
+        line += f", {len(names)} classes ({shown}{', ...' if len(names) > 12 else ''})"
+    else:
+        line += ", no class labels (a `label` column, class subfolders or metadata labels give them)"
+    if "caption" in dataset.column_names:
+        captions = sum(bool(c and str(c).strip()) for c in dataset["caption"])
+        line += f", {captions:,} captions"
+    return line
 
 
 def split_holdout(dataset: datasets.Dataset, eval_fraction: float, seed: int = 0):
@@ -371,6 +472,12 @@ class ImageDataset(torch.utils.data.Dataset):
         pixels = self.transform.augment(image, _generator(self.seed, self.epoch, index))
         return {"pixels": pixels, "label": label, "index": index}
 
+    def caption(self, index: int) -> str:
+        """The caption of example `index` ("" when the source has none for it)."""
+        if "caption" not in self.dataset.column_names:
+            return ""
+        return self.dataset[index % len(self.dataset)]["caption"] or ""
+
     def require_readable(self, name: str) -> None:
         """Raise unless some image of the source can be read: a folder of broken files is an error
         at start-up, not a run that waits forever for a batch. Reads until the first good image."""
@@ -391,20 +498,51 @@ def _generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 class StreamingImageDataset(torch.utils.data.IterableDataset):
     """An iterable view of a streaming source, shuffled through a buffer; an `Unreadable` in place
-    of a bad image (keyed by its file when the stream has one, else by its position)."""
+    of a bad image (keyed by its file when the stream has one, else by its position).
+
+    With several processes each reads its own part of the stream (`split_dataset_by_node`: whole
+    shards when their number divides among the processes, else every n-th example); with several
+    DataLoader workers each reads its own shards. `skip_batches` makes the next pass start after
+    the batches a resumed run had trained on, reading those rows without decoding their images.
+    """
 
     def __init__(
-        self, dataset: datasets.IterableDataset, transform: ImageTransform, *, seed: int = 0, shuffle_buffer: int = 1000
+        self,
+        dataset: datasets.IterableDataset,
+        transform: ImageTransform,
+        *,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        if world_size > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
         self.dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer else dataset
         self.transform, self.seed, self.epoch = transform, seed, 0
+        self.batches_to_skip, self.batch_size = 0, 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.dataset.set_epoch(epoch)
 
+    def skip_batches(self, batches: int, batch_size: int) -> None:
+        """The next pass leaves out the first `batches` batches of `batch_size` (as a DataLoader makes them)."""
+        self.batches_to_skip, self.batch_size = batches, batch_size
+
+    def _rows_to_skip(self) -> int:
+        """Rows of this worker's stream in the batches to skip: the DataLoader takes batch b from worker b % W."""
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return max(0, -(-(self.batches_to_skip - worker) // workers)) * self.batch_size
+
     def __iter__(self):
+        skip = self._rows_to_skip()
         for index, row in enumerate(self.dataset):
+            if index < skip:
+                continue  # trained on before the resume: read, not decoded
             try:
                 image = self.transform.prepare(read_image(row["image"]))
             except UnreadableImage as error:
@@ -413,6 +551,7 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
                 continue
             pixels = self.transform.augment(image, _generator(self.seed, self.epoch, index))
             yield {"pixels": pixels, "label": row.get("label", -1), "index": index}
+        self.batches_to_skip = 0
 
 
 def split_stream(dataset: datasets.IterableDataset, eval_size: int):

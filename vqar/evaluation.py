@@ -5,99 +5,101 @@
   rate an entropy coder driven by the prior would reach (token grids larger than the prior's,
   from images above the training resolution, are coded tile by tile);
 - distortion: PSNR, SSIM, LPIPS (real backbone weights only) and rFID (torch-fidelity's
-  Inception), each null with the reason when it cannot be computed; their weights are fetched
-  once into torch's hub cache unless offline (vqar.weights);
+  Inception, `vqar.fid`), each null with the reason when it cannot be computed; their weights are
+  fetched once into torch's hub cache unless offline (vqar.weights);
 - codebook health over the whole set: usage, perplexity, dead codes;
 - for a 1d tokenizer trained with nested dropout, `psnr_at_tokens`: PSNR decoding only the
   leading k = L/4, L/2, L tokens (the rate then is k x log2 K bits);
 - a reference: the same images through JPEG and WebP (Pillow) at the quality whose file size
-  is closest to the tokenizer's raw rate, and with a prior, to the prior's rate.
+  is closest to the tokenizer's raw rate, and with a prior, to the prior's rate (`vqar.codecs`).
+
+Every figure is a running sum over batches, on `--device` in `--dtype`: memory does not grow with
+the number of images.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers.hf_argparser import HfArg
 
-from .data import (
-    ImageDataset,
-    collate_images,
-    image_grid,
-    load_source,
-    make_loader,
-    report_unreadable,
-    split_holdout,
-    to_pil,
-)
+from .codecs import CODEC_FORMATS, CodecAtRate
+from .data import ImageDataset, collate_images, image_grid, load_source, make_loader, report_unreadable, split_holdout
+from .devices import resolve_device, resolve_dtype
+from .fid import FeatureStats, InceptionFeatures, fid
 from .losses import PerceptualLoss, lpips_missing_reason
 from .metrics import code_histogram, code_perplexity, codebook_usage, psnr, ssim
-from .weights import FID_INCEPTION, missing_reason
-
-CODEC_FORMATS = {"jpeg": "JPEG", "webp": "WEBP"}
-
+from .weights import MissingWeights
 
 # -- reconstruction metrics: the one evaluator, also the trainer's held-out evaluation ----------
 
 
 @dataclass
 class Reconstructions:
-    """What `reconstruction_metrics` measured, and the images it kept."""
+    """What `reconstruction_metrics` measured, and the first images it kept."""
 
     # psnr, ssim, lpips (+ lpips_missing_reason), codebook_usage, code_perplexity, dead_codes,
     # flat_colour_error[, psnr_at_tokens]
     metrics: dict
-    images: int  # how many images were measured
-    originals: Tensor  # [n, 3, H, W] in [-1, 1]: the first `keep` images (all with keep=None)
+    images: int  # how many images were measured (on every process together)
+    originals: Tensor  # [n, 3, H, W] in [-1, 1]: the first `keep` images of this process
     reconstructions: Tensor  # [n, 3, H, W], clamped to [-1, 1]
-    indices: Tensor | None  # every image's indices, with keep=None
 
 
 @torch.inference_mode()
 def reconstruction_metrics(
-    tokenizer, batches: Iterable[Tensor], *, lpips: PerceptualLoss | None = None, keep: int | None = 8
+    tokenizer,
+    batches: Iterable[Tensor],
+    *,
+    lpips: PerceptualLoss | None = None,
+    keep: int = 8,
+    on_batch: Callable[[Tensor, Tensor, Tensor], None] | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Reconstructions:
     """Mean PSNR, SSIM and LPIPS (real backbone weights only) of batches [B, 3, H, W] in [-1, 1]
     through the tokenizer, and codebook health (usage, perplexity, dead codes) over all of them.
 
+    Streams: every figure is a running sum, so memory does not grow with the number of images.
     A tokenizer that decodes prefixes (1D, nested dropout) also gets `psnr_at_tokens`: the PSNR
     decoding only its leading k tokens, for k in `tokenizer.prefix_lengths`.
-    `keep`: how many originals and reconstructions to return (None: all, with every image's indices).
+    `keep`: how many originals and reconstructions to return; `on_batch(pixels, reconstructions,
+    indices)` sees every batch (what else a caller measures); `reduce` sums a tensor over processes
+    when each evaluates its own share of the images.
     """
     was_training = tokenizer.training
     tokenizer.eval()
-    counts = torch.zeros(tokenizer.codebook_size, device=tokenizer.device)
-    sums = dict.fromkeys(("psnr", "ssim", "lpips", *(f"psnr@{k}" for k in tokenizer.prefix_lengths)), 0.0)
-    kept, n = {"originals": [], "reconstructions": [], "indices": []}, 0
+    names = ("psnr", "ssim", "lpips", *(f"psnr@{k}" for k in tokenizer.prefix_lengths))
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=tokenizer.device)  # the figures, then n
+    counts = torch.zeros(tokenizer.codebook_size, device=tokenizer.device, dtype=torch.float64)
+    kept = {"originals": [], "reconstructions": []}
     for pixels in batches:
         if not len(pixels):
             continue
-        pixels = pixels.to(tokenizer.device)
+        pixels = pixels.to(tokenizer.device, tokenizer.dtype)
         out = tokenizer(pixels)
         reconstruction = out.reconstruction.clamp(-1, 1)
         counts += code_histogram(out.indices, tokenizer.codebook_size)
-        _accumulate(sums, tokenizer, pixels, reconstruction, out.indices, lpips)
-        room = len(pixels) if keep is None else max(0, keep - n)
-        kept["originals"].append(pixels[:room].cpu())
-        kept["reconstructions"].append(reconstruction[:room].cpu())
-        if keep is None:
-            kept["indices"].append(out.indices.cpu())
-        n += len(pixels)
+        sums += torch.stack([*_batch_sums(tokenizer, pixels, reconstruction, out.indices, lpips, names), _n(pixels)])
+        room = max(0, keep - sum(len(k) for k in kept["originals"]))
+        kept["originals"].append(pixels[:room].float().cpu())
+        kept["reconstructions"].append(reconstruction[:room].float().cpu())
+        if on_batch is not None:
+            on_batch(pixels, reconstruction, out.indices)
     tokenizer.train(was_training)
+    if reduce is not None:
+        sums, counts = reduce(sums), reduce(counts)
+    totals, n = dict(zip(names, sums[:-1].tolist())), int(sums[-1].item())
     if n == 0:
         raise ValueError("no readable images to evaluate")
-    metrics = {name: total / n for name, total in sums.items() if not name.startswith("psnr@")}
+    metrics = {name: totals[name] / n for name in names if not name.startswith("psnr@")}
     metrics |= {
         "codebook_usage": codebook_usage(counts).item(),
         "code_perplexity": code_perplexity(counts).item(),
@@ -105,12 +107,18 @@ def reconstruction_metrics(
         "flat_colour_error": flat_colour_error(tokenizer),
     }
     if tokenizer.prefix_lengths:
-        metrics["psnr_at_tokens"] = {str(k): sums[f"psnr@{k}"] / n for k in tokenizer.prefix_lengths}
+        metrics["psnr_at_tokens"] = {str(k): totals[f"psnr@{k}"] / n for k in tokenizer.prefix_lengths}
     if lpips is None:
         metrics["lpips"] = None
         metrics["lpips_missing_reason"] = lpips_missing_reason(download=False) or "LPIPS not requested"
-    indices = torch.cat(kept["indices"]) if keep is None else None
-    return Reconstructions(metrics, n, torch.cat(kept["originals"]), torch.cat(kept["reconstructions"]), indices)
+    empty = torch.empty(0, 3, tokenizer.config.resolution, tokenizer.config.resolution)
+    return Reconstructions(
+        metrics, n, torch.cat(kept["originals"] or [empty]), torch.cat(kept["reconstructions"] or [empty])
+    )
+
+
+def _n(pixels: Tensor) -> Tensor:
+    return torch.tensor(float(len(pixels)), dtype=torch.float64, device=pixels.device)
 
 
 FLAT_LEVELS = (-0.8, 0.0, 0.8)  # each channel at three levels: 27 flat colours, white and black among them
@@ -133,15 +141,15 @@ def flat_colour_error(tokenizer) -> float:
     return (reconstructed.float().mean((2, 3)) - colours).abs().max().item() * 127.5
 
 
-def _accumulate(sums: dict, tokenizer, pixels: Tensor, reconstruction: Tensor, indices: Tensor, lpips) -> None:
-    """Add one batch's per-image PSNR, SSIM, LPIPS and prefix PSNRs to the running sums (one sync each)."""
-    sums["psnr"] += psnr(pixels, reconstruction).sum().item()
-    sums["ssim"] += ssim(pixels, reconstruction).sum().item()
-    if lpips is not None:
-        sums["lpips"] += lpips(pixels, reconstruction).sum().item()
+def _batch_sums(tokenizer, pixels: Tensor, reconstruction: Tensor, indices: Tensor, lpips, names) -> list[Tensor]:
+    """One batch's summed per-image PSNR, SSIM, LPIPS and prefix PSNRs, as tensors (no host sync)."""
+    pixels, reconstruction = pixels.float(), reconstruction.float()
+    sums = {"psnr": psnr(pixels, reconstruction).sum(), "ssim": ssim(pixels, reconstruction).sum()}
+    sums["lpips"] = lpips(pixels, reconstruction).sum() if lpips is not None else torch.zeros((), device=pixels.device)
     for k in tokenizer.prefix_lengths:
         coarse = reconstruction if k == tokenizer.tokens_per_image else tokenizer.decode(indices[:, :k]).clamp(-1, 1)
-        sums[f"psnr@{k}"] += psnr(pixels, coarse).sum().item()
+        sums[f"psnr@{k}"] = psnr(pixels, coarse.float()).sum()
+    return [sums[name].double() for name in names]
 
 
 def real_lpips(device: torch.device | str = "cpu", *, download: bool = True) -> PerceptualLoss | None:
@@ -168,13 +176,86 @@ class EvaluateArgs:
     image_column: str | None = HfArg(default=None, help="default: the first Image column (or 'image', 'img')")
     label_column: str | None = HfArg(default=None, help="default: the first ClassLabel column (or 'label')")
     batch_size: int = HfArg(default=32, help="images per batch")
+    num_workers: int = HfArg(default=2, help="DataLoader processes decoding images while the tokenizer runs")
+    device: str | None = HfArg(default=None, help="cpu, cuda, cuda:N, mps (default: the best present)")
+    dtype: str = HfArg(default="fp32", help="fp32, bf16 or fp16 (GPU) for the tokenizer; the quantizer stays fp32")
+
+
+class PriorRate:
+    """Bits per image of token batches under a prior, unconditionally (null class), as they stream by.
+
+    Grid tokens larger than the prior's grid (images evaluated above the training resolution) are
+    cut into tiles of the prior's grid, each coded on its own: what an entropy coder that codes
+    tile by tile with this prior would spend on the whole image."""
+
+    def __init__(self, prior_path: str, tokenizer, batch_size: int, allow_other_tokenizer: bool = False):
+        from .ar import load_prior
+
+        self.prior, self.layout = load_prior(prior_path)
+        self.prior.to(tokenizer.device)
+        self.layout.check_tokenizer(tokenizer, allow_other=allow_other_tokenizer)
+        if self.layout.ids.uses_bpe:
+            raise ValueError(
+                "prior_bits_per_image reads code sequences; this prior models visual-BPE ids "
+                "(its held-out bits per image are in its metrics.json)"
+            )
+        self.batch_size, self.nats, self.images = batch_size, 0.0, 0
+
+    @torch.inference_mode()
+    def add(self, indices: Tensor) -> None:
+        from .ar import image_nll
+
+        codes = self.layout.tokens.tiles_of(indices)
+        for chunk in codes.split(self.batch_size):
+            self.nats += image_nll(self.prior, self.layout, self.layout.codec.to_sequence(None, chunk))[0]
+        self.images += len(indices)
+
+    @property
+    def bits_per_image(self) -> float:
+        return self.nats / math.log(2) / max(self.images, 1)
+
+
+def prior_bits_per_image(
+    prior_path: str, tokenizer, indices: torch.Tensor, batch_size: int, allow_other_tokenizer: bool = False
+) -> float:
+    """Bits per image of these tokens under the prior (`PriorRate` for one batch of indices)."""
+    rate = PriorRate(prior_path, tokenizer, batch_size, allow_other_tokenizer)
+    rate.add(indices.to(tokenizer.device))
+    return rate.bits_per_image
+
+
+class ReconstructionFID:
+    """rFID as the images stream by: Inception statistics of the originals and of their reconstructions."""
+
+    def __init__(self, features):
+        self.features, self.real, self.fake = features, FeatureStats(), FeatureStats()
+
+    @torch.inference_mode()
+    def add(self, originals: Tensor, reconstructions: Tensor) -> None:
+        self.real.add(self.features(originals.float())["features"])
+        self.fake.add(self.features(reconstructions.float())["features"])
+
+    def value(self) -> float:
+        return fid(self.real, self.fake)
+
+
+def reconstruction_fid(device) -> tuple[ReconstructionFID | None, str | None]:
+    """The rFID accumulator, or (None, why it cannot be computed here)."""
+    try:
+        return ReconstructionFID(InceptionFeatures().to(device)), None
+    except (ImportError, MissingWeights) as error:
+        return None, str(error)
 
 
 def evaluate_tokenizer(args: EvaluateArgs) -> dict:
-    """Run the report; write OUTPUT/report.json, report.md and samples.png. Returns the report."""
+    """Run the report; write OUTPUT/report.json, report.md and samples.png. Returns the report.
+
+    One pass over the images (two with a prior: JPEG and WebP at the prior's rate need that rate
+    first); every figure is a running sum, so memory does not grow with the number of images."""
     from .tokenizer import VQTokenizer
 
-    tokenizer = VQTokenizer.from_pretrained(args.tokenizer).eval()
+    device = resolve_device(args.device)
+    tokenizer = VQTokenizer.from_pretrained(args.tokenizer).for_inference(device, resolve_dtype(args.dtype, device))
     transform = tokenizer.image_transform(args.resolution, args.resize_to)  # as its training evaluation did
     resolution = transform.resolution
     source = load_source(args.data, split=args.split, image_column=args.image_column, label_column=args.label_column)
@@ -182,33 +263,46 @@ def evaluate_tokenizer(args: EvaluateArgs) -> dict:
         source = split_holdout(source, args.holdout, seed=0)[1]
     dataset = ImageDataset(source, transform)
     dataset.require_readable(args.data)
-    loader = make_loader(dataset, args.batch_size, collate_fn=collate_images)
-    unreadable = set()
-    batches = (_readable(batch, unreadable) for batch in tqdm(loader, desc="reconstructing"))
-    measured = reconstruction_metrics(tokenizer, batches, lpips=real_lpips(tokenizer.device), keep=None)
-    originals, reconstructions = measured.originals, measured.reconstructions
-    report = _rate(tokenizer, resolution) | measured.metrics
-    report["rfid"], reason = rfid(originals, reconstructions)
+    report = _rate(tokenizer, resolution)
+    codecs = {name: CodecAtRate(fmt, report["bits_per_image"]) for name, fmt in CODEC_FORMATS.items()}
+    rate = PriorRate(args.prior, tokenizer, args.batch_size, args.allow_other_tokenizer) if args.prior else None
+    rfid, reason = reconstruction_fid(device)
+
+    def measure(pixels: Tensor, reconstructions: Tensor, indices: Tensor) -> None:
+        for codec in codecs.values():
+            codec.add(pixels)
+        if rfid is not None:
+            rfid.add(pixels, reconstructions)
+        if rate is not None:
+            rate.add(indices)
+
+    batches = _pixels(dataset, args, "reconstructing")
+    lpips = real_lpips(device)
+    measured = reconstruction_metrics(tokenizer, batches, lpips=lpips, keep=8, on_batch=measure)
+    report |= measured.metrics
+    report["rfid"] = rfid.value() if rfid is not None else None
     if reason:
         report["rfid_missing_reason"] = reason
-    report["prior_bits_per_image"] = None
-    if args.prior:
-        report["prior_bits_per_image"] = prior_bits_per_image(
-            args.prior, tokenizer, measured.indices, args.batch_size, args.allow_other_tokenizer
-        )
-    codecs = {name: codec_at_rate(originals, fmt, report["bits_per_image"]) for name, fmt in CODEC_FORMATS.items()}
-    report |= {name: summary for name, (summary, _) in codecs.items()}
-    if report["prior_bits_per_image"] is not None:  # the rate the prior really codes the tokens at
-        for name, fmt in CODEC_FORMATS.items():
-            report[f"{name}_at_prior_rate"] = codec_at_rate(originals, fmt, report["prior_bits_per_image"])[0]
+    report |= {name: codec.summary() for name, codec in codecs.items()}
+    report["prior_bits_per_image"] = rate.bits_per_image if rate is not None else None
+    if rate is not None:  # the rate the prior really codes the tokens at: a second pass, images only
+        at_prior = {name: CodecAtRate(fmt, rate.bits_per_image, keep=0) for name, fmt in CODEC_FORMATS.items()}
+        for pixels in _pixels(dataset, args, "codecs at the prior's rate"):
+            for codec in at_prior.values():
+                codec.add(pixels)
+        report |= {f"{name}_at_prior_rate": codec.summary() for name, codec in at_prior.items()}
     report |= {"images": measured.images, "resolution": resolution, "tokenizer": args.tokenizer, "data": args.data}
-    _write(Path(args.output), report, originals, reconstructions, codecs["jpeg"][1])
+    _write(Path(args.output), report, measured.originals, measured.reconstructions, codecs["jpeg"].samples())
     return report
 
 
-def _readable(batch: dict, unreadable: set) -> Tensor:
-    report_unreadable(batch, unreadable)
-    return batch["pixels"]
+def _pixels(dataset: ImageDataset, args: EvaluateArgs, what: str):
+    """The readable images of every batch, decoded in DataLoader workers; each unreadable one reported once."""
+    loader = make_loader(dataset, args.batch_size, collate_fn=collate_images, num_workers=args.num_workers)
+    unreadable = set()
+    for batch in tqdm(loader, desc=what):
+        report_unreadable(batch, unreadable)
+        yield batch["pixels"]
 
 
 def _rate(tokenizer, resolution: int) -> dict:
@@ -221,111 +315,6 @@ def _rate(tokenizer, resolution: int) -> dict:
         "bits_per_pixel": bits / resolution**2,
         "tsr": 3 * resolution**2 / latent_floats,
     }
-
-
-def rfid_missing_reason(*, download: bool = True) -> str | None:
-    """None when torch-fidelity and its Inception weights are here (fetched once if allowed), else why not."""
-    try:
-        import torch_fidelity  # noqa: F401
-    except ImportError:
-        return "rFID needs torch-fidelity and its Inception weights: pip install 'vqar[metrics]' (the weights follow)"
-    return missing_reason(FID_INCEPTION, download=download)
-
-
-def rfid(originals: torch.Tensor, reconstructions: torch.Tensor) -> tuple[float | None, str | None]:
-    """FID between originals and reconstructions with torch-fidelity's Inception, or (None, reason)."""
-    reason = rfid_missing_reason()
-    if reason:
-        return None, reason
-    import torch_fidelity
-
-    def as_uint8(images):
-        return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-    class Images(torch.utils.data.Dataset):
-        def __init__(self, images):
-            self.images = as_uint8(images)
-
-        def __len__(self):
-            return len(self.images)
-
-        def __getitem__(self, i):
-            return self.images[i]
-
-    metrics = torch_fidelity.calculate_metrics(
-        input1=Images(originals),
-        input2=Images(reconstructions),
-        fid=True,
-        verbose=False,
-        cuda=torch.cuda.is_available(),
-    )
-    return float(metrics["frechet_inception_distance"]), None
-
-
-def encode_with(image: Image.Image, fmt: str, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, quality=quality)
-    return buffer.getvalue()
-
-
-def codec_at_rate(originals: torch.Tensor, fmt: str, target_bits: float) -> tuple[dict, torch.Tensor]:
-    """The quality in [1, 100] whose mean file size is closest to target_bits, and its results.
-
-    Returns ({quality, bits_per_image, psnr, ssim}, decoded images [B, 3, H, W] in [-1, 1]).
-    """
-    images = to_pil(originals)
-    probe = images[:64]  # the quality search reads a sample; the figures use every image
-
-    def mean_bits(quality: int) -> float:
-        return 8 * float(np.mean([len(encode_with(im, fmt, quality)) for im in probe]))
-
-    low, high = 1, 100  # file size grows with quality: bisect for the crossing, then take the closer side
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if mean_bits(middle) < target_bits else (low, middle)
-    quality = min((low, high), key=lambda q: abs(mean_bits(q) - target_bits))
-    encoded = [encode_with(im, fmt, quality) for im in images]
-    decoded = (
-        torch.stack(
-            [
-                torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)
-                for data in encoded
-            ]
-        ).float()
-        / 127.5
-        - 1
-    )
-    summary = {
-        "quality": quality,
-        "bits_per_image": 8 * float(np.mean([len(d) for d in encoded])),
-        "psnr": psnr(originals, decoded).mean().item(),
-        "ssim": ssim(originals, decoded).mean().item(),
-    }
-    return summary, decoded
-
-
-@torch.inference_mode()
-def prior_bits_per_image(
-    prior_path: str, tokenizer, indices: torch.Tensor, batch_size: int, allow_other_tokenizer: bool = False
-) -> float:
-    """Held-out bits per image of these tokens under the prior, unconditionally (null class).
-
-    Grid tokens larger than the prior's grid (images evaluated above the training resolution) are
-    cut into tiles of the prior's grid, each coded on its own: what an entropy coder that codes
-    tile by tile with this prior would spend on the whole image."""
-    from .ar import image_nll, load_prior
-
-    prior, layout = load_prior(prior_path)
-    layout.check_tokenizer(tokenizer, allow_other=allow_other_tokenizer)
-    if layout.ids.uses_bpe:
-        raise ValueError(
-            "prior_bits_per_image reads code sequences; this prior models visual-BPE ids "
-            "(its held-out bits per image are in its metrics.json)"
-        )
-    codes = layout.tokens.tiles_of(indices)
-    sequences = (layout.codec.to_sequence(None, chunk).to(prior.device) for chunk in codes.split(batch_size))
-    nats = sum(image_nll(prior, layout, ids)[0] for ids in sequences)
-    return nats / math.log(2) / len(indices)
 
 
 # -- output -----------------------------------------------------------------------------------

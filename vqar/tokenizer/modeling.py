@@ -264,6 +264,13 @@ class VQTokenizer(PreTrainedModel):
         resize_to = resize_to or self.config.resize_to
         return ImageTransform(resolution, resize_to if resize_to and resize_to >= resolution else None)
 
+    def for_inference(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        """This tokenizer in eval mode on `device`, its encoder and decoder in `dtype`; the quantizer stays
+        in fp32 (rounding to codes in bf16 would move latents across code boundaries). Returns self."""
+        self.eval().to(device=device, dtype=dtype)
+        self.quantizer.float()
+        return self
+
     # -- the model --------------------------------------------------------------------------
 
     def forward(self, pixel_values: Tensor, num_tokens: int | None = None) -> TokenizerOutput:

@@ -1,9 +1,19 @@
 """Encode a dataset with a frozen tokenizer: `vqar tokenize --tokenizer DIR --data SOURCE --output DIR`.
 
 Writes a tokens folder (`vqar.tokens`): `train` and `eval` splits, with the same deterministic
-hold-out as the tokenizer trainer, and the `TokensManifest`. Runs on any accelerate setup: each
-process encodes its shard and the main process writes. A re-run with the same tokenizer
-weights, source and options finds the fingerprint and reuses the output.
+hold-out as the tokenizer trainer, and the `TokensManifest`. Sized for data sets that do not fit
+in memory, on any accelerate setup (`accelerate launch -m vqar tokenize ...`):
+
+- each process encodes a contiguous share of each split and writes its own Arrow shards as it
+  goes; nothing is gathered, and the shards in order are the rows one process would write;
+- images are decoded in DataLoader workers (`--num_workers`) while the tokenizer runs, on
+  `--device` (default: the best present) in `--dtype` (the quantizer stays fp32);
+- a re-run after a crash keeps the shards already finished; a re-run with the same tokenizer,
+  options and source *content* (file sizes and times, or the dataset's own fingerprint) reuses the
+  folder, and adding an image to a folder makes it encode again.
+
+Three pieces, as in the trainers: `plan` (what to encode, and whether it is done), `encode_share`
+(one process's share of a split), `finish` (the main process ties the shards together).
 """
 
 from __future__ import annotations
@@ -11,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import datasets
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers.hf_argparser import HfArg
 
@@ -25,15 +37,19 @@ from ..data import (
     ImageTransform,
     class_names,
     collate_images,
+    describe_source,
     load_source,
     make_loader,
     report_unreadable,
     split_holdout,
 )
+from ..devices import resolve_device, resolve_dtype
 from ..tokenizer import VQTokenizer
-from ..tokens import TokensManifest, write_tokens
+from ..tokens import SPLITS, ShardWriter, TokensManifest, finish_split, finish_tokens, token_features
+from .launch import check_launch
 
 logger = logging.getLogger(__name__)
+PROGRESS = ".vqar_tokenize.json"  # the run the finished shards belong to: kept only by the same run
 
 
 @dataclass
@@ -46,6 +62,7 @@ class TokenizeArgs:
     split: str = HfArg(default="train", help="the split of a Hub dataset")
     image_column: str | None = HfArg(default=None, help="default: the first Image column (or 'image', 'img')")
     label_column: str | None = HfArg(default=None, help="default: the first ClassLabel column (or 'label')")
+    caption_column: str | None = HfArg(default=None, help="default: the first string column text, caption or prompt")
     resolution: int | None = HfArg(default=None, help="crop size (default: the tokenizer's training resolution)")
     resize_to: int | None = HfArg(default=None, help="shorter side before the centre crop (default: the tokenizer's)")
     eval_fraction: float = HfArg(default=0.1, help="share held out, deterministically (as the tokenizer trainer does)")
@@ -55,70 +72,213 @@ class TokenizeArgs:
         "large photographs give a prior many sequences",
     )
     batch_size: int = HfArg(default=64, help="images per batch")
+    num_workers: int = HfArg(default=2, help="DataLoader processes decoding images while the tokenizer runs")
+    shard_size: int = HfArg(default=100_000, help="rows per Arrow shard (a crash loses at most one shard per process)")
+    device: str | None = HfArg(default=None, help="cpu, cuda, cuda:N, mps (default: the best present)")
+    dtype: str = HfArg(default="fp32", help="fp32, bf16 or fp16 (GPU) for the encoder; the quantizer stays fp32")
+
+    def __post_init__(self):
+        if self.crops < 1:
+            raise ValueError(f"crops must be >= 1, got {self.crops}")
+        if self.batch_size < 1 or self.shard_size < 1 or self.num_workers < 0:
+            raise ValueError(
+                f"batch_size and shard_size must be >= 1 and num_workers >= 0, got {self.batch_size}, "
+                f"{self.shard_size}, {self.num_workers}"
+            )
 
 
-def _fingerprint(args: TokenizeArgs, tokenizer: VQTokenizer, transform: ImageTransform) -> str:
-    """Of everything the tokens depend on: the tokenizer, the source and options, the preprocessing."""
-    options = {k: v for k, v in asdict(args).items() if k not in ("output", "batch_size")}
-    text = json.dumps([options, asdict(transform), tokenizer.fingerprint], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+# -- what to encode -------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def _encode(accelerator: Accelerator, tokenizer: VQTokenizer, dataset: ImageDataset, batch_size: int, name: str):
-    loader = accelerator.prepare(make_loader(dataset, batch_size, collate_fn=collate_images))
-    rows, unreadable = [], set()
-    for batch in tqdm(loader, desc=f"tokenize {name}", disable=not accelerator.is_main_process):
-        report_unreadable(batch, unreadable)
-        if len(batch["pixels"]):
-            codes = tokenizer.encode(batch["pixels"]).flatten(1).to(torch.int32).cpu().numpy()
-            rows += zip(batch["indices"].tolist(), codes, batch["labels"].tolist())
-    rows = {index: (codes, label) for index, codes, label in gather_object(rows)}  # drops padding repeats
-    ordered = [rows[i] for i in sorted(rows)]
-    return {"tokens": [c for c, _ in ordered], "label": [label for _, label in ordered]}, len(dataset) - len(ordered)
+def source_fingerprint(source: datasets.Dataset) -> str:
+    """Of the source's content: the dataset's own fingerprint (its rows; for files `datasets` read, their
+    sizes and times), and for image files named by path, each file's size and modification time."""
+    digest = hashlib.sha256(source._fingerprint.encode())
+    column = source.data.column("image")
+    if column.type == "string":
+        for path in column.to_pylist():
+            stat = os.stat(path) if os.path.exists(path) else None
+            digest.update(f"{path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
-def tokenize_dataset(args: TokenizeArgs) -> TokensManifest:
-    """Encode `args.data` into `args.output`; returns the manifest (reused when up to date)."""
-    accelerator = Accelerator()
-    tokenizer = VQTokenizer.from_pretrained(args.tokenizer).to(accelerator.device).eval()
-    if args.crops < 1:
-        raise ValueError(f"crops must be >= 1, got {args.crops}")
+@dataclass
+class TokenizePlan:
+    """What `tokenize_dataset` encodes, into where, and what the result will be called."""
+
+    args: TokenizeArgs
+    tokenizer: VQTokenizer
+    transform: ImageTransform
+    splits: dict[str, datasets.Dataset]
+    manifest: TokensManifest  # as it will be written (num_images and skipped filled in at the end)
+    features: datasets.Features
+    state: PartialState
+
+
+def plan(args: TokenizeArgs, state: PartialState) -> TokenizePlan:
+    device = resolve_device(args.device) if args.device else state.device
+    tokenizer = VQTokenizer.from_pretrained(args.tokenizer)
+    tokenizer.for_inference(device, resolve_dtype(args.dtype, device))
     transform = tokenizer.image_transform(args.resolution, args.resize_to)
     if args.crops > 1:
         transform = replace(transform, random_crop=True, random_flip=True)
-    fingerprint = _fingerprint(args, tokenizer, transform)
-    manifest = TokensManifest.load(args.output)
-    if manifest and manifest.fingerprint == fingerprint:
-        accelerator.print(f"{args.output} is up to date with this tokenizer and source; reusing it")
-        return manifest
-
-    source = load_source(args.data, split=args.split, image_column=args.image_column, label_column=args.label_column)
+    source = load_source(
+        args.data,
+        split=args.split,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        caption_column=args.caption_column,
+    )
+    state.print(describe_source(source, args.data))
     train_split, eval_split = split_holdout(source, args.eval_fraction, seed=0)
-    splits, skipped = {}, 0
-    for name, split in (("train", train_split), ("eval", eval_split)):
-        dataset = ImageDataset(split, transform, repeats=args.crops, seed=0 if name == "train" else 1)
-        dataset.require_readable(f"{args.data} ({name} split)")
-        columns, bad = _encode(accelerator, tokenizer, dataset, args.batch_size, name)
-        splits[name], skipped = columns, skipped + bad
     # what this preprocessing gives: a grid tokenizer is fully convolutional, --resolution changes its grid
     layout = tokenizer.token_layout.at_resolution(transform.resolution, tokenizer.downsample_factor)
+    captions = "caption" in source.column_names
+    options = {k: v for k, v in asdict(args).items() if k in _MEANINGFUL_OPTIONS}
+    text = json.dumps([options, asdict(transform), tokenizer.fingerprint, source_fingerprint(source)], sort_keys=True)
     local = Path(args.tokenizer).exists()
     manifest = TokensManifest(
         tokenizer=str(Path(args.tokenizer).resolve()) if local else args.tokenizer,
         tokenizer_fingerprint=tokenizer.fingerprint,
         codebook_size=tokenizer.codebook_size,
         **layout.to_fields(),
-        fingerprint=fingerprint,
+        fingerprint=hashlib.sha256(text.encode()).hexdigest(),
         decodes_prefixes=tokenizer.decodes_prefixes,
         class_names=class_names(source) or [],
         data=args.data,
-        num_images={name: len(columns["tokens"]) for name, columns in splits.items()},
-        skipped_images=skipped,
+        resolution=transform.resolution,
     )
-    if accelerator.is_main_process:
-        write_tokens(args.output, splits, manifest)
-        if skipped:
-            logger.warning("skipped %d unreadable images in all", skipped)
-    accelerator.wait_for_everyone()
+    features = token_features(layout.tokens_per_image, tokenizer.codebook_size, captions)
+    return TokenizePlan(
+        args, tokenizer, transform, {"train": train_split, "eval": eval_split}, manifest, features, state
+    )
+
+
+# the options the tokens depend on (not where they go, nor how fast they are made)
+_MEANINGFUL_OPTIONS = ("split", "image_column", "label_column", "caption_column", "eval_fraction", "crops")
+
+
+# -- one process's share of a split ---------------------------------------------------------------
+
+
+def share(length: int, rank: int, world: int) -> range:
+    """The contiguous rows of a split one process encodes: in order, the shares are the split."""
+    return range(length * rank // world, length * (rank + 1) // world)
+
+
+def shard_ranges(rows: range, shard_size: int) -> list[range]:
+    return [range(start, min(start + shard_size, rows.stop)) for start in range(rows.start, rows.stop, shard_size)]
+
+
+def shard_path(output: Path, split: str, rows: range) -> Path:
+    """A shard is named by the rows it holds, so the names sort into the split's order."""
+    return output / split / f"data-{rows.start:012d}-{rows.stop:012d}.arrow"
+
+
+@torch.inference_mode()
+def encode_share(plan: TokenizePlan, name: str) -> int:
+    """Encode this process's share of split `name` into shards (finished ones are kept); returns the
+    number of unreadable images it met."""
+    args, state = plan.args, plan.state
+    dataset = ImageDataset(plan.splits[name], plan.transform, repeats=args.crops, seed=0 if name == "train" else 1)
+    if state.is_main_process:
+        dataset.require_readable(f"{args.data} ({name} split)")
+    rows = share(len(dataset), state.process_index, state.num_processes)
+    todo = [r for r in shard_ranges(rows, args.shard_size) if not shard_path(Path(args.output), name, r).is_file()]
+    unreadable = set()
+    progress = tqdm(total=sum(map(len, todo)), desc=f"tokenize {name}", disable=not state.is_main_process)
+    for shard_rows in todo:
+        subset = torch.utils.data.Subset(dataset, shard_rows)
+        loader = make_loader(subset, args.batch_size, collate_fn=collate_images, num_workers=args.num_workers)
+        writer = ShardWriter(shard_path(Path(args.output), name, shard_rows), plan.features)
+        for batch in loader:
+            report_unreadable(batch, unreadable)
+            progress.update(len(batch["indices"]) + batch["skipped"])
+            if len(batch["pixels"]):
+                writer.write(_encoded(plan, dataset, batch))
+        writer.close()
+    progress.close()
+    return len(unreadable)
+
+
+def _encoded(plan: TokenizePlan, dataset: ImageDataset, batch: dict) -> dict:
+    tokenizer = plan.tokenizer
+    pixels = batch["pixels"].to(tokenizer.device, tokenizer.dtype)
+    codes = tokenizer.encode(pixels).flatten(1).cpu().numpy().astype(plan.features["tokens"].feature.dtype)
+    rows = {"tokens": codes, "label": batch["labels"].numpy()}
+    if "caption" in plan.features:
+        rows["caption"] = [dataset.caption(int(i)) for i in batch["indices"]]
+    return rows
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def _prepare_output(plan: TokenizePlan) -> bool:
+    """Main process: True when the folder is already up to date. Otherwise mark it incomplete (the
+    manifest goes first) and keep the finished shards only if they belong to this very run."""
+    output, manifest = Path(plan.args.output), plan.manifest
+    existing = TokensManifest.load(output)
+    if existing is not None and existing.fingerprint == manifest.fingerprint:
+        return True
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "vqar_tokens.json").unlink(missing_ok=True)
+    run = {"fingerprint": manifest.fingerprint, "processes": plan.state.num_processes, "shard": plan.args.shard_size}
+    progress = output / PROGRESS
+    if not progress.is_file() or json.loads(progress.read_text()) != run:
+        for name in SPLITS:
+            shutil.rmtree(output / name, ignore_errors=True)
+        (output / "dataset_dict.json").unlink(missing_ok=True)
+        progress.write_text(json.dumps(run))
+    return False
+
+
+def finish(plan: TokenizePlan, skipped: int) -> TokensManifest:
+    """Main process: tie each split's shards together and write the manifest last."""
+    output, manifest = Path(plan.args.output), plan.manifest
+    for name in SPLITS:
+        shards = sorted((output / name).glob("data-*.arrow"))
+        split = finish_split(output / name, shards, plan.features)
+        manifest.num_images[name] = len(split)
+        if "caption" in plan.features:
+            manifest.num_captions[name] = sum(bool(c) for c in split.data.column("caption").to_pylist())
+    manifest.skipped_images = skipped
+    finish_tokens(output, SPLITS, manifest)
+    (output / PROGRESS).unlink(missing_ok=True)
+    if skipped:
+        logger.warning("skipped %d unreadable images in all", skipped)
     return manifest
+
+
+def tokenize_dataset(args: TokenizeArgs) -> TokensManifest:
+    """Encode `args.data` into `args.output`; returns the manifest (reused when up to date)."""
+    check_launch()
+    state = PartialState()
+    work = plan(args, state)
+    done = torch.tensor([_prepare_output(work) if state.is_main_process else False])
+    done = bool(_broadcast(state, done))
+    if done:
+        state.print(f"{args.output} is up to date with this tokenizer and source; reusing it")
+        return TokensManifest.load(args.output)
+    skipped = sum(encode_share(work, name) for name in SPLITS)
+    skipped = _sum_over_processes(state, skipped)
+    state.wait_for_everyone()
+    manifest = finish(work, skipped) if state.is_main_process else None
+    state.wait_for_everyone()
+    return manifest or TokensManifest.load(args.output)
+
+
+def _broadcast(state: PartialState, flag: torch.Tensor) -> bool:
+    if state.num_processes == 1:
+        return bool(flag.item())
+    from accelerate.utils import broadcast
+
+    return bool(broadcast(flag.to(state.device)).item())
+
+
+def _sum_over_processes(state: PartialState, count: int) -> int:
+    if state.num_processes == 1:
+        return count
+    from accelerate.utils import reduce
+
+    return int(reduce(torch.tensor([count], device=state.device), "sum").item())

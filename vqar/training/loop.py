@@ -7,6 +7,7 @@ own step, evaluation and saving into the loop as `LoopHooks`; everything else is
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import signal
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, send_to_device
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -197,13 +198,23 @@ class _Loop:
             for epoch_aware in (data.sampler, data.dataset):
                 if epoch_aware is not None:
                     epoch_aware.set_epoch(state.epoch)
-            skip = state.batch_in_epoch
-            for batch in self.run.accelerator.skip_first_batches(data.loader, skip) if skip else data.loader:
-                self._train_on(batch)
+            for batch in self._batches(state.batch_in_epoch):
+                self._train_on(send_to_device(batch, self.run.accelerator.device))
                 if state.step >= self.train.max_steps:
                     return
             state.epoch += 1
             state.batch_in_epoch = 0
+
+    def _batches(self, skip: int):
+        """This epoch's batches after the first `skip` (trained on before a resume): a sampler's are
+        skipped by index, a stream's rows are read without decoding their images."""
+        data = self.run.data
+        if not skip:
+            return data.loader
+        if data.sampler is None:
+            data.dataset.skip_batches(skip, data.loader.batch_size)
+            return data.loader
+        return self.run.accelerator.skip_first_batches(data.loader, skip)
 
     def _train_on(self, batch: dict) -> None:
         """One batch: a step, or a skipped empty batch; then, either way, honour a stop signal."""
@@ -340,13 +351,21 @@ def keep_if_best(run: Run, state: TrainerState, hooks: LoopHooks, metrics: dict)
     (folder / "metrics.json").write_text(json.dumps(metrics | {"step": state.step}, indent=2))
 
 
-def weights_agree_across_ranks(accelerator: Accelerator, model: torch.nn.Module) -> bool:
-    """DDP keeps every rank's weights equal; compare a fingerprint of each rank's copy."""
-    with torch.no_grad():
-        params = [p.detach().double() for p in model.parameters()]
-        fingerprint = torch.stack([sum(p.sum() for p in params), sum(p.pow(2).sum() for p in params)])
-    gathered = accelerator.gather(fingerprint[None].to(accelerator.device))  # [processes, 2]
-    return bool((gathered == gathered[0]).all())
+def state_digest(*states: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every tensor of some state dicts (names, dtypes and bytes)."""
+    digest = hashlib.sha256()
+    for state in states:
+        for name, tensor in sorted(state.items()):
+            digest.update(name.encode() + str(tensor.dtype).encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weights_agree_across_ranks(accelerator: Accelerator, model: torch.nn.Module, ema: EMA | None = None) -> bool:
+    """DDP keeps every rank's weights equal; compare a SHA-256 of each rank's parameters and buffers
+    (a VQ codebook updated by EMA is a buffer: DDP does not average it) and of its EMA weights."""
+    digest = state_digest(model.state_dict(), ema.shadow if ema is not None else {})
+    return len(set(gather_object([digest]))) == 1
 
 
 def finish_run(run: Run, state: TrainerState, hooks: LoopHooks, started: float) -> dict | None:
@@ -354,7 +373,7 @@ def finish_run(run: Run, state: TrainerState, hooks: LoopHooks, started: float) 
     model's files and OUTPUT/metrics.json are written. Returns the metrics (None off the main process)."""
     accelerator, output = run.accelerator, Path(run.train.output_dir)
     skipped = len(set().union(*gather_object([state.unreadable])))  # each broken file once, whichever rank met it
-    agree = weights_agree_across_ranks(accelerator, run.unwrapped)
+    agree = weights_agree_across_ranks(accelerator, run.unwrapped, run.ema)
     metrics = None
     if accelerator.is_main_process:
         model = run.unwrapped

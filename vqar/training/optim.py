@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from .launch import check_launch
 from .recipes import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 def make_accelerator(train: TrainConfig) -> Accelerator:
     """An Accelerator for this run; trackers are started by `start_trackers`."""
+    check_launch()
     _fresh_accelerator_state()
     if train.compile:
         # VQGAN's adaptive weight differentiates twice through one graph (retain_graph=True), which
@@ -30,6 +32,9 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
         torch._functorch.config.donated_buffer = False
     log_with = None if train.log_with in ("none", "") else train.log_with
     accelerator = Accelerator(
+        # each process iterates its own loader (a sampler's shard, or its part of a stream): batches are
+        # never gathered on one process and sent out, so they may hold the unreadable images' records
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
         mixed_precision=train.mixed_precision,
         dynamo_backend="inductor" if train.compile else None,
         log_with=log_with,

@@ -16,8 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
-import numpy as np
 import torch
 from transformers.hf_argparser import HfArg
 
@@ -25,7 +23,7 @@ from ..ar import CONFIG_KEY, VocabLayout, build_prior, image_nll, prior_loss
 from ..bpe import VisualBPE, load_bpe
 from ..data import image_grid, make_loader
 from ..generation import SamplingConfig, build_prompts, generate_images, load_tokenizer_for
-from ..tokens import TokensManifest, code_arrays, load_tokens
+from ..tokens import TokenRows, TokensManifest, load_tokens
 from .loop import EpochSampler, LoopHooks, Run, TrainData, begin_run, finish_run, log_image, run_loop, step_optimizer
 from .optim import backward_and_check, make_accelerator, make_ema, make_optimizer, make_scheduler
 from .recipes import JSONDict, TrainConfig, parse_recipe
@@ -71,34 +69,21 @@ def find_bpe(choice: str, manifest: TokensManifest) -> VisualBPE | None:
     return load_bpe(manifest.tokenizer if choice == "auto" else choice)
 
 
-def leading_tokens(tokens: datasets.DatasetDict, k: int) -> datasets.DatasetDict:
-    """Keep each image's first k tokens: a 1d nested-dropout tokenizer decodes any prefix."""
-    return datasets.DatasetDict(
-        {
-            name: split.map(
-                lambda batch: {"tokens": [t[:k] for t in batch["tokens"]]}, batched=True, keep_in_memory=True
-            )
-            for name, split in tokens.items()
-        }
-    )
+class TokenBatches:
+    """Collates `TokenRows` into a batch {"tokens": [B, L] long, "labels": [B]}: the image's codes,
+    or with visual BPE its ids (encoded here, a batch at a time, left-aligned and padded with -1)."""
 
+    def __init__(self, layout: VocabLayout, bpe: VisualBPE | None):
+        self.layout, self.bpe = layout, bpe
 
-def bpe_encoded(tokens: datasets.DatasetDict, manifest: TokensManifest, bpe: VisualBPE) -> datasets.DatasetDict:
-    """Each split with its codes replaced by BPE ids, left-aligned and padded with -1."""
-    encoded = {}
-    for name, codes in code_arrays(tokens, manifest).items():
-        ids = bpe.encode(codes, padded=True)
-        padded = np.full((len(codes), math.prod(codes.shape[1:])), -1, dtype=np.int64)  # at most one id per code
-        padded[:, : ids.shape[1]] = ids.numpy()
-        encoded[name] = datasets.Dataset.from_dict({"tokens": padded, "label": tokens[name]["label"]})
-    return datasets.DatasetDict(encoded)
-
-
-def collate_tokens(rows: list[dict]) -> dict:
-    return {
-        "tokens": torch.stack([r["tokens"] for r in rows]).long(),
-        "labels": torch.stack([r["label"] for r in rows]),
-    }
+    def __call__(self, rows: list[dict]) -> dict:
+        tokens = torch.stack([r["tokens"] for r in rows])
+        if self.bpe is not None:
+            tokens = self.bpe.encode(self.layout.tokens.unflatten(tokens), padded=True)
+        batch = {"tokens": tokens, "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
+        if rows and "caption" in rows[0]:
+            batch["captions"] = [r["caption"] for r in rows]
+        return batch
 
 
 def training_sequences(layout: VocabLayout, tokens: torch.Tensor, labels: torch.Tensor, label_dropout: float):
@@ -117,36 +102,36 @@ class PriorRun(Run):
 
     layout: VocabLayout = None
     bpe: VisualBPE | None = None
-    eval_split: datasets.Dataset = None
+    eval_split: TokenRows = None
     args: PriorArgs = None
     tokenizer: torch.nn.Module | None = None  # decodes the evaluation samples (main process; None: no samples)
 
 
-def _sequences(args: PriorArgs) -> tuple[datasets.DatasetDict, VocabLayout, VisualBPE | None]:
-    """The tokens to train on (prefixes, BPE ids) and the layout of the prior over them."""
+def _sequences(args: PriorArgs, say=print) -> tuple[dict[str, TokenRows], VocabLayout, VisualBPE | None]:
+    """The token rows to train on (memory-mapped; the first `num_tokens` of each) and the layout of the
+    prior over them."""
     tokens, manifest = load_tokens(args.tokens)
+    say(manifest.describe(args.tokens))
     bpe = find_bpe(args.bpe, manifest)
     if args.conditional and not manifest.class_names:
         logger.info("the tokens in %s have no class labels: training an unconditional prior", args.tokens)
     layout = VocabLayout.from_manifest(
         manifest, conditional=args.conditional and bool(manifest.class_names), bpe=bpe, num_tokens=args.num_tokens
     )
-    if args.num_tokens:
-        tokens = leading_tokens(tokens, args.num_tokens)
-    if bpe is not None:
-        tokens = bpe_encoded(tokens, manifest, bpe)
-    return tokens, layout, bpe
+    rows = {name: TokenRows(split, args.num_tokens) for name, split in tokens.items()}
+    return rows, layout, bpe
 
 
 def setup(args: PriorArgs, train: TrainConfig) -> PriorRun:
     accelerator = make_accelerator(train)
-    tokens, layout, bpe = _sequences(args)
+    rows, layout, bpe = _sequences(args, say=accelerator.print)
     model = build_prior(layout, args.model_type, args.size, **args.prior)
-    train_split = tokens["train"].with_format("torch")
+    train_split = rows["train"]
     if len(train_split) < train.batch_size * accelerator.num_processes:
         raise ValueError(f"{len(train_split)} training sequences cannot fill a batch of {train.batch_size}")
     sampler = EpochSampler(len(train_split), train.seed)
-    loader = make_loader(train_split, train.batch_size, sampler=sampler, collate_fn=collate_tokens, drop_last=True)
+    collate = TokenBatches(layout, bpe)
+    loader = make_loader(train_split, train.batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
     optimizer = make_optimizer(model.parameters(), train)
     scheduler = make_scheduler(optimizer, train)
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
@@ -160,7 +145,7 @@ def setup(args: PriorArgs, train: TrainConfig) -> PriorRun:
         make_ema(accelerator, model, train),
         layout=layout,
         bpe=bpe,
-        eval_split=tokens["eval"].with_format("torch"),
+        eval_split=rows["eval"],
         args=args,
     )
     if accelerator.is_main_process and args.eval_samples:
@@ -193,12 +178,12 @@ def train_step(run: PriorRun, batch: dict) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
-def evaluate_prior(model, layout: VocabLayout, dataset, batch_size: int) -> dict:
+def evaluate_prior(model, layout: VocabLayout, dataset, batch_size: int, bpe: VisualBPE | None = None) -> dict:
     """Held-out negative log-likelihood of the image tokens, in bits per token and per image."""
     was_training = model.training
     model.eval()
     total_nats, count, images = 0.0, 0, 0
-    for batch in make_loader(dataset, batch_size, collate_fn=collate_tokens):
+    for batch in make_loader(dataset, batch_size, collate_fn=TokenBatches(layout, bpe)):
         ids = layout.codec.to_sequence(batch["labels"].to(model.device), batch["tokens"].to(model.device))
         nats, tokens = image_nll(model, layout, ids)
         total_nats, count, images = total_nats + nats, count + tokens, images + len(ids)
@@ -211,7 +196,7 @@ def evaluate_prior(model, layout: VocabLayout, dataset, batch_size: int) -> dict
 def evaluate(run: PriorRun, step: int) -> dict:
     """Held-out bits per token and per image, logged as eval/*; with a tokenizer at hand, a grid of
     samples (one per class, cycling) in OUTPUT/samples/step-XXXXXX.png and TensorBoard."""
-    metrics = evaluate_prior(run.unwrapped, run.layout, run.eval_split, run.args.eval_batch_size)
+    metrics = evaluate_prior(run.unwrapped, run.layout, run.eval_split, run.args.eval_batch_size, run.bpe)
     run.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     if run.tokenizer is not None:
         grid = image_grid([_samples(run)])

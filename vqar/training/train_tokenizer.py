@@ -22,6 +22,7 @@ from ..data import (
     ImageTransform,
     StreamingImageDataset,
     collate_images,
+    describe_source,
     image_grid,
     load_source,
     make_loader,
@@ -89,7 +90,10 @@ def build_tokenizer(model: TokenizerModelArgs, data: DataArgs) -> VQTokenizer:
     return VQTokenizer(TokenizerConfig(**config))
 
 
-def build_datasets(data: DataArgs, seed: int) -> tuple[ImageDataset | StreamingImageDataset, ImageDataset]:
+def build_datasets(
+    data: DataArgs, seed: int, rank: int = 0, world_size: int = 1, say=print
+) -> tuple[ImageDataset | StreamingImageDataset, ImageDataset]:
+    """(training images, held-out images); a stream is split among the `world_size` processes."""
     source = load_source(
         data.data,
         split=data.split,
@@ -97,13 +101,14 @@ def build_datasets(data: DataArgs, seed: int) -> tuple[ImageDataset | StreamingI
         label_column=data.label_column,
         streaming=data.streaming,
     )
+    say(describe_source(source, data.data))
     train_transform = ImageTransform(
         data.resolution, data.resize_to, data.random_crop, data.random_flip, data.random_channels
     )
     eval_transform = ImageTransform(data.resolution, data.resize_to, random_crop=data.eval_crops > 1)
     if isinstance(source, datasets.IterableDataset):
         train_split, eval_split = split_stream(source, data.eval_size)
-        train = StreamingImageDataset(train_split, train_transform, seed=seed)
+        train = StreamingImageDataset(train_split, train_transform, seed=seed, rank=rank, world_size=world_size)
     else:
         train_split, eval_split = split_holdout(source, data.eval_fraction, seed=0)
         train = ImageDataset(train_split, train_transform, repeats=data.repeats, seed=seed)
@@ -155,11 +160,14 @@ def setup(
     tokenizer = build_tokenizer(model_args, data_args)  # after the accelerator: VQ syncs EMA codebooks in DDP
     tokenizer.config.resize_to = data_args.resize_to  # saved: `vqar tokenize` / `evaluate` prepare images alike
     loss_fn = TokenizerLoss(loss_config).to(accelerator.device)
-    train_data, eval_data = build_datasets(data_args, train.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train_data, eval_data = build_datasets(data_args, train.seed, rank, world, say=accelerator.print)
     data = _training_loader(train_data, train, accelerator.num_processes)
     optimizer = make_optimizer(tokenizer.parameters(), train)
     scheduler = make_scheduler(optimizer, train)
-    tokenizer, optimizer, scheduler, data.loader = accelerator.prepare(tokenizer, optimizer, scheduler, data.loader)
+    tokenizer, optimizer, scheduler = accelerator.prepare(tokenizer, optimizer, scheduler)
+    if data.sampler is not None:  # a stream is split among the processes already: accelerate must not shard it again
+        data.loader = accelerator.prepare(data.loader)
     run = TokenizerRun(
         accelerator,
         train,
