@@ -652,6 +652,12 @@ def _mark_row(images: torch.Tensor, y: int) -> torch.Tensor:
 # -- loaders ---------------------------------------------------------------------------------
 
 
+def share(length: int, rank: int, world_size: int) -> range:
+    """The contiguous rows of `length` that process `rank` of `world_size` takes: in rank order, the
+    shares are the whole, and they differ in size by one at most."""
+    return range(length * rank // world_size, length * (rank + 1) // world_size)
+
+
 def make_loader(
     dataset, batch_size: int, *, collate_fn, sampler=None, drop_last: bool = False, num_workers: int = 0
 ) -> torch.utils.data.DataLoader:

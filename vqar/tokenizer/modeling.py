@@ -14,6 +14,7 @@ Two departures from transformers' defaults keep a reload bit-identical:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +29,11 @@ from ..layouts import PER_TOKEN, RESIDUAL_SCALES, TokenLayout, layout_kind
 from ..quantizers import CodeStats, build_quantizer
 from . import fingerprint as fingerprints
 from . import magvit2
-from .blocks import Decoder, Encoder
+from .blocks import AttnBlock, Decoder, Encoder, ResnetBlock
 from .catalogue import load_preset
 from .configuration import TokenizerConfig
 from .multiscale import MultiScaleQuantizer
-from .vit import ViTDecoder, ViTEncoder
+from .vit import TransformerBlock, ViTDecoder, ViTEncoder
 
 PIXEL_RANGE_TOLERANCE = 1e-3  # resampling and float error may overshoot [-1, 1] slightly
 BACKBONES = {  # encoder and decoder classes, by `TokenLayout.backbone(config)`
@@ -271,6 +272,18 @@ class VQTokenizer(PreTrainedModel):
         self.quantizer.float()
         return self
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each residual, attention and transformer block's activations in the backward pass
+        instead of keeping them (less memory for more compute), as transformers' models do. Parameter
+        names, and so saved weights, are unchanged: the blocks' own `forward` is wrapped in place."""
+        for module in self.modules():
+            if isinstance(module, CHECKPOINTED_BLOCKS) and "forward" not in module.__dict__:
+                module.forward = functools.partial(_checkpointed, type(module).forward.__get__(module))
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any("forward" in m.__dict__ for m in self.modules() if isinstance(m, CHECKPOINTED_BLOCKS))
+
     # -- the model --------------------------------------------------------------------------
 
     def forward(self, pixel_values: Tensor, num_tokens: int | None = None) -> TokenizerOutput:
@@ -343,6 +356,16 @@ class VQTokenizer(PreTrainedModel):
                 "map uint8 images with x / 127.5 - 1"
             )
         return layout if H == W == resolution else layout.at_resolution(H, factor)
+
+
+CHECKPOINTED_BLOCKS = (ResnetBlock, AttnBlock, magvit2.ResBlock, TransformerBlock)
+
+
+def _checkpointed(forward, *args):
+    """A block's forward, recomputed in the backward when it runs with gradients."""
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
+    return forward(*args)
 
 
 def _align(model: torch.nn.Module, alignment: int = 64) -> None:

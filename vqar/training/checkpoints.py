@@ -33,6 +33,7 @@ from .recipes import TrainConfig
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 TRAINER_STATE = "trainer_state.json"
 EMA_WEIGHTS = "ema.safetensors"
+EMA_SHARD = "ema_rank{rank}.safetensors"  # a sharded model's EMA: each process its shards
 RNG_STATE = "rng_state_{rank}.safetensors"
 ACCELERATE_RNG_STATE = "random_states_{rank}.pkl"
 
@@ -133,6 +134,11 @@ def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
     return path
 
 
+def ema_file(ema: EMA, rank: int) -> str:
+    """The EMA weights' file: one for the whole model, or one per process for a sharded one."""
+    return EMA_SHARD.format(rank=rank) if ema.sharded else EMA_WEIGHTS
+
+
 def save_checkpoint(accelerator: Accelerator, train: TrainConfig, state: TrainerState, ema: EMA | None) -> Path:
     """Write OUTPUT/checkpoints/step-XXXXXX atomically and keep the newest `keep_checkpoints`."""
     root = checkpoints_dir(train.output_dir)
@@ -146,9 +152,10 @@ def save_checkpoint(accelerator: Accelerator, train: TrainConfig, state: Trainer
         accelerator.save_state(str(partial))
         save_rng_state(partial, accelerator.process_index)
         accelerator.wait_for_everyone()
+        if ema is not None and (ema.sharded or accelerator.is_main_process):
+            ema.save(partial / ema_file(ema, accelerator.process_index))
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            if ema is not None:
-                ema.save(partial / EMA_WEIGHTS)
             (partial / TRAINER_STATE).write_text(state.to_json())  # written last: marks completeness
     except OSError as error:  # disk full, quota, a vanished mount: keep what is already safe
         shutil.rmtree(partial, ignore_errors=True)
@@ -183,7 +190,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMA | None) -> Tr
         ) from error
     load_rng_state(path, accelerator.process_index)
     if ema is not None:
-        if not (path / EMA_WEIGHTS).is_file():
-            raise FileNotFoundError(f"checkpoint {path} has no {EMA_WEIGHTS}, but this run keeps an EMA")
-        ema.load(path / EMA_WEIGHTS)
+        name = ema_file(ema, accelerator.process_index)
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"checkpoint {path} has no {name}, but this run keeps an EMA")
+        ema.load(path / name)
     return TrainerState.from_json((path / TRAINER_STATE).read_text())

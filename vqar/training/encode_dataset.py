@@ -41,6 +41,7 @@ from ..data import (
     load_source,
     make_loader,
     report_unreadable,
+    share,
     split_holdout,
 )
 from ..devices import resolve_device, resolve_dtype
@@ -161,11 +162,6 @@ _MEANINGFUL_OPTIONS = ("split", "image_column", "label_column", "caption_column"
 # -- one process's share of a split ---------------------------------------------------------------
 
 
-def share(length: int, rank: int, world: int) -> range:
-    """The contiguous rows of a split one process encodes: in order, the shares are the split."""
-    return range(length * rank // world, length * (rank + 1) // world)
-
-
 def shard_ranges(rows: range, shard_size: int) -> list[range]:
     return [range(start, min(start + shard_size, rows.stop)) for start in range(rows.start, rows.stop, shard_size)]
 
@@ -183,7 +179,7 @@ def encode_share(plan: TokenizePlan, name: str) -> int:
     dataset = ImageDataset(plan.splits[name], plan.transform, repeats=args.crops, seed=0 if name == "train" else 1)
     if state.is_main_process:
         dataset.require_readable(f"{args.data} ({name} split)")
-    rows = share(len(dataset), state.process_index, state.num_processes)
+    rows = share(len(dataset), state.process_index, state.num_processes)  # in order, the shares are the split
     todo = [r for r in shard_ranges(rows, args.shard_size) if not shard_path(Path(args.output), name, r).is_file()]
     unreadable = set()
     progress = tqdm(total=sum(map(len, todo)), desc=f"tokenize {name}", disable=not state.is_main_process)

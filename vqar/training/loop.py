@@ -92,6 +92,19 @@ class Run:
     latest_logs: dict = field(default_factory=dict)  # the training figures of the last logged step, as floats
 
     @property
+    def models(self) -> tuple[torch.nn.Module, ...]:
+        """What gradient accumulation must hold back the gradient sync of."""
+        return (self.model,)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether no process holds the whole model (FSDP, DeepSpeed ZeRO-3): then only collective
+        calls may run it (no sampling on the main process alone)."""
+        return self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED") and (
+            self.accelerator.distributed_type.value == "FSDP" or _zero_stage(self.accelerator) == 3
+        )
+
+    @property
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(
             self.model, keep_torch_compile=False
@@ -102,11 +115,14 @@ class Run:
 class LoopHooks:
     """What a trainer plugs into `run_loop` and `finish_run`.
 
-    step(batch, step) -> logs (detached scalar tensors); never called for an empty batch.
+    step(batch, step) -> logs (detached scalar tensors); never called for an empty batch. With gradient
+        accumulation it runs once per micro-batch, inside `accelerator.accumulate`.
     count(batch) -> items the batch holds to train on (images or tokens): 0 skips it.
-    evaluate(step) -> held-out metrics (logged as eval/*); main process only.
+    evaluate(step) -> held-out metrics (logged as eval/*); every process evaluates its share of
+        the held-out data and gets the totals.
     summary(metrics) -> the one line the progress bar prints after an evaluation.
-    save(model, output_dir) -> writes the trained model's files; returns entries for metrics.json.
+    save(model, output_dir, state_dict) -> writes the trained model's files (main process, the full
+        state dict gathered from every process); returns entries for metrics.json.
     progress: {short name: log key} of the figures the progress bar shows beside the loss and speed.
     best: (held-out figure, "max" or "min"): what `save_best` keeps the weights of.
     """
@@ -115,7 +131,7 @@ class LoopHooks:
     count: Callable[[dict], int]
     evaluate: Callable[[int], dict]
     summary: Callable[[dict], str]
-    save: Callable[[torch.nn.Module, Path], dict]
+    save: Callable[[torch.nn.Module, Path, dict], dict]
     speed_unit: str = "img_s"
     progress: dict[str, str] = field(default_factory=dict)
     best: tuple[str, str] = ("loss", "min")
@@ -141,12 +157,18 @@ def log_image(accelerator: Accelerator, name: str, image: Image.Image, step: int
             tracker.log_images({name: np.asarray(image)[None]}, step=step, dataformats="NHWC")
 
 
+def _zero_stage(accelerator: Accelerator) -> int:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(getattr(plugin, "zero_stage", 0) or 0)
+
+
 def step_optimizer(run: Run) -> None:
-    """The tail of every training step, after a checked backward: update, schedule, clear, EMA."""
+    """The tail of every training step, after a checked backward: update, schedule, clear, EMA.
+    With gradient accumulation, accelerate's optimizer and schedule only act on the last micro-batch."""
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if run.ema is not None:
+    if run.ema is not None and run.accelerator.sync_gradients:
         run.ema.update(run.unwrapped)
 
 
@@ -250,14 +272,18 @@ class _Loop:
             )
 
     def _step(self, batch: dict) -> None:
+        accelerator = self.run.accelerator
         try:
-            logs = self.hooks.step(batch, self.state.step)
+            with accelerator.accumulate(*self.run.models):
+                logs = self.hooks.step(batch, self.state.step)
         except NonFiniteStep as bad:
             self._after_bad_step(bad)
             return
+        self.speed.add(self.hooks.count(batch) * accelerator.num_processes)
+        if not accelerator.sync_gradients:  # a micro-batch: the step is not done yet
+            return
         self.bad_in_a_row = 0
         self.state.step += 1
-        self.speed.add(self.hooks.count(batch) * self.run.accelerator.num_processes)
         self._after_step(logs)
 
     def _after_bad_step(self, bad: NonFiniteStep) -> None:
@@ -288,9 +314,10 @@ class _Loop:
             shown |= {short: f"{values[key]:.3g}" for short, key in hooks.progress.items() if key in values}
             self.progress.set_postfix(**shown, **{hooks.speed_unit: f"{values[hooks.speed_unit]:.1f}"})
         self.progress.update(1)
-        if train.eval_every and step % train.eval_every == 0 and not last and accelerator.is_main_process:
-            metrics = hooks.evaluate(step)
-            self.progress.write(f"step {step}: {hooks.summary(metrics)}")
+        if train.eval_every and step % train.eval_every == 0 and not last:
+            metrics = hooks.evaluate(step)  # every process: its share of the held-out data
+            if accelerator.is_main_process:
+                self.progress.write(f"step {step}: {hooks.summary(metrics)}")
             keep_if_best(self.run, self.state, hooks, metrics)
         if train.save_every and step % train.save_every == 0 and not last:
             save_checkpoint(accelerator, train, self.state, self.run.ema)
@@ -347,8 +374,10 @@ def keep_if_best(run: Run, state: TrainerState, hooks: LoopHooks, metrics: dict)
         return
     state.best, state.best_step = value, state.step
     folder = Path(run.train.output_dir) / "best"
-    hooks.save(run.unwrapped, folder)
-    (folder / "metrics.json").write_text(json.dumps(metrics | {"step": state.step}, indent=2))
+    full = run.accelerator.get_state_dict(run.model)  # collective: every process takes part
+    if run.accelerator.is_main_process:
+        hooks.save(run.unwrapped, folder, full)
+        (folder / "metrics.json").write_text(json.dumps(metrics | {"step": state.step}, indent=2))
 
 
 def state_digest(*states: dict[str, torch.Tensor]) -> str:
@@ -374,22 +403,23 @@ def finish_run(run: Run, state: TrainerState, hooks: LoopHooks, started: float) 
     accelerator, output = run.accelerator, Path(run.train.output_dir)
     skipped = len(set().union(*gather_object([state.unreadable])))  # each broken file once, whichever rank met it
     agree = weights_agree_across_ranks(accelerator, run.unwrapped, run.ema)
-    metrics = None
+    model = run.unwrapped
+    if run.ema is not None:
+        run.ema.copy_to(model)  # the EMA weights are the model we publish (each process its shard)
+    metrics = hooks.evaluate(state.step)  # every process: its share
+    metrics |= {
+        "steps": state.step,
+        "seconds": time.time() - started,
+        "skipped_images": int(skipped),
+        "skipped_steps": state.skipped_steps,
+        "num_processes": accelerator.num_processes,
+        "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
+        "weights_identical_across_ranks": agree,
+    }
+    full = accelerator.get_state_dict(run.model)  # collective: the whole model, on the main process
+    keep_if_best(run, state, hooks, metrics)
     if accelerator.is_main_process:
-        model = run.unwrapped
-        if run.ema is not None:
-            run.ema.copy_to(model)  # the EMA weights are the model we publish
-        metrics = hooks.evaluate(state.step)
-        metrics |= {
-            "steps": state.step,
-            "seconds": time.time() - started,
-            "skipped_images": int(skipped),
-            "skipped_steps": state.skipped_steps,
-            "num_processes": accelerator.num_processes,
-            "weights_identical_across_ranks": agree,
-        }
-        metrics |= hooks.save(model, output)
-        keep_if_best(run, state, hooks, metrics)
+        metrics |= hooks.save(model, output, full)
         if state.best_step is not None:
             metrics |= {"best": state.best, "best_step": state.best_step}
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -398,4 +428,4 @@ def finish_run(run: Run, state: TrainerState, hooks: LoopHooks, started: float) 
         accelerator.print(json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # also tears down the process group: no collective after it
-    return metrics
+    return metrics if accelerator.is_main_process else None

@@ -7,12 +7,14 @@ which turns a NaN/inf loss or gradient on any rank into a `NonFiniteStep` the lo
 from __future__ import annotations
 
 import logging
+import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -31,7 +33,10 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
         # compiled backwards with donated buffers refuse; the error message names this switch.
         torch._functorch.config.donated_buffer = False
     log_with = None if train.log_with in ("none", "") else train.log_with
+    processes = int(os.environ.get("WORLD_SIZE", 1))  # what the launcher started; the Accelerator is not made yet
     accelerator = Accelerator(
+        gradient_accumulation_steps=accumulation_steps(train, processes),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train.process_group_timeout))],
         # each process iterates its own loader (a sampler's shard, or its part of a stream): batches are
         # never gathered on one process and sent out, so they may hold the unreadable images' records
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
@@ -44,6 +49,19 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
     if train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         logger.warning("mixed_precision fp16 needs a GPU: on the CPU accelerate trains in fp32; use bf16 there")
     return accelerator
+
+
+def accumulation_steps(train: TrainConfig, processes: int) -> int:
+    """Micro-batches per optimizer step: `gradient_accumulation_steps`, or what `global_batch_size` asks for."""
+    if train.global_batch_size is None:
+        return train.gradient_accumulation_steps
+    per_step = train.batch_size * processes
+    if train.global_batch_size % per_step:
+        raise ValueError(
+            f"global_batch_size {train.global_batch_size} is not a multiple of batch_size {train.batch_size} x "
+            f"{processes} processes = {per_step}; choose a batch_size that divides it"
+        )
+    return train.global_batch_size // per_step
 
 
 def _fresh_accelerator_state() -> None:
@@ -78,21 +96,35 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torc
     )
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the shard of a sharded one (FSDP2's DTensor), else itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 class EMA:
-    """Exponential moving average of a model's floating-point parameters and buffers."""
+    """Exponential moving average of a model's floating-point parameters and buffers.
+
+    Sharded models (FSDP2) work alike: each process averages its own shards, and saves and loads
+    them as its own file (`sharded`)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        state = model.state_dict()
+        self.sharded = any(hasattr(v, "to_local") for v in state.values())
+        self.shadow = {k: _local(v).detach().clone() for k, v in state.items() if v.is_floating_point()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         state = model.state_dict()
         names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[k] for k in names], [state[k].detach() for k in names], 1 - self.decay)
+        current = [_local(state[k]).detach() for k in names]
+        torch._foreach_lerp_([self.shadow[k] for k in names], current, 1 - self.decay)
 
+    @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
-        model.load_state_dict(self.shadow, strict=False)
+        state = model.state_dict()  # views of the parameters and buffers: copying into them sets the model
+        for name, average in self.shadow.items():
+            _local(state[name]).copy_(average)
 
     def save(self, path: Path) -> None:
         save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path))
@@ -139,7 +171,7 @@ def backward_and_check(accelerator: Accelerator, loss: torch.Tensor, parameters,
     """
     accelerator.backward(loss)
     parameters = [p for p in parameters if p.grad is not None]
-    if max_norm > 0:
+    if max_norm > 0 and accelerator.sync_gradients:  # the sum of the micro-batches' gradients is clipped once
         norm = accelerator.clip_grad_norm_(parameters, max_norm)
     else:
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters]))
@@ -151,9 +183,10 @@ def backward_and_check(accelerator: Accelerator, loss: torch.Tensor, parameters,
     if step_ok:
         return
     scaler = accelerator.scaler
-    if scaler is not None:
+    if scaler is not None and accelerator.sync_gradients:
         optimizer.step()  # GradScaler: no update, a lower scale
-    optimizer.zero_grad(set_to_none=True)
+    for p in parameters:  # the micro-batches accumulated so far go too (accelerate's zero_grad waits for the sync)
+        p.grad = None
     overflow = scaler is not None and loss_ok and scaler.get_scale() >= MIN_LOSS_SCALE
     detail = f", loss scale now {scaler.get_scale():g}" if scaler is not None else ""
     raise NonFiniteStep(f"loss {loss.item():.4g}, gradient norm {norm.item():.4g}{detail}", persistent=not overflow)

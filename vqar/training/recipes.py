@@ -25,7 +25,17 @@ class TrainConfig:
 
     output_dir: str = HfArg(default="outputs/run", help="where checkpoints, logs, samples and the model are written")
     max_steps: int = HfArg(default=1000, help="optimisation steps")
-    batch_size: int = HfArg(default=16, help="examples per step and process")
+    batch_size: int = HfArg(default=16, help="examples per step and process (per micro-batch with accumulation)")
+    gradient_accumulation_steps: int = HfArg(default=1, help="micro-batches per optimizer step")
+    global_batch_size: int | None = HfArg(
+        default=None,
+        help="examples per optimizer step over all processes: sets gradient_accumulation_steps to "
+        "global_batch_size / (batch_size x processes), so a recipe's batch is the same on 1 GPU or 64",
+    )
+    gradient_checkpointing: bool = HfArg(default=False, help="recompute activations in the backward: less memory")
+    process_group_timeout: int = HfArg(
+        default=1800, help="seconds a collective waits for the other processes before the run stops (NCCL, gloo)"
+    )
     learning_rate: float = HfArg(default=1e-3, help="peak learning rate (CPU-sized models; the GPU recipes set theirs)")
     weight_decay: float = HfArg(default=0.0, help="AdamW weight decay")
     adam_beta1: float = HfArg(default=0.9, help="AdamW beta1")
@@ -48,7 +58,7 @@ class TrainConfig:
     max_bad_steps: int = HfArg(default=10, help="NaN/inf steps in a row that are skipped before training stops")
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size"):
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "process_group_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -57,6 +67,10 @@ class TrainConfig:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.global_batch_size is not None and self.global_batch_size < self.batch_size:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) is smaller than batch_size ({self.batch_size})"
+            )
         if self.max_bad_steps < 0:
             raise ValueError(f"max_bad_steps must be >= 0, got {self.max_bad_steps}")
 

@@ -21,7 +21,7 @@ from transformers.hf_argparser import HfArg
 
 from ..ar import CONFIG_KEY, VocabLayout, build_prior, image_nll, prior_loss
 from ..bpe import VisualBPE, load_bpe
-from ..data import image_grid, make_loader
+from ..data import image_grid, make_loader, share
 from ..generation import SamplingConfig, build_prompts, generate_images, load_tokenizer_for
 from ..tokens import TokenRows, TokensManifest, load_tokens
 from .loop import EpochSampler, LoopHooks, Run, TrainData, begin_run, finish_run, log_image, run_loop, step_optimizer
@@ -126,6 +126,9 @@ def setup(args: PriorArgs, train: TrainConfig) -> PriorRun:
     accelerator = make_accelerator(train)
     rows, layout, bpe = _sequences(args, say=accelerator.print)
     model = build_prior(layout, args.model_type, args.size, **args.prior)
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # the cache is for sampling; saved priors sample with it
     train_split = rows["train"]
     if len(train_split) < train.batch_size * accelerator.num_processes:
         raise ValueError(f"{len(train_split)} training sequences cannot fill a batch of {train.batch_size}")
@@ -178,16 +181,42 @@ def train_step(run: PriorRun, batch: dict) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
-def evaluate_prior(model, layout: VocabLayout, dataset, batch_size: int, bpe: VisualBPE | None = None) -> dict:
-    """Held-out negative log-likelihood of the image tokens, in bits per token and per image."""
+def evaluate_prior(
+    model,
+    layout: VocabLayout,
+    dataset,
+    batch_size: int,
+    bpe: VisualBPE | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce=None,
+) -> dict:
+    """Held-out negative log-likelihood of the image tokens, in bits per token and per image.
+
+    With several processes each evaluates a contiguous share and `reduce` sums the totals; every
+    process runs the same number of batches (a short share repeats its last one, uncounted), so a
+    sharded model's collective forward passes line up."""
     was_training = model.training
     model.eval()
-    total_nats, count, images = 0.0, 0, 0
-    for batch in make_loader(dataset, batch_size, collate_fn=TokenBatches(layout, bpe)):
+    collate = TokenBatches(layout, bpe)
+    rows = share(len(dataset), rank, world_size)
+    longest = math.ceil(len(dataset) / world_size)
+    batches = math.ceil(longest / batch_size)  # the longest share's batches, run on every process
+    totals = torch.zeros(3, dtype=torch.float64)  # nats, modelled ids, images
+    for b in range(batches):
+        chunk = rows[b * batch_size : (b + 1) * batch_size]
+        counted = len(chunk) > 0
+        batch = collate(dataset.__getitems__(list(chunk or rows[-1:] or [0])))
         ids = layout.codec.to_sequence(batch["labels"].to(model.device), batch["tokens"].to(model.device))
         nats, tokens = image_nll(model, layout, ids)
-        total_nats, count, images = total_nats + nats, count + tokens, images + len(ids)
+        if counted:
+            totals += torch.tensor([nats, tokens, len(ids)], dtype=torch.float64)
     model.train(was_training)
+    if reduce is not None:
+        totals = reduce(totals)
+    total_nats, count, images = totals.tolist()
+    count, images = int(count), int(images)
     bits = total_nats / math.log(2)
     # With BPE a token is not a code: bits per image (EOI included) is what compares across layouts.
     return {"bits_per_token": bits / max(count, 1), "bits_per_image": bits / max(images, 1), "eval_tokens": count}
@@ -196,9 +225,20 @@ def evaluate_prior(model, layout: VocabLayout, dataset, batch_size: int, bpe: Vi
 def evaluate(run: PriorRun, step: int) -> dict:
     """Held-out bits per token and per image, logged as eval/*; with a tokenizer at hand, a grid of
     samples (one per class, cycling) in OUTPUT/samples/step-XXXXXX.png and TensorBoard."""
-    metrics = evaluate_prior(run.unwrapped, run.layout, run.eval_split, run.args.eval_batch_size, run.bpe)
-    run.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-    if run.tokenizer is not None:
+    accelerator = run.accelerator
+    model = run.model if run.sharded else run.unwrapped  # a sharded model runs collectively, through its wrapper
+    metrics = evaluate_prior(
+        model,
+        run.layout,
+        run.eval_split,
+        run.args.eval_batch_size,
+        run.bpe,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        reduce=lambda totals: accelerator.reduce(totals.to(accelerator.device), "sum").cpu(),
+    )
+    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    if run.tokenizer is not None and accelerator.is_main_process and not run.sharded:
         grid = image_grid([_samples(run)])
         folder = Path(run.train.output_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
@@ -221,10 +261,10 @@ def summary(metrics: dict) -> str:
     return f"held-out {metrics['bits_per_token']:.3f} bits/token, {metrics['bits_per_image']:.1f} bits/image"
 
 
-def _save(run: PriorRun, prior, output: Path) -> dict:
+def _save(run: PriorRun, prior, output: Path, state_dict: dict | None = None) -> dict:
     folder = output / "prior"
     setattr(prior.config, CONFIG_KEY, run.layout.saved_in(folder).to_dict())  # the tokenizer by a relative path
-    prior.save_pretrained(folder)
+    prior.save_pretrained(folder, state_dict=state_dict)
     if run.bpe is not None:
         run.bpe.save(folder)  # the prior's ids mean nothing without it
     return {"parameters": sum(p.numel() for p in prior.parameters())}
@@ -243,7 +283,7 @@ def train_prior(args: PriorArgs, train: TrainConfig) -> dict | None:
         count=lambda batch: batch["tokens"].numel(),
         evaluate=lambda step: evaluate(run, step),
         summary=summary,
-        save=lambda prior, output: _save(run, prior, output),
+        save=lambda prior, output, state_dict: _save(run, prior, output, state_dict),
         speed_unit="tok_s",
         best=("bits_per_image", "min"),
     )

@@ -26,6 +26,7 @@ from ..data import (
     image_grid,
     load_source,
     make_loader,
+    share,
     split_holdout,
     split_stream,
 )
@@ -132,6 +133,10 @@ class TokenizerRun(Run):
     min_codebook_usage: float = 0.1
     psnr_before_gan: float | None = None  # the last held-out PSNR before disc_start, to watch the GAN phase by
 
+    @property
+    def models(self) -> tuple[torch.nn.Module, ...]:
+        return (self.model,) if self.discriminator is None else (self.model, self.discriminator)
+
 
 def _training_loader(train_data, train: TrainConfig, num_processes: int) -> TrainData:
     sampler = None
@@ -159,6 +164,8 @@ def setup(
     accelerator = make_accelerator(train)
     tokenizer = build_tokenizer(model_args, data_args)  # after the accelerator: VQ syncs EMA codebooks in DDP
     tokenizer.config.resize_to = data_args.resize_to  # saved: `vqar tokenize` / `evaluate` prepare images alike
+    if train.gradient_checkpointing:
+        tokenizer.gradient_checkpointing_enable()
     loss_fn = TokenizerLoss(loss_config).to(accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
     train_data, eval_data = build_datasets(data_args, train.seed, rank, world, say=accelerator.print)
@@ -186,11 +193,10 @@ def setup(
         prepared = accelerator.prepare(loss_fn.discriminator, d_optimizer, make_scheduler(d_optimizer, train))
         run.discriminator, run.d_optimizer, run.d_scheduler = prepared
         loss_fn.discriminator = run.discriminator
-    if accelerator.is_main_process:
-        real = loss_fn.perceptual is not None and not loss_fn.perceptual.random_backbone
-        # LPIPS for the held-out figures: the training term's, or one whose weights are already cached
-        # (a run that does not train with LPIPS does not fetch 500 MB to report it; `vqar evaluate` does)
-        run.lpips = loss_fn.perceptual if real else real_lpips(accelerator.device, download=False)
+    real = loss_fn.perceptual is not None and not loss_fn.perceptual.random_backbone
+    # LPIPS for the held-out figures (every process measures its share): the training term's, or one whose
+    # weights are already cached (a run without LPIPS does not fetch 500 MB to report it; `vqar evaluate` does)
+    run.lpips = loss_fn.perceptual if real else real_lpips(accelerator.device, download=False)
     return run
 
 
@@ -242,9 +248,21 @@ def evaluate(run: TokenizerRun, step: int) -> dict:
     Once the GAN is on, also how well D tells held-out images from their reconstructions and the
     latest adaptive weight; warns when the codebook collapses or the GAN phase costs PSNR.
     """
-    loader = make_loader(run.eval_data, run.eval_batch_size, collate_fn=collate_images)
-    measured = reconstruction_metrics(run.unwrapped, (b["pixels"] for b in loader), lpips=run.lpips, keep=8)
+    accelerator = run.accelerator
+    mine = torch.utils.data.Subset(
+        run.eval_data, share(len(run.eval_data), accelerator.process_index, accelerator.num_processes)
+    )
+    loader = make_loader(mine, run.eval_batch_size, collate_fn=collate_images)
+    measured = reconstruction_metrics(
+        run.unwrapped,
+        (b["pixels"] for b in loader),
+        lpips=run.lpips,
+        keep=8,
+        reduce=lambda totals: accelerator.reduce(totals, "sum"),
+    )
     metrics = measured.metrics | {"eval_images": measured.images}
+    if not accelerator.is_main_process:
+        return metrics
     if run.loss_fn.gan_active(step):
         metrics |= _discriminator_metrics(run, measured.originals, measured.reconstructions)
     samples = Path(run.train.output_dir) / "samples"
@@ -306,8 +324,8 @@ def summary(metrics: dict) -> str:
     return line + (f"; PSNR from the first {by_prefix} dB" if by_prefix else "")
 
 
-def _save(tokenizer: VQTokenizer, output: Path, init_from: str | None) -> dict:
-    tokenizer.save_pretrained(output / "tokenizer")
+def _save(tokenizer: VQTokenizer, output: Path, init_from: str | None, state_dict: dict | None = None) -> dict:
+    tokenizer.save_pretrained(output / "tokenizer", state_dict=state_dict)
     if init_from:  # a model card names what the weights were fine-tuned from
         (output / "tokenizer" / PROVENANCE).write_text(json.dumps({"base_model": init_from}))
     return {}
@@ -326,7 +344,7 @@ def train_tokenizer(model_args, data_args, loss_config: LossConfig, train: Train
         count=lambda batch: len(batch["pixels"]),
         evaluate=lambda step: evaluate(run, step),
         summary=summary,
-        save=lambda tokenizer, output: _save(tokenizer, output, model_args.init_from),
+        save=lambda tokenizer, output, state_dict: _save(tokenizer, output, model_args.init_from, state_dict),
         progress={"d_real": "disc/accuracy_real", "d_fake": "disc/accuracy_fake", "ada": "loss/adaptive_weight"},
         best=("psnr", "max"),
     )
