@@ -170,12 +170,16 @@ class VocabLayout:
 # -- the causal LM ----------------------------------------------------------------------------
 
 PRIOR_SIZES = {
-    # Llama shapes; "S"/"B" follow LlamaGen's GPT-B/L widths scaled down for CPUs.
+    # Llama shapes. "tiny" and "cpu" are for tests and CPU recipes; "S" is a small GPU prior; "B" to "3B" are
+    # LlamaGen's GPT-B/L/XL/XXL/3B (Sun et al. 2024; FFN width 2/3 of 4x, rounded up to a multiple of 256).
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=172),
     "cpu": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, intermediate_size=512),
     "S": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376),
     "B": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=2048),
     "L": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=2816),
+    "XL": dict(hidden_size=1280, num_hidden_layers=36, num_attention_heads=20, intermediate_size=3584),
+    "XXL": dict(hidden_size=1536, num_hidden_layers=48, num_attention_heads=24, intermediate_size=4096),
+    "3B": dict(hidden_size=3200, num_hidden_layers=24, num_attention_heads=32, intermediate_size=8704),
 }
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 from transformers.hf_argparser import HfArg
 
@@ -249,7 +250,7 @@ def finish(plan: TokenizePlan, skipped: int) -> TokensManifest:
 def tokenize_dataset(args: TokenizeArgs) -> TokensManifest:
     """Encode `args.data` into `args.output`; returns the manifest (reused when up to date)."""
     check_launch()
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as an Accelerator reads it
     work = plan(args, state)
     done = torch.tensor([_prepare_output(work) if state.is_main_process else False])
     done = bool(_broadcast(state, done))
