@@ -37,7 +37,9 @@ class PriorArgs:
 
     tokens: str = HfArg(default="outputs/tokens", help="a tokens folder written by `vqar tokenize`")
     model_type: str = HfArg(default="llama", help="any transformers AutoModelForCausalLM config type")
-    size: str = HfArg(default="cpu", help="tiny | cpu | S | B | L | XL | XXL | 3B (vqar.ar.PRIOR_SIZES; B-3B: LlamaGen's)")
+    size: str = HfArg(
+        default="cpu", help="tiny | cpu | S | B | L | XL | XXL | 3B (vqar.ar.PRIOR_SIZES; B-3B: LlamaGen's)"
+    )
     prior: JSONDict = HfArg(
         default_factory=JSONDict, help="overrides of the model config, JSON: '{\"hidden_size\": 256}'"
     )
