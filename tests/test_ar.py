@@ -47,7 +47,7 @@ def test_sequence_round_trip_keeps_codes_and_conditions():
             lambda: build_prior(LAYOUT, size="tiny", max_position_embeddings=10),
             "max_position_embeddings=10 is shorter than",
         ),
-        (lambda: build_prior(LAYOUT, size="XXL"), "unknown prior size"),
+        (lambda: build_prior(LAYOUT, size="XXXL"), "unknown prior size"),
     ],
 )
 def test_bad_input_is_named(call, message):
