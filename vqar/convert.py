@@ -32,6 +32,7 @@ import yaml
 from torch import Tensor, nn
 from transformers.hf_argparser import HfArg
 
+from .devices import resolve_device
 from .hub import PROVENANCE
 from .tokenizer import TokenizerConfig, VQTokenizer
 from .tokenizer.blocks import AttnBlock
@@ -62,6 +63,10 @@ class ConvertArgs:
     trust_pickle: bool = HfArg(
         default=False,
         help="WARNING: load a checkpoint that needs arbitrary Python objects; it can run any code. Only for files you trust",
+    )
+    device: str | None = HfArg(
+        default=None,
+        help="where the converted model encodes and decodes one image as a check (default: the best present)",
     )
 
 
@@ -395,6 +400,16 @@ def _yaml_resolution(path: str | None, source: str, default: int) -> int:
     return int(ddconfig["resolution"])
 
 
+@torch.inference_mode()
+def _check_runs(tokenizer: VQTokenizer, device) -> None:
+    """One grey image through the converted model: a mapping that loads but does not run says so here."""
+    side = tokenizer.config.resolution
+    tokenizer.to(device).eval()
+    codes = tokenizer.encode(torch.zeros(1, 3, side, side, device=device))
+    tokenizer.decode(codes)
+    tokenizer.to("cpu")
+
+
 def convert(args: ConvertArgs) -> Path:
     """Convert `args.checkpoint` into the tokenizer folder `args.output`; returns the folder."""
     state = read_state_dict(args.checkpoint, args.trust_pickle)
@@ -403,6 +418,7 @@ def convert(args: ConvertArgs) -> Path:
     tokenizer = VQTokenizer(config)
     load_into(tokenizer, args.source, weights)
     tokenizer.quantizer.reset_derived_buffers()
+    _check_runs(tokenizer, resolve_device(args.device))
     output = Path(args.output)
     tokenizer.save_pretrained(output)
     digest = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()

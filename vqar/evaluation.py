@@ -135,7 +135,7 @@ def flat_colour_error(tokenizer) -> float:
     tokenizer.eval()
     colours = torch.tensor(list(itertools.product(FLAT_LEVELS, repeat=3)), device=tokenizer.device)
     size, border = tokenizer.config.resolution, tokenizer.config.resolution // 8
-    patches = colours[:, :, None, None].expand(-1, -1, size, size).contiguous()
+    patches = colours[:, :, None, None].expand(-1, -1, size, size).to(tokenizer.dtype).contiguous()
     reconstructed = tokenizer(patches).reconstruction.clamp(-1, 1)[..., border : size - border, border : size - border]
     tokenizer.train(was_training)
     return (reconstructed.float().mean((2, 3)) - colours).abs().max().item() * 127.5

@@ -229,6 +229,8 @@ class GenerateArgs:
     prefix_rows: int | None = HfArg(
         default=None, help="token rows (grid), leading tokens (1D) or scales (multiscale) of --prefix-image to keep"
     )
+    device: str | None = HfArg(default=None, help="cpu, cuda, cuda:N, mps (default: the best present)")
+    dtype: str = HfArg(default="fp32", help="fp32, bf16 or fp16 (GPU) for the prior and the tokenizer")
 
     def __post_init__(self):
         if (self.prefix_image is None) != (self.prefix_rows is None):
@@ -263,14 +265,19 @@ def generate_to_folder(args: GenerateArgs, sampling: SamplingConfig | None = Non
     row per class (named) or, completing an image, the source beside its completions."""
     from .ar import load_prior, load_prior_bpe
     from .data import read_image, save_images
+    from .devices import resolve_device, resolve_dtype
 
     sampling = sampling or SamplingConfig()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     prior, layout = load_prior(args.prior)
+    prior.to(device=device, dtype=dtype)
     if layout.ids.num_classes == 0 and (args.classes or sampling.uses_cfg):
         raise ValueError(
             f"the prior {args.prior} is unconditional (its tokens had no class labels): drop --class and --cfg-scale"
         )
     tokenizer = load_tokenizer_for(args.prior, layout, args.tokenizer, allow_other=args.allow_other_tokenizer)
+    tokenizer.for_inference(device, dtype)
     bpe = load_prior_bpe(args.prior, layout)
     prefix = prefix_from_image(tokenizer, args.prefix_image, args.prefix_rows) if args.prefix_image else None
     per_class = args.num_images or (1 if args.classes else 8)
