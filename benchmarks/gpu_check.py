@@ -13,7 +13,9 @@ backbone: its cost is LPIPS's, its value is not).
 
 Prints one table: tokenizer images/s before and after the discriminator starts, prior tokens/s,
 peak GPU memory, and whether every loss stayed finite (with fp16, overflow steps the loss scaler
-absorbed are counted apart). Without a GPU (and without --smoke) it says so and exits: it is part
+absorbed are counted apart); a second: `vqar tokenize`, `evaluate` and `generate` on the GPU in
+each precision (images/s); and whether a B prior trains, evaluates and saves through accelerate's
+FSDP2 config on every GPU present. Without a GPU (and without --smoke) it says so and exits: it is part
 of `make bench`, which runs on CPUs too.
 """
 
@@ -172,18 +174,13 @@ def check_tokenizer(args, precision: str, compile: bool, workdir: Path) -> dict:
     return result | {"parameters": sum(p.numel() for p in run.unwrapped.parameters())}
 
 
-def check_prior(args, precision: str, compile: bool, workdir: Path) -> dict:
-    from vqar.tokens import TokensManifest, write_tokens
-    from vqar.training.recipes import TrainConfig
-    from vqar.training.train_prior import PriorArgs, setup, train_step
+def synthetic_tokens(folder: Path, side: int, codes: int, count: int) -> Path:
+    """A tokens folder of random-walk code grids in ten classes, written as `vqar tokenize` writes one."""
+    from vqar.tokens import SPLITS, ShardWriter, TokensManifest, finish_split, finish_tokens, token_features
 
-    side, codes = (4, 64) if args.smoke else (16, 16384)
     rng = np.random.default_rng(0)
-    rows = [np.cumsum(rng.integers(-3, 4, side * side)) % codes for _ in range(64 if args.smoke else 4096)]
-    splits = {
-        name: {"tokens": [r.astype(np.int32) for r in rows], "label": [i % 10 for i in range(len(rows))]}
-        for name in ("train", "eval")
-    }
+    rows = np.stack([np.cumsum(rng.integers(-3, 4, side * side)) % codes for _ in range(count)])
+    features = token_features(side * side, codes, captions=False)
     manifest = TokensManifest(
         tokenizer="synthetic",
         codebook_size=codes,
@@ -191,8 +188,21 @@ def check_prior(args, precision: str, compile: bool, workdir: Path) -> dict:
         grid=[side, side],
         class_names=[str(c) for c in range(10)],
     )
-    (workdir / "tokens").mkdir(parents=True)
-    write_tokens(workdir / "tokens", splits, manifest)
+    for name in SPLITS:
+        writer = ShardWriter(folder / name / "data-0.arrow", features)
+        writer.write({"tokens": rows.astype(features["tokens"].feature.dtype), "label": np.arange(count) % 10})
+        finish_split(folder / name, [writer.close()], features)
+        manifest.num_images[name] = count
+    finish_tokens(folder, SPLITS, manifest)
+    return folder
+
+
+def check_prior(args, precision: str, compile: bool, workdir: Path) -> dict:
+    from vqar.training.recipes import TrainConfig
+    from vqar.training.train_prior import PriorArgs, setup, train_step
+
+    side, codes = (4, 64) if args.smoke else (16, 16384)
+    synthetic_tokens(workdir / "tokens", side, codes, 64 if args.smoke else 4096)
     train = TrainConfig(
         output_dir=str(workdir / "prior"),
         max_steps=args.steps,
@@ -219,14 +229,73 @@ def check_prior(args, precision: str, compile: bool, workdir: Path) -> dict:
     return result | {"parameters": sum(p.numel() for p in run.unwrapped.parameters())}
 
 
+def check_inference(args, precision: str, workdir: Path) -> dict:
+    """`vqar tokenize`, `vqar evaluate` and `vqar generate` on the device in `precision`: images/s each."""
+    from vqar import TokenizerConfig, VQTokenizer
+    from vqar.ar import CONFIG_KEY, VocabLayout, build_prior
+    from vqar.evaluation import EvaluateArgs, evaluate_tokenizer
+    from vqar.generation import GenerateArgs, SamplingConfig, generate_to_folder
+    from vqar.tokenizer import load_preset
+    from vqar.tokens import load_tokens
+    from vqar.training.encode_dataset import TokenizeArgs, tokenize_dataset
+
+    side = 32 if args.smoke else 256
+    count = 32 if args.smoke else 512
+    images = structured_images(workdir / "images", count, side)
+    config = {**load_preset("vqgan-f16-16k"), "resolution": side}
+    if args.smoke:
+        config |= {"channels": 8, "channel_multipliers": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": []}
+    VQTokenizer(TokenizerConfig(**config)).save_pretrained(workdir / "tokenizer")
+    dtype = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[precision]
+    common = dict(tokenizer=str(workdir / "tokenizer"), data=str(images), dtype=dtype, batch_size=args.batch)
+    timings = {}
+    start = time.perf_counter()
+    tokenize_dataset(TokenizeArgs(**common, output=str(workdir / "tokens"), num_workers=0 if args.smoke else 8))
+    timings["tokenize"] = count / (time.perf_counter() - start)
+    start = time.perf_counter()
+    evaluate_tokenizer(EvaluateArgs(**common, output=str(workdir / "report"), num_workers=0 if args.smoke else 8))
+    timings["evaluate"] = count / (time.perf_counter() - start)
+    _, manifest = load_tokens(workdir / "tokens")
+    layout = VocabLayout.from_manifest(manifest, conditional=True)
+    prior = build_prior(layout, size="tiny" if args.smoke else "B")
+    setattr(prior.config, CONFIG_KEY, layout.saved_in(workdir / "prior").to_dict())
+    prior.save_pretrained(workdir / "prior")
+    generate = GenerateArgs(prior=str(workdir / "prior"), output=str(workdir / "samples"), dtype=dtype)
+    generate.classes, generate.num_images = ["even"], 8
+    generate_to_folder(generate, SamplingConfig(cfg_scale=4.0, seed=0))  # warm-up
+    start = time.perf_counter()
+    generate_to_folder(generate, SamplingConfig(cfg_scale=4.0, seed=0))
+    timings["generate"] = 8 / (time.perf_counter() - start)
+    return {"rates": timings, "finite": True, "overflows": 0, "parameters": sum(p.numel() for p in prior.parameters())}
+
+
+def check_fsdp_prior(args, workdir: Path) -> str:
+    """A B prior through accelerate's FSDP2 config on every GPU here: does it train, evaluate and save?"""
+    tokens = synthetic_tokens(workdir / "tokens", 16, 16384, 2048)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes" / "accelerate" / "fsdp2.yaml"),
+        "--num_processes", str(torch.cuda.device_count()), "-m", "vqar", "train-prior", "--tokens", str(tokens),
+        "--size", "B", "--max_steps", str(args.steps), "--batch_size", str(args.prior_batch), "--eval_every", "0",
+        "--log_with", "none", "--output_dir", str(workdir / "fsdp"), "--ema_decay", "0.999", "--save_every", str(args.steps // 2),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        return f"failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+    metrics = json.loads((workdir / "fsdp" / "metrics.json").read_text())
+    return f"{metrics['steps']} steps, held-out {metrics['bits_per_token']:.2f} bits/token, {metrics['seconds']:.0f} s"
+
+
 def one(args) -> None:
     """A single configuration (a fresh process: accelerate's state and CUDA's memory are per process)."""
     kind, precision, compile = args.one[0], args.one[1], args.one[2] == "compile"
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as workdir:
-        check = check_tokenizer if kind == "tokenizer" else check_prior
-        result = check(args, precision, compile, Path(workdir))
+        if kind == "inference":
+            result = check_inference(args, precision, Path(workdir))
+        else:
+            check = check_tokenizer if kind == "tokenizer" else check_prior
+            result = check(args, precision, compile, Path(workdir))
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     print(json.dumps(result | {"kind": kind, "precision": precision, "compile": compile, "peak_gib": peak}))
 
@@ -292,6 +361,29 @@ def main() -> None:
                     f"{fmt(rates.get('prior'), '.0f')} | {fmt(r['peak_gib'], '.1f')} | {r['finite']} | "
                     f"{r['overflows']} |"
                 )
+    print(
+        "\n| inference (vqar commands) | dtype | tokenize images/s | evaluate images/s | generate images/s (CFG 4) | peak GiB |"
+    )
+    print("|---|---|---|---|---|---|")
+    for precision in precisions:
+        command = [sys.executable, __file__, "--one", "inference", precision, "eager", "--batch", str(args.batch)]
+        done = subprocess.run(command + (["--smoke"] if args.smoke else []), capture_output=True, text=True)
+        if done.returncode:
+            print(f"| inference | {precision} | failed: {(done.stderr.strip().splitlines() or ['?'])[-1]} |")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        rates = r["rates"]
+        print(
+            f"| prior {r['parameters'] / 1e6:.0f}M, tokenizer vqgan-f16-16k | {precision} | "
+            f"{rates['tokenize']:.1f} | {rates['evaluate']:.1f} | {rates['generate']:.2f} | {fmt(r['peak_gib'], '.1f')} |"
+        )
+    if torch.cuda.is_available():
+        with tempfile.TemporaryDirectory() as workdir:
+            print(f"\nFSDP2 prior (B) on {torch.cuda.device_count()} GPU(s): {check_fsdp_prior(args, Path(workdir))}")
+    else:
+        print(
+            "\nFSDP2 prior: needs a GPU (accelerate runs FSDP on GPUs only); tests/test_sharded.py covers the code paths"
+        )
 
 
 if __name__ == "__main__":

@@ -45,3 +45,9 @@ def test_tokenize_and_evaluate_run_in_bf16_on_the_cpu(tmp_path):
     main(["tokenize", *options, "--output", str(tmp_path / "tokens")])
     main(["evaluate", *options, "--output", str(tmp_path / "report"), "--holdout", "0.05"])
     assert (tmp_path / "tokens" / "vqar_tokens.json").is_file() and (tmp_path / "report" / "report.json").is_file()
+
+
+def test_a_tokenizer_cast_for_inference_keeps_its_fingerprint():
+    tokenizer = VQTokenizer(TokenizerConfig(**TINY_F2))
+    before = tokenizer.fingerprint
+    assert tokenizer.for_inference("cpu", torch.bfloat16).fingerprint == before

@@ -267,9 +267,14 @@ class VQTokenizer(PreTrainedModel):
 
     def for_inference(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         """This tokenizer in eval mode on `device`, its encoder and decoder in `dtype`; the quantizer stays
-        in fp32 (rounding to codes in bf16 would move latents across code boundaries). Returns self."""
+        in fp32 (rounding to codes in bf16 would move latents across code boundaries). Returns self.
+
+        The fingerprint stays that of the weights as they were: a cast for inference is the same tokenizer."""
+        fingerprint = self.fingerprint
         self.eval().to(device=device, dtype=dtype)
         self.quantizer.float()
+        state = {k: v for k, v in self.state_dict().items() if k.startswith(fingerprints.CODE_MEANING_MODULES)}
+        self._fingerprint_cache = (fingerprints.tensors_key(state), fingerprint)
         return self
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
