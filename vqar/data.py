@@ -344,8 +344,12 @@ def read_image(value) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode (1, L, LA, P, RGBA, I;16, I, F, CMYK, ...) -> RGB; transparency onto white."""
-    image = ImageOps.exif_transpose(image)
+    """Any Pillow mode (1, L, LA, P, RGBA, I;16, I, F, CMYK, ...) -> RGB, turned upright by its EXIF
+    orientation; transparency onto white. An image that is RGB already and has no EXIF comes back as it is."""
+    if _may_be_rotated(image):
+        image = ImageOps.exif_transpose(image)
+    elif image.mode == "RGB":
+        return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
@@ -357,6 +361,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+EXIF_FORMATS = ("JPEG", "MPO", "TIFF", "WEBP", "HEIF", "AVIF")  # where an orientation tag may hide outside info["exif"]
+
+
+def _may_be_rotated(image: Image.Image) -> bool:
+    """Whether an EXIF orientation could apply: reading the EXIF of every small PNG costs more than decoding it."""
+    return "exif" in image.info or image.format in EXIF_FORMATS or image.format is None
 
 
 @dataclass
@@ -401,14 +413,20 @@ class ImageTransform:
 
     def augment(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         """The random part: crop and flip a prepared image -> [3, R, R] in [-1, 1]."""
+        return to_unit_range(self.augment_uint8(image, generator))
+
+    def augment_uint8(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`augment` before the conversion to floats: [3, R, R] uint8, what datasets hand to a DataLoader
+        (a batch is converted at once in `collate_images`, and a quarter of the bytes cross from workers)."""
         left, top = self._crop_origin(image.size, generator)
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        pixels = pixels.view(self.resolution, self.resolution, 3).permute(2, 0, 1)
         if self.random_flip and torch.rand((), generator=generator) < 0.5:
             pixels = pixels.flip(-1)
         if self.random_channels and torch.rand((), generator=generator) < self.random_channels:
             pixels = pixels[torch.randperm(3, generator=generator)]
-        return pixels.float() / 127.5 - 1
+        return pixels
 
     def _crop_origin(self, size: tuple[int, int], generator: torch.Generator | None) -> tuple[int, int]:
         w, h = size
@@ -417,6 +435,11 @@ class ImageTransform:
         left = int(torch.randint(0, w - self.resolution + 1, (), generator=generator))
         top = int(torch.randint(0, h - self.resolution + 1, (), generator=generator))
         return left, top
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> floats in [-1, 1] (x / 127.5 - 1); floats are taken to be there already."""
+    return pixels.float().div_(127.5).sub_(1) if pixels.dtype == torch.uint8 else pixels
 
 
 @dataclass(frozen=True)
@@ -452,10 +475,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _prepare(self, row_index: int) -> tuple[Image.Image, int] | Unreadable:
+    def _prepare(self, row_index: int, row: dict | None = None) -> tuple[Image.Image, int] | Unreadable:
         if self._prepared is not None and row_index in self._prepared:
             return self._prepared[row_index]
-        row = self.dataset[row_index]
+        row = row if row is not None else self.dataset[row_index]
         try:
             prepared = self.transform.prepare(read_image(row["image"])), row["label"] if self.has_labels else -1
         except UnreadableImage as error:
@@ -464,13 +487,25 @@ class ImageDataset(torch.utils.data.Dataset):
             self._prepared[row_index] = prepared
         return prepared
 
-    def __getitem__(self, index: int) -> dict | Unreadable:
-        prepared = self._prepare(index % len(self.dataset))
+    def _example(self, index: int, prepared) -> dict | Unreadable:
         if isinstance(prepared, Unreadable):
             return prepared
         image, label = prepared
-        pixels = self.transform.augment(image, _generator(self.seed, self.epoch, index))
+        pixels = self.transform.augment_uint8(image, _generator(self.seed, self.epoch, index))
         return {"pixels": pixels, "label": label, "index": index}
+
+    def __getitem__(self, index: int) -> dict | Unreadable:
+        return self._example(index, self._prepare(index % len(self.dataset)))
+
+    def __getitems__(self, indices: list[int]) -> list[dict | Unreadable]:
+        """A batch's examples, their rows read from the source in one call (what a DataLoader asks for)."""
+        rows = [i % len(self.dataset) for i in indices]
+        missing = [r for r in rows if self._prepared is None or r not in self._prepared]
+        fetched = {}
+        if missing:
+            columns = self.dataset[missing]  # one Arrow read for the batch, not one per image
+            fetched = {r: {name: values[j] for name, values in columns.items()} for j, r in enumerate(missing)}
+        return [self._example(i, self._prepare(r, fetched.get(r))) for i, r in zip(indices, rows)]
 
     def caption(self, index: int) -> str:
         """The caption of example `index` ("" when the source has none for it)."""
@@ -549,7 +584,7 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
                 value = row["image"]
                 yield Unreadable((value.get("path") if isinstance(value, dict) else None) or f"#{index}", str(error))
                 continue
-            pixels = self.transform.augment(image, _generator(self.seed, self.epoch, index))
+            pixels = self.transform.augment_uint8(image, _generator(self.seed, self.epoch, index))
             yield {"pixels": pixels, "label": row.get("label", -1), "index": index}
         self.batches_to_skip = 0
 
@@ -565,12 +600,12 @@ def split_stream(dataset: datasets.IterableDataset, eval_size: int):
 def collate_images(batch: list[dict | Unreadable]) -> dict:
     """Stack the readable examples of a batch and list the unreadable ones.
 
-    Returns pixels [B, 3, R, R], labels [B] (-1 without labels), indices [B] (positions in
+    Returns pixels [B, 3, R, R] (floats in [-1, 1]), labels [B] (-1 without labels), indices [B] (positions in
     the dataset), unreadable (the `Unreadable`s) and skipped (how many there were).
     """
     good = [example for example in batch if not isinstance(example, Unreadable)]
     unreadable = [example for example in batch if isinstance(example, Unreadable)]
-    pixels = torch.stack([e["pixels"] for e in good]) if good else torch.empty(0, 3, 0, 0)
+    pixels = to_unit_range(torch.stack([e["pixels"] for e in good])) if good else torch.empty(0, 3, 0, 0)
     labels = torch.tensor([e["label"] for e in good], dtype=torch.long)
     indices = torch.tensor([e["index"] for e in good], dtype=torch.long)
     return {

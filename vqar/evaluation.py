@@ -135,10 +135,17 @@ def flat_colour_error(tokenizer) -> float:
     tokenizer.eval()
     colours = torch.tensor(list(itertools.product(FLAT_LEVELS, repeat=3)), device=tokenizer.device)
     size, border = tokenizer.config.resolution, tokenizer.config.resolution // 8
-    patches = colours[:, :, None, None].expand(-1, -1, size, size).to(tokenizer.dtype).contiguous()
-    reconstructed = tokenizer(patches).reconstruction.clamp(-1, 1)[..., border : size - border, border : size - border]
+    means = []
+    for chunk in colours.split(
+        max(1, 2**19 // size**2)
+    ):  # a few at a time: 27 patches at 256 px are 3 GiB of activations
+        patches = chunk[:, :, None, None].expand(-1, -1, size, size).to(tokenizer.dtype).contiguous()
+        reconstructed = tokenizer(patches).reconstruction.clamp(-1, 1)[
+            ..., border : size - border, border : size - border
+        ]
+        means.append(reconstructed.float().mean((2, 3)))
     tokenizer.train(was_training)
-    return (reconstructed.float().mean((2, 3)) - colours).abs().max().item() * 127.5
+    return (torch.cat(means) - colours).abs().max().item() * 127.5
 
 
 def _batch_sums(tokenizer, pixels: Tensor, reconstruction: Tensor, indices: Tensor, lpips, names) -> list[Tensor]:
@@ -175,7 +182,9 @@ class EvaluateArgs:
     split: str = HfArg(default="train", help="the split of a Hub dataset")
     image_column: str | None = HfArg(default=None, help="default: the first Image column (or 'image', 'img')")
     label_column: str | None = HfArg(default=None, help="default: the first ClassLabel column (or 'label')")
-    batch_size: int = HfArg(default=32, help="images per batch")
+    batch_size: int | None = HfArg(
+        default=None, help="images per batch (default: as many as hold 2^19 pixels, at most 64: 8 at 256 px)"
+    )
     num_workers: int = HfArg(default=2, help="DataLoader processes decoding images while the tokenizer runs")
     device: str | None = HfArg(default=None, help="cpu, cuda, cuda:N, mps (default: the best present)")
     dtype: str = HfArg(default="fp32", help="fp32, bf16 or fp16 (GPU) for the tokenizer; the quantizer stays fp32")
@@ -258,6 +267,7 @@ def evaluate_tokenizer(args: EvaluateArgs) -> dict:
     tokenizer = VQTokenizer.from_pretrained(args.tokenizer).for_inference(device, resolve_dtype(args.dtype, device))
     transform = tokenizer.image_transform(args.resolution, args.resize_to)  # as its training evaluation did
     resolution = transform.resolution
+    args.batch_size = args.batch_size or max(1, min(64, 2**19 // resolution**2))  # memory flat at any resolution
     source = load_source(args.data, split=args.split, image_column=args.image_column, label_column=args.label_column)
     if args.holdout:
         source = split_holdout(source, args.holdout, seed=0)[1]

@@ -78,8 +78,16 @@ class ResnetBlock(nn.Module):
         return residual(self.shortcut(x), h)
 
 
+EXACT_ATTENTION_POSITIONS = 1024  # up to taming's 32 x 32: its own order of operations, to the bit
+
+
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all positions of a feature map (at most 32 x 32 of them)."""
+    """Single-head self-attention over all positions of a feature map.
+
+    Up to 32 x 32 positions (every published model's) it computes as taming does, so converted
+    models give their pixels to the bit; beyond (a CPU tokenizer run at 256 px) through PyTorch's
+    fused attention, which never holds the [N, N] weights: 4,096 positions would need 64 MiB an image.
+    """
 
     def __init__(self, channels: int, group_size: int = 1):
         super().__init__()
@@ -90,6 +98,12 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         q, k, v = (t.reshape(B, C, H * W) for t in self.qkv(self.norm(x)).chunk(3, dim=1))  # [B, C, N] each
+        if H * W > EXACT_ATTENTION_POSITIONS:
+            q, k, v = (
+                t.transpose(1, 2).contiguous()[:, None] for t in (q, k, v)
+            )  # [B, 1 head, N, C], as the fused kernel reads it
+            h = F.scaled_dot_product_attention(q, k, v)[:, 0]  # [B, N, C]
+            return residual(x, self.proj_out(h.transpose(1, 2).reshape(B, C, H, W)))
         weights = torch.softmax(torch.bmm(q.transpose(1, 2), k) * C**-0.5, dim=2)  # [B, N queries, N keys]
         h = torch.bmm(v, weights.transpose(1, 2)).reshape(B, C, H, W)
         return residual(x, self.proj_out(h))

@@ -23,10 +23,12 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
@@ -172,30 +174,69 @@ def shard_path(output: Path, split: str, rows: range) -> Path:
     return output / split / f"data-{rows.start:012d}-{rows.stop:012d}.arrow"
 
 
+class ShardedOutput:
+    """The shards of one process's share, in order: rows (by their index in the split) go to the shard
+    that holds them, each shard renamed into place once the rows after it arrive."""
+
+    def __init__(self, plan: TokenizePlan, name: str, todo: list[range]):
+        self.plan, self.name, self.todo = plan, name, list(todo)
+        self.writer: ShardWriter | None = None
+
+    def _advance_to(self, index: int) -> None:
+        while self.todo and index >= self.todo[0].stop:
+            self._open().close()  # finished (or all of its images unreadable: an empty shard)
+            self.writer = None
+            self.todo.pop(0)
+
+    def _open(self) -> ShardWriter:
+        if self.writer is None:
+            self.writer = ShardWriter(
+                shard_path(Path(self.plan.args.output), self.name, self.todo[0]), self.plan.features
+            )
+        return self.writer
+
+    def write(self, indices: np.ndarray, rows: dict) -> None:
+        """Rows {"tokens", "label"[, "caption"]} of the split's examples `indices` (increasing)."""
+        start = 0
+        while start < len(indices):
+            self._advance_to(int(indices[start]))
+            stop = start + int(np.searchsorted(indices[start:], self.todo[0].stop))
+            self._open().write({key: values[start:stop] for key, values in rows.items()})
+            start = stop
+
+    def close(self) -> None:
+        self._advance_to(2**62)
+
+
 @torch.inference_mode()
-def encode_share(plan: TokenizePlan, name: str) -> int:
-    """Encode this process's share of split `name` into shards (finished ones are kept); returns the
-    number of unreadable images it met."""
+def encode_share(plan: TokenizePlan, name: str) -> tuple[int, int, float]:
+    """Encode this process's share of split `name` into shards (finished ones are kept), one DataLoader
+    for all of it; returns (unreadable images met, images encoded, seconds spent on them)."""
     args, state = plan.args, plan.state
     dataset = ImageDataset(plan.splits[name], plan.transform, repeats=args.crops, seed=0 if name == "train" else 1)
     if state.is_main_process:
         dataset.require_readable(f"{args.data} ({name} split)")
     rows = share(len(dataset), state.process_index, state.num_processes)  # in order, the shares are the split
     todo = [r for r in shard_ranges(rows, args.shard_size) if not shard_path(Path(args.output), name, r).is_file()]
-    unreadable = set()
-    progress = tqdm(total=sum(map(len, todo)), desc=f"tokenize {name}", disable=not state.is_main_process)
-    for shard_rows in todo:
-        subset = torch.utils.data.Subset(dataset, shard_rows)
-        loader = make_loader(subset, args.batch_size, collate_fn=collate_images, num_workers=args.num_workers)
-        writer = ShardWriter(shard_path(Path(args.output), name, shard_rows), plan.features)
-        for batch in loader:
-            report_unreadable(batch, unreadable)
-            progress.update(len(batch["indices"]) + batch["skipped"])
-            if len(batch["pixels"]):
-                writer.write(_encoded(plan, dataset, batch))
-        writer.close()
+    indices = np.concatenate([np.arange(r.start, r.stop) for r in todo]) if todo else np.zeros(0, dtype=np.int64)
+    loader = make_loader(
+        torch.utils.data.Subset(dataset, indices),
+        args.batch_size,
+        collate_fn=collate_images,
+        num_workers=args.num_workers,
+    )
+    output, unreadable, encoded = ShardedOutput(plan, name, todo), set(), 0
+    progress = tqdm(total=len(indices), desc=f"tokenize {name}", disable=not state.is_main_process)
+    started = time.perf_counter()
+    for batch in loader:
+        report_unreadable(batch, unreadable)
+        progress.update(len(batch["indices"]) + batch["skipped"])
+        if len(batch["pixels"]):
+            output.write(batch["indices"].numpy(), _encoded(plan, dataset, batch))
+            encoded += len(batch["pixels"])
+    output.close()
     progress.close()
-    return len(unreadable)
+    return len(unreadable), encoded, time.perf_counter() - started
 
 
 def _encoded(plan: TokenizePlan, dataset: ImageDataset, batch: dict) -> dict:
@@ -257,8 +298,11 @@ def tokenize_dataset(args: TokenizeArgs) -> TokensManifest:
     if done:
         state.print(f"{args.output} is up to date with this tokenizer and source; reusing it")
         return TokensManifest.load(args.output)
-    skipped = sum(encode_share(work, name) for name in SPLITS)
-    skipped = _sum_over_processes(state, skipped)
+    results = [encode_share(work, name) for name in SPLITS]
+    skipped = _sum_over_processes(state, sum(r[0] for r in results))
+    encoded, seconds = sum(r[1] for r in results), sum(r[2] for r in results)
+    if encoded:
+        state.print(f"encoded {encoded:,} images in {seconds:.1f} s ({encoded / seconds:,.0f} images/s on process 0)")
     state.wait_for_everyone()
     manifest = finish(work, skipped) if state.is_main_process else None
     state.wait_for_everyone()
