@@ -290,10 +290,24 @@ def test_trust_pickle_is_the_way_past(tmp_path):
     assert "quant_conv.weight" in read_state_dict(tmp_path / "dated.ckpt", trust_pickle=True)
 
 
+@pytest.mark.parametrize("trust", [False, True])
+def test_a_file_that_is_no_checkpoint_says_what_it_is_not_and_never_asks_for_trust(tmp_path, trust):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x13\x37" + bytes(range(200)))
+    with pytest.raises(ValueError, match="not a torch checkpoint: neither a zip archive .* nor a pickle") as error:
+        read_state_dict(garbage, trust_pickle=trust)
+    assert "trust-pickle" not in str(error.value)
+    pickled = tmp_path / "broken-pickle.pt"
+    pickled.write_bytes(b"\x80\x04" + bytes(range(100)))  # a pickle header, then nonsense
+    with pytest.raises(ValueError) as error:
+        read_state_dict(pickled, trust_pickle=trust)
+    assert ("trust-pickle" in str(error.value)) != trust  # asked for only when it could help
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
-        ("truncated", "damaged or not a torch checkpoint"),
+        ("truncated", "damaged or truncated zip archive"),
         ("missing", r"lacks 1 tensor\(s\) this architecture needs: \['decoder.conv_out.bias'\]"),
         (
             "misshaped",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
@@ -30,6 +31,7 @@ from .next_scale import next_scale_logits
 from .provenance import TokenizerProvenance
 from .sequences import SequenceCodec
 from .vocab import IdSpace
+from .weights import damaged_file
 
 if TYPE_CHECKING:
     from .tokenizer import VQTokenizer
@@ -264,6 +266,8 @@ def load_prior(path: str, **kwargs) -> tuple[PreTrainedModel, VocabLayout]:
     """A prior saved by `vqar train-prior` (folder or Hub id) and its vocabulary layout; safetensors only."""
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **{"use_safetensors": True, **kwargs})
+    except SafetensorError as error:
+        raise damaged_file(path, error, "the prior's weights file", "save or download it again") from error
     except OSError as error:
         where = (
             "the folder holds no prior" if Path(path).is_dir() else "no such folder here, and the Hub did not give it"

@@ -22,6 +22,7 @@ import json
 import logging
 import pickle
 import re
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +80,14 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, T
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    not_torch = _not_a_torch_file(path)
+    if not_torch:
+        raise ValueError(f"cannot read checkpoint {path}: {not_torch}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):  # LlamaGen saves its args: plain values
             loaded = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as error:  # truncated, not a torch file, or needs arbitrary objects
-        raise _unreadable(path, error) from error
+    except Exception as error:  # truncated, damaged, or needs arbitrary objects
+        raise _unreadable(path, error, trust_pickle) from error
     for key in ("state_dict", "model"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
@@ -93,9 +97,26 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, T
     return loaded
 
 
-def _unreadable(path: Path, error: Exception) -> Exception:
-    if not isinstance(error, pickle.UnpicklingError):
-        return ValueError(f"cannot read checkpoint {path}: it is damaged or not a torch checkpoint ({error})")
+def _not_a_torch_file(path: Path) -> str | None:
+    """Why a file cannot be a torch checkpoint at all (torch.save writes a zip archive; before torch 1.6,
+    a pickle), or None."""
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # a zip archive, or a pickle's PROTO opcode
+        return None
+    if not head:
+        return "the file is empty"
+    if head[:2] == b"PK":
+        return "it is a damaged or truncated zip archive (torch.save's format): download it again"
+    return (
+        f"it is not a torch checkpoint: neither a zip archive (what torch.save writes) nor a pickle; it starts "
+        f"with the bytes {head.hex(' ')}"
+    )
+
+
+def _unreadable(path: Path, error: Exception, trust_pickle: bool = False) -> Exception:
+    if trust_pickle or not isinstance(error, pickle.UnpicklingError):
+        return ValueError(f"cannot read checkpoint {path}: it is damaged or truncated ({' '.join(str(error).split())})")
     try:
         types = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or "unknown"
     except Exception:  # noqa: BLE001 - naming the types is a courtesy; the refusal stands either way

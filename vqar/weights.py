@@ -86,6 +86,39 @@ def missing_reason(weights: PublishedWeights, *, download: bool = True) -> str |
     return None
 
 
+class DamagedWeights(ValueError):
+    """A weights file that is not whole: truncated, overwritten, or not safetensors at all."""
+
+
+def damaged_file(folder: str | Path, error: Exception, what: str, fix: str) -> DamagedWeights:
+    """The error to raise when loading `folder` failed inside safetensors: which file, what is wrong, what to do."""
+    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else [Path(folder)]
+    damaged = [f for f in files if safetensors_problem(f)] or files
+    names = ", ".join(str(f) for f in damaged) or str(folder)
+    return DamagedWeights(f"{what} {names} is damaged ({' '.join(str(error).split())}): {fix}")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a file is not a whole safetensors file (its header's length and declared tensors against its
+    size), or None when it looks whole; reads the header only."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as file:
+            size = path.stat().st_size
+            (header_length,) = struct.unpack("<Q", file.read(8))
+            if header_length > size - 8:
+                return f"its header says {header_length} bytes, the file holds {size}"
+            header = json.loads(file.read(header_length))
+    except (OSError, struct.error, ValueError) as error:
+        return f"unreadable header ({error})"
+    ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
+    if 8 + header_length + max(ends, default=0) > size:
+        return f"truncated: its tensors need {8 + header_length + max(ends)} bytes, the file holds {size}"
+    return None
+
+
 def _explain(weights: PublishedWeights, why: str) -> str:
     return (
         f"{weights.what} needs the weights file {weights.path.name}, which is not in torch's hub cache: {why}. Download "

@@ -173,3 +173,31 @@ def test_a_pickle_payload_in_accelerates_rng_file_never_runs_and_resume_stays_ex
     monkeypatch.setattr(checkpoints, "load_rng_state", lambda folder, rank: torch.manual_seed(1))
     other = train(tmp_path / "resumed", resume="latest")
     assert any(not torch.equal(full[k], other[k]) for k in full)
+
+
+@pytest.mark.parametrize("cut", [0.001, 0.5, 0.99])
+def test_a_truncated_weights_file_is_named_with_what_is_wrong(saved_tokenizer, cut, tmp_path):
+    from vqar.ar import VocabLayout, build_prior, load_prior
+
+    path = saved_tokenizer / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * cut)])
+    with pytest.raises(ValueError, match=rf"tokenizer's weights file {path} is damaged .* save or download it again"):
+        VQTokenizer.from_pretrained(saved_tokenizer)
+    build_prior(VocabLayout.create(codebook_size=25, tokens_per_image=4, grid=[2, 2]), size="tiny").save_pretrained(
+        tmp_path / "prior"
+    )
+    weights = tmp_path / "prior" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: int(weights.stat().st_size * cut)])
+    with pytest.raises(ValueError, match=rf"prior's weights file {weights} is damaged"):
+        load_prior(str(tmp_path / "prior"))
+
+
+def test_resume_latest_falls_back_past_a_damaged_checkpoint_and_says_so(tmp_path, capsys):
+    run(tiny_args(tmp_path, max_steps=4, save_every=2, keep_checkpoints=3))
+    newest = tmp_path / "checkpoints" / "step-000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    metrics = run(tiny_args(tmp_path, max_steps=6, save_every=2, keep_checkpoints=3, resume="latest"))
+    out = capsys.readouterr().out
+    assert "step-000004 cannot be read" in out and "is damaged" in out and "trying the one before" in out
+    assert "resumed from" in out and "step-000002 at step 2" in out
+    assert metrics["steps"] == 6

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
@@ -27,6 +28,7 @@ from transformers.utils import ModelOutput
 from ..data import ImageTransform
 from ..layouts import PER_TOKEN, RESIDUAL_SCALES, TokenLayout, layout_kind
 from ..quantizers import CodeStats, build_quantizer
+from ..weights import damaged_file
 from . import fingerprint as fingerprints
 from . import magvit2
 from .blocks import AttnBlock, Decoder, Encoder, ResnetBlock
@@ -131,6 +133,10 @@ class VQTokenizer(PreTrainedModel):
             )
             raise OSError(
                 f"cannot load the tokenizer {name!r}: {where} ({' '.join(str(error).split())[:200]})"
+            ) from error
+        except SafetensorError as error:
+            raise damaged_file(
+                pretrained_model_name_or_path, error, "the tokenizer's weights file", "save or download it again"
             ) from error
         except RuntimeError as error:
             if "ignore_mismatched_sizes" not in str(error):

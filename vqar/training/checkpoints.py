@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..weights import damaged_file
 from .optim import EMA
 from .recipes import TrainConfig
 
@@ -174,6 +175,41 @@ def save_checkpoint(accelerator: Accelerator, train: TrainConfig, state: Trainer
     return final
 
 
+UNREADABLE = (
+    ValueError,
+    OSError,
+    SafetensorError,
+    RuntimeError,
+    EOFError,
+    KeyError,
+)  # what a damaged checkpoint raises
+
+
+def load_newest_readable(
+    accelerator: Accelerator, output_dir: str, ema: EMA | None
+) -> tuple[Path, TrainerState] | None:
+    """`--resume latest`: the newest complete checkpoint that every process can read, falling back to
+    older ones — each fall-back said — when a file in a newer one is damaged; None when there is none."""
+    found, first_reason = complete_checkpoints(output_dir), None
+    for path in reversed(found):
+        try:
+            state, why = load_checkpoint(accelerator, path, ema), None
+        except UNREADABLE as error:
+            state, why = None, " ".join(str(error).split())
+        readable = torch.tensor(float(why is None), device=accelerator.device)
+        if accelerator.num_processes > 1:  # every process resumes from the same one
+            readable = accelerator.reduce(readable, "min")
+        if readable.item() == 1:
+            return path, state
+        first_reason = first_reason or f"the newest, {path}: {why or 'unreadable on another process'}"
+        accelerator.print(f"checkpoint {path} cannot be read ({why or 'on another process'}); trying the one before")
+    if found:
+        raise ValueError(
+            f"none of the {len(found)} checkpoints in {checkpoints_dir(output_dir)} can be read ({first_reason})"
+        )
+    return None
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMA | None) -> TrainerState:
     """Restore everything accelerate prepared, the random number generators and the EMA
     weights; return the trainer state.
@@ -188,6 +224,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMA | None) -> Tr
             f"checkpoint {path} holds a file that needs unpickling arbitrary Python objects, which "
             f"vqar refuses (it could run code); only plain tensors and numbers load: {error}"
         ) from error
+    except (SafetensorError, RuntimeError, EOFError) as error:  # a truncated or overwritten file
+        raise damaged_file(path, error, "checkpoint file", "resume from an earlier checkpoint") from error
     load_rng_state(path, accelerator.process_index)
     if ema is not None:
         name = ema_file(ema, accelerator.process_index)

@@ -27,7 +27,14 @@ from tqdm.auto import tqdm
 
 from ..data import report_unreadable
 from . import TrainingStopped
-from .checkpoints import TrainerState, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoints import (
+    TrainerState,
+    complete_checkpoints,
+    load_checkpoint,
+    load_newest_readable,
+    resolve_resume,
+    save_checkpoint,
+)
 from .optim import EMA, NonFiniteStep
 from .recipes import TrainConfig, resolved_recipe, save_resolved_recipe
 
@@ -179,10 +186,16 @@ def begin_run(run: Run, project: str, configs: tuple) -> TrainerState:
     if accelerator.is_main_process:
         save_resolved_recipe(Path(train.output_dir) / "recipe.yaml", *configs)
     start_trackers(accelerator, project, resolved_recipe(*configs))
-    checkpoint = resolve_resume(train.resume, train.output_dir)
-    if checkpoint is None:
-        return TrainerState()
-    state = load_checkpoint(accelerator, checkpoint, run.ema)
+    if train.resume == "latest":
+        found = load_newest_readable(accelerator, train.output_dir, run.ema)
+        if found is None:
+            return TrainerState()
+        checkpoint, state = found
+    else:
+        checkpoint = resolve_resume(train.resume, train.output_dir)
+        if checkpoint is None:
+            return TrainerState()
+        state = load_checkpoint(accelerator, checkpoint, run.ema)
     accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     return state
 
