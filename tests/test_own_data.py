@@ -560,3 +560,41 @@ def test_every_sampler_on_the_command_line_draws_the_same_greedy_images(own_run,
         "generate", "--prior", own_run / "prior" / "prior", "--sampler", "fast", "--output", tmp_path, expect=2
     )
     assert "fast" in err and "jacobi" in err
+
+
+def test_every_snippet_of_the_model_cards_runs_as_written_against_the_hub(own_run, nested_folder, tmp_path):
+    """Push a tokenizer and its class-conditional prior to a loopback Hub, then run each card's Python
+    blocks, in order, in a fresh process, as a reader of the card would."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+    from hub_server import LoopbackHub
+
+    vqar(
+        "evaluate",
+        "--tokenizer",
+        own_run / "tokenizer" / "tokenizer",
+        "--data",
+        nested_folder,
+        "--output",
+        tmp_path / "r",
+    )
+    with LoopbackHub() as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": "hf_test"}
+        env |= {"HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+        push = [sys.executable, "-m", "vqar", "push", "--tokenizer", str(own_run / "tokenizer" / "tokenizer")]
+        push += ["--report", str(tmp_path / "r"), "--prior", str(own_run / "prior" / "prior"), "--repo-id", "me/pets"]
+        done = subprocess.run(push + ["--output", str(tmp_path / "push")], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        for repo in ("me/pets", "me/pets-prior"):
+            card = hub.state.repos[repo]["README.md"].decode()
+            meta = yaml.safe_load(card.split("---")[1])
+            if repo.endswith("prior"):  # class-conditional: not the Hub's unconditional pipeline
+                assert "pipeline_tag" not in meta and "class-conditional-image-generation" in meta["tags"]
+            code = "\n".join(re.findall(r"```python\n(.*?)```", card, re.S))
+            assert code.count("from_pretrained") >= 1
+            run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+            assert run.returncode == 0, f"{repo}'s card:\n{code}\n{run.stderr[-2000:]}"

@@ -118,11 +118,13 @@ the quality whose file size is closest to the tokenizer's rate.
 ## Usage
 
 ```python
+import torch
 from vqar import VQTokenizer  # also registers it with transformers' AutoModel
 
 tokenizer = VQTokenizer.from_pretrained("{repo_id}")
-indices = tokenizer.encode(images)   # images [B, 3, H, W] in [-1, 1]
-images = tokenizer.decode(indices)
+images = torch.rand(2, 3, {report["resolution"]}, {report["resolution"]}) * 2 - 1  # [B, 3, H, W] in [-1, 1]
+indices = tokenizer.encode(images)
+reconstructions = tokenizer.decode(indices)
 ```
 """
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body).content
@@ -135,7 +137,9 @@ def prior_card(repo_id: str, tokenizer_repo: str, config: dict, metrics: dict, l
     tokens = TokenLayout.from_fields(layout["tokens_per_image"], layout.get("grid"), layout.get("scales"))
     results = [
         EvalResult(
-            task_type="unconditional-image-generation",
+            task_type="class-conditional-image-generation"
+            if config["vqar_vocab"]["class_names"]
+            else "unconditional-image-generation",
             dataset_type="tokens",
             dataset_name="held-out tokens",
             metric_type=name,
@@ -145,9 +149,12 @@ def prior_card(repo_id: str, tokenizer_repo: str, config: dict, metrics: dict, l
         for name in ("bits_per_token", "bits_per_image")
         if metrics.get(name) is not None
     ]
-    tags = ["vqar", "image-generation", "autoregressive", config.get("model_type", "llama")]
-    data = _metadata(repo_id, "unconditional-image-generation", tags, license, results)
     names = layout["class_names"]
+    # the Hub has no class-conditional pipeline: only an unconditional prior takes that tag
+    pipeline = None if names else "unconditional-image-generation"
+    kind = "class-conditional-image-generation" if names else "unconditional-image-generation"
+    tags = ["vqar", "image-generation", kind, "autoregressive", config.get("model_type", "llama")]
+    data = _metadata(repo_id, pipeline, tags, license, results)
     condition = f'ids["classes"]["{names[0]}"]' if names else 'ids["null_class"]'
     classes = (
         f"Classes ({len(names)}), with their token ids: "
@@ -156,6 +163,8 @@ def prior_card(repo_id: str, tokenizer_repo: str, config: dict, metrics: dict, l
         else "Unconditional: the prompt is the null class, then begin-of-image."
     )
     bits = f"{metrics['bits_per_image']:.4g}" if metrics.get("bits_per_image") is not None else "n/a"
+    shape = tokens.shape
+    reshape = f".reshape(1, {', '.join(map(str, shape))})" if len(shape) > 1 else ""  # a grid's rows and columns
     bpe = (
         "\nIt models visual-BPE ids (`visual_bpe.json`): plain `generate` cannot keep each image to exactly one "
         "image's codes; sample with vqar.\n"
@@ -189,8 +198,12 @@ ids = prior.config.vqar_ids  # begin-of-image, the null class, one token per cla
 codes = prior.generate(torch.tensor([[{condition}, ids["boi"]]]))[:, 2:]  # generation_config: image codes only
 ```
 
-The codes decode to pixels with the tokenizer: `VQTokenizer.from_pretrained("{tokenizer_repo}").decode(codes)`
-(reshaped to the grid).
+The codes decode to pixels with the tokenizer (vqar's):
+
+```python
+from vqar import VQTokenizer
+images = VQTokenizer.from_pretrained("{tokenizer_repo}").decode(codes{reshape})  # [1, 3, H, W] in [-1, 1]
+```
 
 ## With vqar
 
