@@ -598,3 +598,32 @@ def test_every_snippet_of_the_model_cards_runs_as_written_against_the_hub(own_ru
             assert code.count("from_pretrained") >= 1
             run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
             assert run.returncode == 0, f"{repo}'s card:\n{code}\n{run.stderr[-2000:]}"
+
+
+def test_lpips_that_was_not_asked_for_is_mentioned_once_in_a_short_line(tmp_path, caplog):
+    out, err = vqar(
+        "train-tokenizer", "--data", "digits", "--resolution", 16, "--max_steps", 1, "--output_dir", tmp_path,
+        "--log_with", "none", "--eval_every", 0, "--tokenizer", TINY_TOKENIZER,
+    )  # fmt: skip
+    text = out + err + caplog.text
+    assert text.count("vgg16") == 0 and text.count("LPIPS") == 1  # the one line of metrics.json
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["lpips"] is None and len(metrics["lpips_missing_reason"]) < 120
+
+
+def test_a_resolution_off_the_tokenizers_factor_suggests_the_nearest_that_work(tmp_path):
+    _, err = vqar("train-tokenizer", "--resolution", 62, "--output_dir", tmp_path, "--log_with", "none", expect=1)
+    assert "resolution 62 is not divisible by the downsampling factor 4: use 60 or 64" in err
+    assert len(err.strip().splitlines()) <= 2
+
+
+def test_the_package_imports_from_the_folder_that_holds_the_clone(tmp_path):
+    """`python -c "from vqar import ..."` one folder above a clone named vqar: the clone folder must not
+    be taken for a namespace package (the Makefile installs in setuptools' compat editable mode)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "vqar").symlink_to(Path(__file__).resolve().parent.parent)
+    code = "from vqar import VQTokenizer; print(VQTokenizer.__module__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1500:]

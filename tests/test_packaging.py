@@ -117,3 +117,19 @@ def test_every_third_party_import_is_a_declared_dependency():
         else:
             assert names & (core | optional), f"vqar imports {module} but declares it nowhere"
     assert {"scikit-learn", "scikit-image"} <= optional and not {"scikit-learn", "scikit-image"} & core
+
+
+def test_make_installs_the_cpu_build_of_torch_where_there_is_no_gpu():
+    def planned(*variables: str) -> str:
+        done = subprocess.run(
+            ["make", "-n", "-B", ".venv/.torch-installed", *variables], cwd=REPO, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "download.pytorch.org/whl/cpu" in planned("TORCH_BUILD=cpu")
+    assert "|| .venv/bin/pip install torch" in planned("TORCH_BUILD=cpu")  # the local wheels when that index is away
+    assert "download.pytorch.org" not in planned("TORCH_BUILD=cuda")
+    no_gpu = subprocess.run(["sh", "-c", "nvidia-smi -L"], capture_output=True).returncode != 0
+    assert ("download.pytorch.org/whl/cpu" in planned()) == no_gpu
+    assert "editable_mode=compat" in (REPO / "Makefile").read_text()

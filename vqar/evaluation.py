@@ -63,6 +63,7 @@ def reconstruction_metrics(
     keep: int = 8,
     on_batch: Callable[[Tensor, Tensor, Tensor], None] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    lpips_reason: str = "not measured",
 ) -> Reconstructions:
     """Mean PSNR, SSIM and LPIPS (real backbone weights only) of batches [B, 3, H, W] in [-1, 1]
     through the tokenizer, and codebook health (usage, perplexity, dead codes) over all of them.
@@ -72,7 +73,7 @@ def reconstruction_metrics(
     decoding only its leading k tokens, for k in `tokenizer.prefix_lengths`.
     `keep`: how many originals and reconstructions to return; `on_batch(pixels, reconstructions,
     indices)` sees every batch (what else a caller measures); `reduce` sums a tensor over processes
-    when each evaluates its own share of the images.
+    when each evaluates its own share of the images; `lpips_reason` is reported without LPIPS.
     """
     was_training = tokenizer.training
     tokenizer.eval()
@@ -110,7 +111,7 @@ def reconstruction_metrics(
         metrics["psnr_at_tokens"] = {str(k): totals[f"psnr@{k}"] / n for k in tokenizer.prefix_lengths}
     if lpips is None:
         metrics["lpips"] = None
-        metrics["lpips_missing_reason"] = lpips_missing_reason(download=False) or "LPIPS not requested"
+        metrics["lpips_missing_reason"] = lpips_reason
     empty = torch.empty(0, 3, tokenizer.config.resolution, tokenizer.config.resolution)
     return Reconstructions(
         metrics, n, torch.cat(kept["originals"] or [empty]), torch.cat(kept["reconstructions"] or [empty])
@@ -287,8 +288,11 @@ def evaluate_tokenizer(args: EvaluateArgs) -> dict:
             rate.add(indices)
 
     batches = _pixels(dataset, args, "reconstructing")
-    lpips = real_lpips(device)
-    measured = reconstruction_metrics(tokenizer, batches, lpips=lpips, keep=8, on_batch=measure)
+    lpips_reason = lpips_missing_reason(download=True)  # asked for: fetched once, or why not
+    lpips = PerceptualLoss().to(device) if lpips_reason is None else None
+    measured = reconstruction_metrics(
+        tokenizer, batches, lpips=lpips, keep=8, on_batch=measure, lpips_reason=lpips_reason or ""
+    )
     report |= measured.metrics
     report["rfid"] = rfid.value() if rfid is not None else None
     if reason:

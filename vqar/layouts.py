@@ -51,6 +51,12 @@ def check_scales(scales: list[int], latent_side: int) -> None:
         )
 
 
+def nearest_multiples(value: int, factor: int) -> str:
+    """The multiples of `factor` either side of `value`, for a message: "60 or 64"."""
+    below = value // factor * factor
+    return f"{below} or {below + factor}" if below else str(factor)
+
+
 def check_integer_ids(ids: Tensor, what: str) -> None:
     """Refuse a tensor of ids that is not of an integer dtype."""
     if not isinstance(ids, Tensor):
@@ -98,10 +104,11 @@ class TokenLayout(ABC):
     @classmethod
     def validate_config(cls, config) -> None:
         """Checks of the fields only this kind reads (the shared ones are the config's)."""
-        if config.resolution % cls.downsample_factor(config):
+        factor = cls.downsample_factor(config)
+        if config.resolution % factor:
             raise ValueError(
-                f"resolution {config.resolution} is not divisible by the downsampling factor "
-                f"{cls.downsample_factor(config)}"
+                f"resolution {config.resolution} is not divisible by the downsampling factor {factor}: "
+                f"use {nearest_multiples(config.resolution, factor)}"
             )
 
     # -- shape ------------------------------------------------------------------------------
@@ -188,7 +195,7 @@ class TokenLayout(ABC):
         if height % factor or width % factor:
             raise ValueError(
                 f"pixel_values height and width must be multiples of the downsampling factor {factor}, got "
-                f"{height}x{width}"
+                f"{height}x{width} (use {nearest_multiples(height, factor)})"
             )
 
     def at_resolution(self, resolution: int, factor: int) -> TokenLayout:
@@ -395,7 +402,10 @@ class SequenceLayout(TokenLayout):
             if getattr(config, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(config, name)!r}")
         if config.resolution % config.patch_size:
-            raise ValueError(f"resolution {config.resolution} is not divisible by patch_size {config.patch_size}")
+            raise ValueError(
+                f"resolution {config.resolution} is not divisible by patch_size {config.patch_size}: "
+                f"use {nearest_multiples(config.resolution, config.patch_size)}"
+            )
         if config.vit_width % config.vit_heads:
             raise ValueError(f"vit_width {config.vit_width} is not divisible by vit_heads {config.vit_heads}")
         if not 0 < config.nested_dropout_share <= 1:

@@ -207,9 +207,7 @@ class LossConfig:
             reason = (
                 None if self.perceptual_random_backbone else lpips_missing_reason(self.perceptual_net, download=False)
             )
-            self.perceptual_weight = 0.0 if reason else 1.0
-            if reason:
-                logger.info("LPIPS is off: its weights are not cached; --perceptual_weight 1 fetches them (%s)", reason)
+            self.perceptual_weight = 0.0 if reason else 1.0  # off, silently: not asked for (metrics.json says so)
         return self.perceptual_weight
 
 

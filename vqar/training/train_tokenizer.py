@@ -130,6 +130,7 @@ class TokenizerRun(Run):
     eval_data: ImageDataset = None
     eval_batch_size: int = 64
     lpips: PerceptualLoss | None = None  # the LPIPS held-out figures report (real weights only)
+    lpips_reason: str = ""  # why held-out figures have no LPIPS: one short line in metrics.json
     min_codebook_usage: float = 0.1
     psnr_before_gan: float | None = None  # the last held-out PSNR before disc_start, to watch the GAN phase by
 
@@ -197,6 +198,11 @@ def setup(
     # LPIPS for the held-out figures (every process measures its share): the training term's, or one whose
     # weights are already cached (a run without LPIPS does not fetch 500 MB to report it; `vqar evaluate` does)
     run.lpips = loss_fn.perceptual if real else real_lpips(accelerator.device, download=False)
+    run.lpips_reason = (
+        "LPIPS off: its weights are not cached (`vqar evaluate` fetches them; --perceptual_weight 1 trains with it)"
+        if run.lpips is None
+        else ""
+    )
     return run
 
 
@@ -259,6 +265,7 @@ def evaluate(run: TokenizerRun, step: int) -> dict:
         lpips=run.lpips,
         keep=8,
         reduce=lambda totals: accelerator.reduce(totals, "sum"),
+        lpips_reason=run.lpips_reason,
     )
     metrics = measured.metrics | {"eval_images": measured.images}
     if not accelerator.is_main_process:
