@@ -627,3 +627,27 @@ def test_the_package_imports_from_the_folder_that_holds_the_clone(tmp_path):
     code = "from vqar import VQTokenizer; print(VQTokenizer.__module__)"
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-1500:]
+
+
+def test_a_tokenizer_encodes_smaller_images_at_their_size_and_the_prior_decodes_at_its_grid(tmp_path):
+    """A converted-style tokenizer at 32 px (f2: 16x16 tokens) on 16 px images: upsampling is said, with
+    the --resolution that avoids it; with it, the grid (8x8) travels to the prior, which generates 16 px
+    images, also completing a prefix image, with no refusal of its own tokenizer."""
+    VQTokenizer(TokenizerConfig(**{**TINY_F2, "resolution": 32})).save_pretrained(tmp_path / "tokenizer")
+    write_images(tmp_path / "small" / "a", 12, size=(16, 16))
+    write_images(tmp_path / "small" / "b", 12, size=(16, 16), seed=1)
+    common = ["--tokenizer", tmp_path / "tokenizer", "--data", tmp_path / "small", "--eval_fraction", 0.2]
+    out, _ = vqar("tokenize", *common, "--output", tmp_path / "upsampled")
+    assert "images are 16x16 (the first one), smaller than the 32 px they are cut to: they are upsampled" in out
+    assert "--resolution 16 encodes them at their size (a 8 x 8 grid of tokens" in out
+    out, _ = vqar("tokenize", *common, "--output", tmp_path / "tokens", "--resolution", 16)
+    assert "upsampled" not in out
+    assert json.loads((tmp_path / "tokens" / "vqar_tokens.json").read_text())["grid"] == [8, 8]
+    vqar("train-prior", "--tokens", tmp_path / "tokens", "--size", "tiny", "--max_steps", 2, "--batch_size", 4,
+         "--output_dir", tmp_path / "prior", "--log_with", "none", "--eval_every", 0)  # fmt: skip
+    vqar("generate", "--prior", tmp_path / "prior" / "prior", "--output", tmp_path / "g", "--num-images", 2)
+    assert Image.open(tmp_path / "g" / "0000.png").size == (16, 16)
+    prefix = tmp_path / "small" / "a" / "img000.png"
+    vqar("generate", "--prior", tmp_path / "prior" / "prior", "--output", tmp_path / "c", "--class", "a",
+         "--prefix-image", prefix, "--prefix-rows", 3)  # fmt: skip
+    assert Image.open(tmp_path / "c" / "0000.png").size == (16, 16)

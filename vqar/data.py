@@ -513,14 +513,15 @@ class ImageDataset(torch.utils.data.Dataset):
             return ""
         return self.dataset[index % len(self.dataset)]["caption"] or ""
 
-    def require_readable(self, name: str) -> None:
+    def require_readable(self, name: str) -> tuple[int, int]:
         """Raise unless some image of the source can be read: a folder of broken files is an error
-        at start-up, not a run that waits forever for a batch. Reads until the first good image."""
+        at start-up, not a run that waits forever for a batch. Reads until the first good image and
+        returns its size (width, height) as stored."""
         problems = []
         for row_index in range(min(len(self.dataset), self.PROBE_LIMIT)):
             prepared = self._prepare(row_index)
             if not isinstance(prepared, Unreadable):
-                return
+                return read_image(self.dataset[row_index]["image"]).size
             problems.append(prepared.reason)
         tried = f"all {len(problems)}" if len(problems) == len(self.dataset) else f"the first {len(problems)}"
         raise ValueError(f"no image of {name} can be read ({tried} images tried); the first: {problems[0]}")

@@ -192,16 +192,17 @@ def generate_images(
     return tokenizer.decode(codes.to(tokenizer.device)).clamp(-1, 1)
 
 
-def prefix_from_image(tokenizer, image_path: str, rows: int) -> Tensor:
+def prefix_from_image(tokenizer, image_path: str, rows: int, resolution: int | None = None) -> Tensor:
     """The start of an image file's tokens, encoded as the tokenizer's training prepared images.
 
     Grid tokenizers: the first `rows` token rows [1, rows, w]. 1d tokenizers: the first `rows`
     tokens [1, rows] (the coarsest part of the image, with nested dropout). Multiscale tokenizers:
-    the first `rows` scales [1, s_1^2 + ... + s_rows^2].
+    the first `rows` scales [1, s_1^2 + ... + s_rows^2]. `resolution`: cut the image to this side
+    (a prior over a grid of another size than the tokenizer's), else as the tokenizer's training did.
     """
     from .data import read_image
 
-    pixels = tokenizer.image_transform()(read_image(image_path))[None].to(tokenizer.device)
+    pixels = tokenizer.image_transform(resolution)(read_image(image_path))[None].to(tokenizer.device, tokenizer.dtype)
     layout = tokenizer.token_layout.at_resolution(pixels.shape[-1], tokenizer.downsample_factor)
     return layout.prefix_of(tokenizer.encode(pixels), rows)
 
@@ -279,7 +280,8 @@ def generate_to_folder(args: GenerateArgs, sampling: SamplingConfig | None = Non
     tokenizer = load_tokenizer_for(args.prior, layout, args.tokenizer, allow_other=args.allow_other_tokenizer)
     tokenizer.for_inference(device, dtype)
     bpe = load_prior_bpe(args.prior, layout)
-    prefix = prefix_from_image(tokenizer, args.prefix_image, args.prefix_rows) if args.prefix_image else None
+    side = layout.tokens.image_side(tokenizer.downsample_factor)  # the prior's grid may not be the tokenizer's
+    prefix = prefix_from_image(tokenizer, args.prefix_image, args.prefix_rows, side) if args.prefix_image else None
     per_class = args.num_images or (1 if args.classes else 8)
     classes = [c for c in args.classes for _ in range(per_class)] or None
     prompts = build_prompts(layout, classes=classes, num_images=None if classes else per_class, prefix=prefix, bpe=bpe)
@@ -287,7 +289,7 @@ def generate_to_folder(args: GenerateArgs, sampling: SamplingConfig | None = Non
     labels = [layout.ids.class_names[layout.ids.class_index(c)] for c in args.classes] if args.classes else None
     source = boundary = None
     if prefix is not None:  # the grid shows the image completed, and where its kept part ends
-        source = tokenizer.image_transform()(read_image(args.prefix_image))[None]
+        source = tokenizer.image_transform(side)(read_image(args.prefix_image))[None]
         boundary = tokenizer.token_layout.prefix_pixel_row(args.prefix_rows, tokenizer.downsample_factor)
     rows = len(args.classes) or 1
     return save_images(images, args.output, rows=rows, labels=labels, first=source, mark_row=boundary)

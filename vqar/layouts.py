@@ -243,6 +243,10 @@ class TokenLayout(ABC):
         """Where, in pixels, a prefix of `count` units ends (a line across the image), or None."""
         return None
 
+    def image_side(self, factor: int) -> int | None:
+        """The side, in pixels, of images that give these tokens; None: the tokenizer's own resolution."""
+        return None
+
     def tiles_of(self, indices: Tensor) -> Tensor:
         """A tokenizer's indices of whole images -> the sequences [n, N] a prior over this layout codes:
         the images' own tokens (the leading N, for a prior over a 1d prefix), or for a grid larger than
@@ -340,6 +344,9 @@ class GridLayout(TokenLayout):
 
     def prefix_pixel_row(self, count: int, factor: int) -> int:
         return count * factor
+
+    def image_side(self, factor: int) -> int:
+        return self.height * factor
 
     def check_prompt_prefix(self, prefix: Tensor, batch: int) -> Tensor:
         if prefix.ndim == 3:

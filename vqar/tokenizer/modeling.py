@@ -266,8 +266,12 @@ class VQTokenizer(PreTrainedModel):
 
     def image_transform(self, resolution: int | None = None, resize_to: int | None = None) -> ImageTransform:
         """How to prepare images for this tokenizer: as its training evaluation did — its
-        resolution, the shorter side resized to its `resize_to`, a centre crop — unless overridden."""
-        resolution = resolution or self.config.resolution
+        resolution, the shorter side resized to its `resize_to`, a centre crop — unless overridden.
+        At another resolution the training's `resize_to` scales with it (the same share of the image is kept)."""
+        trained = self.config.resolution
+        if resize_to is None and self.config.resize_to and resolution:
+            resize_to = round(self.config.resize_to * resolution / trained)
+        resolution = resolution or trained
         resize_to = resize_to or self.config.resize_to
         return ImageTransform(resolution, resize_to if resize_to and resize_to >= resolution else None)
 

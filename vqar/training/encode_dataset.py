@@ -174,6 +174,30 @@ def shard_path(output: Path, split: str, rows: range) -> Path:
     return output / split / f"data-{rows.start:012d}-{rows.stop:012d}.arrow"
 
 
+def say_if_upsampled(plan: TokenizePlan, size: tuple[int, int]) -> None:
+    """One line when the source's images are smaller than what they are cut to (they would be upsampled,
+    a cost and a change a user should choose), with the --resolution that encodes them at their size."""
+    transform, tokenizer = plan.transform, plan.tokenizer
+    target = transform.resize_to or transform.resolution
+    if min(size) >= target:
+        return
+    factor = tokenizer.downsample_factor
+    native = min(size) // factor * factor
+    advice = "it reads only its own resolution"
+    try:
+        if native < factor:
+            raise ValueError("smaller than one token")
+        tokenizer.token_layout.check_image_size(native, native, tokenizer.config.resolution, factor)
+        grid = tokenizer.token_layout.at_resolution(native, factor).describe()
+        advice = f"--resolution {native} encodes them at their size ({grid}; the prior then decodes at that size)"
+    except ValueError:
+        pass
+    plan.state.print(
+        f"{plan.args.data}: images are {size[0]}x{size[1]} (the first one), smaller than the {target} px they are "
+        f"cut to: they are upsampled; {advice}"
+    )
+
+
 class ShardedOutput:
     """The shards of one process's share, in order: rows (by their index in the split) go to the shard
     that holds them, each shard renamed into place once the rows after it arrive."""
@@ -215,7 +239,9 @@ def encode_share(plan: TokenizePlan, name: str) -> tuple[int, int, float]:
     args, state = plan.args, plan.state
     dataset = ImageDataset(plan.splits[name], plan.transform, repeats=args.crops, seed=0 if name == "train" else 1)
     if state.is_main_process:
-        dataset.require_readable(f"{args.data} ({name} split)")
+        size = dataset.require_readable(f"{args.data} ({name} split)")
+        if name == "train":
+            say_if_upsampled(plan, size)
     rows = share(len(dataset), state.process_index, state.num_processes)  # in order, the shares are the split
     todo = [r for r in shard_ranges(rows, args.shard_size) if not shard_path(Path(args.output), name, r).is_file()]
     indices = np.concatenate([np.arange(r.start, r.stop) for r in todo]) if todo else np.zeros(0, dtype=np.int64)
