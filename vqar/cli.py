@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from transformers import HfArgumentParser
 
@@ -85,6 +86,20 @@ def _generate(argv: list[str]) -> None:
     print(f"wrote {len(paths)} images and grid.png to {args.output}")
 
 
+def _evaluate_generation(argv: list[str]) -> None:
+    from .samplers import SamplingConfig
+    from .training.evaluate_generation import EvaluateGenerationArgs, evaluate_generation
+
+    description = EvaluateGenerationArgs.__doc__
+    args, sampling = _parse("evaluate-generation", description, (EvaluateGenerationArgs, SamplingConfig), argv)
+    report = evaluate_generation(args, sampling)
+    if report is not None:
+        print((Path(args.output) / "report.md").read_text())
+        print(
+            f"wrote the samples (.npz, ADM format), reference_stats.npz, report.json, report.md and fid_vs_cfg.png to {args.output}"
+        )
+
+
 def _evaluate(argv: list[str]) -> None:
     from .evaluation import EvaluateArgs, evaluate_tokenizer, format_table
 
@@ -142,6 +157,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     ),
     "generate": (_generate, "sample images from a trained prior"),
     "evaluate": (_evaluate, "rate, distortion and modelability report of a tokenizer (and prior)"),
+    "evaluate-generation": (_evaluate_generation, "FID, IS, precision/recall of a prior's samples at CFG scales"),
     "push": (_push, "upload a tokenizer (and prior) to the Hub with model cards"),
     "convert": (_convert, "a published tokenizer (taming, LlamaGen, Open-MAGVIT2, IBQ) as a vqar folder"),
     "presets": (_presets, "list the tokenizer presets"),

@@ -20,6 +20,7 @@ images; precision and recall (Kynkäänniemi et al. 2019, k = 3) need the featur
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -112,18 +113,25 @@ class DinoV2Features(Features):
 
 
 class ScriptedFeatures(Features):
-    """A TorchScript file: [B, 3, H, W] floats in [0, 1] -> [B, D]."""
+    """A saved feature network: [B, 3, H, W] floats in [0, 1] -> [B, D]. A TorchScript file
+    (`torch.jit.script(net).save(PATH)`), or a `torch.export` program (`torch.export.save(..., PATH.pt2)`,
+    what torch recommends now that TorchScript is deprecated)."""
 
     def __init__(self, path: str | Path):
         super().__init__()
         try:
-            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+            if Path(path).suffix == ".pt2":
+                self.net = torch.export.load(str(path)).module()
+            else:
+                with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript; the files still load
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self.net = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as error:
             raise ValueError(
-                f"--features {path}: not a TorchScript file ({type(error).__name__}: {error}); save a feature "
-                "network with torch.jit.script(net).save(PATH)"
+                f"--features {path}: not a TorchScript file or torch.export program ({type(error).__name__}: "
+                f"{error}); save a feature network with torch.jit.script(net).save(PATH) or torch.export.save"
             ) from error
-        self.name = f"torchscript:{Path(path).name}"
+        self.name = f"features:{Path(path).name}"
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         device = next(iter(self.net.parameters()), torch.empty(0)).device
