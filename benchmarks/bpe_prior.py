@@ -8,7 +8,8 @@ each number of merges a visual BPE learned on the training split and a class-con
 the held-out digits every 50 steps and keeps its best weights, so the figures are each
 setting's best held-out bits per image (image ids plus the end-of-image token with BPE), not the
 luck of where the schedule stopped. Bits per image are comparable across merges: every prior
-codes the same held-out images losslessly. Runs already in --output are reused.
+codes the same held-out images losslessly. Runs already in --output are reused when they were made
+at the present commit (any, with --reuse); otherwise they are made again.
 
 Columns: merges, held-out tokens per image, vocabulary, prior parameters, steps, tokens seen in
 training (the budget counted in sequence positions), best held-out bits per image and its step;
@@ -21,7 +22,8 @@ import argparse
 import json
 from pathlib import Path
 
-from summary import record
+from provenance import header, mark_run, reusable_run, reused_from
+from summary import Table, record
 
 from vqar.bpe import train_bpe
 from vqar.losses import LossConfig
@@ -67,16 +69,17 @@ def main() -> None:
     parser.add_argument("--merges", default="0,16,128")
     parser.add_argument("--steps", default="400,1200")
     parser.add_argument("--output", default="outputs/bench-bpe-prior")
+    parser.add_argument("--reuse", action="store_true", help="show runs made at another commit instead of redoing them")
     args = parser.parse_args()
     output = Path(args.output)
+    made_at = reusable_run(output, args.reuse)
+    print(header("bpe_prior", measured=reused_from(made_at) is None, reused_from=reused_from(made_at)))
     tokens = tokens_folder(output)
     held_out = load_tokens(tokens)[1].num_images["eval"]
     merges_list, steps_list = ([int(v) for v in text.split(",")] for text in (args.merges, args.steps))
-    print(
-        "| merges | tokens/image | vocabulary | prior parameters | steps | positions seen | best held-out bits/image "
-        "| at step | vs no BPE |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    columns = ["merges", "tokens/image", "vocabulary", "prior parameters", "steps", "positions seen"]
+    columns += ["best held-out bits/image", "at step", "vs no BPE"]
+    table = Table("bpe_prior", "digits priors with and without visual BPE at equal steps", columns)
     for steps in steps_list:
         baseline = None
         for merges in merges_list:
@@ -86,14 +89,17 @@ def main() -> None:
             seen = steps * BATCH * (per_image + 2)  # + the class and begin-of-image prompt
             baseline = m["best"] if merges == 0 else baseline
             ratio = f"{m['best'] / baseline:.2f}x" if baseline else ""
-            print(
-                f"| {merges} | {per_image:.1f} | {vocab} | {m['parameters'] / 1e6:.2f}M | {steps} | {seen / 1e6:.1f}M | "
-                f"{m['best']:.1f} | {m['best_step']} | {ratio} |",
-                flush=True,
-            )
+            cells = [merges, f"{per_image:.1f}", vocab, f"{m['parameters'] / 1e6:.2f}M", steps, f"{seen / 1e6:.1f}M"]
+            table.add([*cells, f"{m['best']:.1f}", m["best_step"], ratio], reused_from=reused_from(made_at))
             if merges and baseline:
                 measure = f"{merges} merges, {steps} steps: best held-out bits/image"
-                record("visual BPE prior", measure, m["best"], "bits", "no BPE, same steps", baseline)
+                record(
+                    "visual BPE prior", measure, m["best"], "bits", "no BPE, same steps", baseline, reused_from(made_at)
+                )
+    if made_at is None:
+        mark_run(output)
+    table.print()
+    table.save()
 
 
 if __name__ == "__main__":

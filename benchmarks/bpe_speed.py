@@ -21,7 +21,7 @@ import time
 from collections import Counter
 
 import numpy as np
-from summary import record
+from summary import record, recorded
 
 from vqar.bpe import VisualBPE
 
@@ -211,4 +211,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("bpe_speed"):
+        main()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from summary import interleaved_best_seconds, record
+from summary import interleaved_best_seconds, record, recorded
 
 from vqar import TokenizerConfig, VQTokenizer
 from vqar.convert import ConvertArgs, convert
@@ -243,4 +243,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("convert_parity"):
+        main()

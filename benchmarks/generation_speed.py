@@ -25,7 +25,7 @@ import argparse
 import functools
 
 import torch
-from summary import best_seconds, record
+from summary import best_seconds, record, recorded
 
 from vqar.ar import VocabLayout, build_prior, load_prior
 from vqar.generation import JacobiStats, SamplingConfig, build_prompts, generate_ids
@@ -161,4 +161,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("generation_speed"):
+        main()

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from summary import recorded
 
 REPO = Path(__file__).resolve().parent.parent
 PRECISIONS = ("no", "bf16", "fp16")
@@ -387,4 +388,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("gpu_check"):
+        main()

@@ -8,7 +8,7 @@ Two pipelines on scikit-learn's digits, each prior trained with the same recipe 
   recipes/digits-prior-cpu.yaml: one forward pass per token;
 - next-scale: recipes/multiscale-digits.yaml (VQ residual maps at scales 1, 2, 3, 4, 6, 8: 130
   tokens, 256 codes) and recipes/multiscale-digits-prior.yaml: one forward pass per scale.
-Runs already in --output are reused (delete them to retrain). Both then sample --images digits
+Runs already in --output are reused when they were made at the present commit (any, with --reuse). Both then sample --images digits
 (equal numbers per class, CFG 2.0, temperature 1) in one batch; a logistic regression trained on
 real digits (the demo's) says how many show the class asked for. Sampling speed is the best of
 two timings of that batch, and of one digit per class sampled one at a time, in images/s
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from summary import best_seconds, record
+from provenance import header, mark_run, reusable_run, reused_from
+from summary import Table, best_seconds, record
 
 from vqar.ar import load_prior
 from vqar.data import save_images
@@ -101,28 +102,35 @@ def main():
     parser.add_argument("--output", default="outputs/bench-next-scale")
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--reuse", action="store_true", help="show runs made at another commit instead of redoing them")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     output = Path(args.output)
+    made_at = {name: reusable_run(output / name, args.reuse) for name in PIPELINES}
+    print(header("next_scale"))
     classifier, real_accuracy = fit_digit_classifier(16)
     rows = {name: measure(name, output, args.images, classifier) for name in PIPELINES}
     print(
         f"\n{args.images} digits per prior, CFG 2.0, {torch.get_num_threads()} CPU threads; the classifier "
         f"recognises {real_accuracy:.1%} of real held-out digits\n"
     )
-    print(
-        "| prior | tokens/image | forward passes/image | tokenizer PSNR | prior parameters | held-out bits/image "
-        f"| class agreement | images/s, {args.images} at once | vs raster | images/s, one at a time | vs raster |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    columns = ["prior", "tokens/image", "forward passes/image", "tokenizer PSNR", "prior parameters"]
+    columns += ["held-out bits/image", "class agreement", f"images/s, {args.images} at once", "vs raster"]
+    columns += ["images/s, one at a time", "vs raster"]
+    table = Table("next_scale", "raster vs next-scale digits priors", columns)
     base, single = rows["raster"]["images_per_s"], rows["raster"]["single_images_per_s"]
     for name, r in rows.items():
-        print(
-            f"| {name} | {r['tokens']} | {r['passes']} | {r['recon_psnr']:.2f} dB | {r['parameters'] / 1e6:.2f}M | "
-            f"{r['bits_per_image']:.1f} | {r['agreement']:.0%} | {r['images_per_s']:.1f} | "
-            f"{r['images_per_s'] / base:.1f}x | {r['single_images_per_s']:.1f} | "
-            f"{r['single_images_per_s'] / single:.1f}x |"
-        )
+        trained_fresh = made_at[name] is None
+        if trained_fresh:
+            mark_run(output / name)
+        cells = [name, r["tokens"], r["passes"], f"{r['recon_psnr']:.2f} dB", f"{r['parameters'] / 1e6:.2f}M"]
+        cells += [f"{r['bits_per_image']:.1f}", f"{r['agreement']:.0%}", f"{r['images_per_s']:.1f}"]
+        cells += [f"{r['images_per_s'] / base:.1f}x", f"{r['single_images_per_s']:.1f}"]
+        cells += [f"{r['single_images_per_s'] / single:.1f}x"]
+        # the speed is measured now either way; the training-dependent figures come from the run's commit
+        table.add(cells, reused_from=reused_from(made_at[name]))
+    table.print()
+    table.save()
     scaled = rows["next-scale"]
     record("next-scale sampling", f"{args.images} digits at once", scaled["images_per_s"], "img/s", "raster", base)
     record("next-scale sampling", "one digit at a time", scaled["single_images_per_s"], "img/s", "raster", single)

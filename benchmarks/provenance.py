@@ -65,3 +65,34 @@ def header(benchmark: str, measured: bool = True, reused_from: str | None = None
     where = provenance(measured, reused_from)
     how = "measured now" if measured else f"reused from commit {reused_from}"
     return f"{benchmark}: {how}, commit {where['commit']}, {where['machine']}, {where['date']}"
+
+
+RUN_RECORD = "provenance.json"
+
+
+def reusable_run(folder: Path, reuse: bool) -> str | None:
+    """The commit a cached training run in `folder` was made at, when its figures may be shown: made at the
+    present commit, or at any with `reuse`. Otherwise the folder is cleared (its run is done again) and
+    None returned; a folder without a record (made before records were kept) is cleared too."""
+    import json
+    import shutil
+
+    record = Path(folder) / RUN_RECORD
+    made_at = json.loads(record.read_text())["commit"] if record.is_file() else None
+    if made_at is not None and (made_at == commit() or reuse):
+        return made_at
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def mark_run(folder: Path) -> None:
+    """Record where a training run was made, beside its outputs."""
+    import json
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / RUN_RECORD).write_text(json.dumps(provenance(measured=True)))
+
+
+def reused_from(made_at: str | None) -> str | None:
+    """For `Table.add`: None when the run was made at the present commit (measured now), else its commit."""
+    return None if made_at in (None, commit()) else made_at

@@ -27,7 +27,8 @@ import argparse
 import json
 from pathlib import Path
 
-from summary import record
+from provenance import header, mark_run, reusable_run, reused_from
+from summary import Table, record
 
 from vqar.evaluation import EvaluateArgs, evaluate_tokenizer
 from vqar.losses import LossConfig
@@ -78,9 +79,11 @@ VARIANTS = {  # name: (what it tries, overrides of recipes/photos-cpu.yaml), mos
 }
 
 
-def run_variant(name: str, overrides: list[str], output: Path) -> dict:
-    """Train (or reuse) one variant's tokenizer and prior, evaluate at 256 px; returns the report."""
+def run_variant(name: str, overrides: list[str], output: Path, reuse: bool = False) -> dict:
+    """Train (or reuse: made at this commit, or any with --reuse) one variant's tokenizer and prior, evaluate
+    at 256 px; returns the report, with the commit the run was made at."""
     runs, quiet = output / name, ["--log_with", "none"]
+    made_at = reusable_run(runs, reuse)
     if not (runs / "tokenizer" / "metrics.json").is_file():
         recipe = [str(RECIPES / "photos-cpu.yaml"), "--output_dir", str(runs / "tokenizer"), *quiet, *overrides]
         train_tokenizer(*parse_recipe(recipe, (TokenizerModelArgs, DataArgs, LossConfig, TrainConfig)))
@@ -103,43 +106,51 @@ def run_variant(name: str, overrides: list[str], output: Path) -> dict:
             output=str(runs / "report"),
         )
         evaluate_tokenizer(args)
+    if made_at is None:
+        mark_run(runs)
     report = json.loads((runs / "report" / "report.json").read_text())
     seconds = sum(
         json.loads((runs / stage / "metrics.json").read_text())["seconds"] for stage in ("tokenizer", "prior")
     )
-    return report | {"training_minutes": seconds / 60}
+    return report | {"training_minutes": seconds / 60, "made_at": made_at}
 
 
-def row(name: str, report: dict) -> str:
+COLUMNS = [
+    "variant", "PSNR dB", "SSIM", "flat colour error", "raw bits", "prior bits", "prior / raw", "JPEG dB at raw",
+    "WebP dB at raw", "JPEG dB at prior", "WebP dB at prior", "training min",
+]  # fmt: skip
+
+
+def row(name: str, report: dict) -> list[str]:
     raw, coded = report["bits_per_image"], report["prior_bits_per_image"]
     codecs = [report[k]["psnr"] for k in ("jpeg", "webp", "jpeg_at_prior_rate", "webp_at_prior_rate")]
-    return (
-        f"| {name} | {report['psnr']:.2f} | {report['ssim']:.3f} | {report['flat_colour_error']:.0f} | {raw:,.0f} | "
-        f"{coded:,.0f} | {coded / raw:.0%} | {codecs[0]:.2f} | {codecs[1]:.2f} | {codecs[2]:.2f} | {codecs[3]:.2f} | "
-        f"{report['training_minutes']:.1f} |"
-    )
+    return [
+        name, f"{report['psnr']:.2f}", f"{report['ssim']:.3f}", f"{report['flat_colour_error']:.0f}", f"{raw:,.0f}",
+        f"{coded:,.0f}", f"{coded / raw:.0%}", *(f"{c:.2f}" for c in codecs), f"{report['training_minutes']:.1f}",
+    ]  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="recipe", help="recipe | all | comma-separated names")
     parser.add_argument("--output", default="outputs/bench-quality")
+    parser.add_argument("--reuse", action="store_true", help="show runs made at another commit instead of redoing them")
     args = parser.parse_args()
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; variants: {', '.join(VARIANTS)}")
-    print("two held-out photographs at 256 px; the prior codes each 64x64 token grid as 16 tiles of 16x16\n")
-    print(
-        "| variant | PSNR dB | SSIM | flat colour error | raw bits | prior bits | prior / raw | JPEG dB at raw | "
-        "WebP dB at raw | JPEG dB at prior | WebP dB at prior | training min |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(header("quality"))
+    title = "two held-out photographs at 256 px; the prior codes each 64x64 token grid as 16 tiles of 16x16"
+    table = Table("quality", title, COLUMNS)
     for name in names:
-        report = run_variant(name, VARIANTS[name][1], Path(args.output))
-        print(row(name, report), flush=True)
+        report = run_variant(name, VARIANTS[name][1], Path(args.output), args.reuse)
+        table.add(row(name, report), reused_from=reused_from(report["made_at"]))
         jpeg = report["jpeg_at_prior_rate"]["psnr"]
         record("photo quality", f"{name} PSNR at the prior's rate", report["psnr"], "dB", "JPEG at that rate", jpeg)
+    print(title + "\n")
+    table.print()
+    table.save()
     print("\nvariants:")
     for name in names:
         print(f"- {name}: {VARIANTS[name][0]}")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from provenance import header
+from summary import recorded
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "outputs" / "bench-scale-io"
@@ -189,7 +189,6 @@ def main() -> None:
         print(json.dumps(functions[kind](*map(int, rest))))
         return
     torch.set_num_threads(2)
-    print(header("scale_io", measured=True))
     for count in (args.small, args.large):
         digits_parquet(count)
     tokenizer_folder()
@@ -219,4 +218,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("scale_io"):
+        main()

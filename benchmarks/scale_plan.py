@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from provenance import header
+from summary import recorded
 
 REPO = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -208,7 +208,6 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="only compare the plan with real steps on this CPU")
     args = parser.parse_args()
     budget = int(args.gpu_gib * GiB * 0.9)
-    print(header("scale_plan", measured=True))
     if args.check:
         print("\nThe fake-tensor plan of a forward and backward (weights, gradients, activations; fp32) against the")
         print("peak resident memory of the same step for real on this CPU:\n")
@@ -226,4 +225,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("scale_plan"):
+        main()

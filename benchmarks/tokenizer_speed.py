@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from summary import best_seconds, record
+from summary import best_seconds, record, recorded
 from torch.utils.flop_counter import FlopCounterMode
 
 from vqar import VQTokenizer
@@ -79,4 +79,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("tokenizer_speed"):
+        main()

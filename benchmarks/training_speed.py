@@ -14,7 +14,7 @@ import tempfile
 import time
 
 import torch
-from summary import record
+from summary import record, recorded
 
 from vqar import VQTokenizer
 from vqar.losses import LossConfig
@@ -78,4 +78,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("training_speed"):
+        main()

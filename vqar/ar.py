@@ -54,6 +54,7 @@ class VocabLayout:
     ids: IdSpace
     tokens: TokenLayout
     provenance: TokenizerProvenance = field(default_factory=TokenizerProvenance)
+    begin_of_image: bool = True  # False: `[condition, codes]`, as LlamaGen's priors read them
 
     def __post_init__(self):
         if self.ids.uses_bpe and self.tokens.prior_order != NEXT_TOKEN:
@@ -61,7 +62,7 @@ class VocabLayout:
 
     @property
     def codec(self) -> SequenceCodec:
-        return SequenceCodec(self.ids, self.tokens)
+        return SequenceCodec(self.ids, self.tokens, self.begin_of_image)
 
     # -- the saved form (`vqar_vocab`) ------------------------------------------------------
 
@@ -77,6 +78,7 @@ class VocabLayout:
         class_names: list[str] | tuple[str, ...] = (),
         tokenizer: str = "",
         tokenizer_fingerprint: str = "",
+        begin_of_image: bool = True,
     ) -> VocabLayout:
         """A layout from the flat fields `vqar_vocab` holds (those of every vqar version)."""
         if codebook_size < 2 or tokens_per_image < 1:
@@ -85,10 +87,11 @@ class VocabLayout:
             IdSpace(codebook_size, num_bpe_tokens, tuple(class_names)),
             TokenLayout.from_fields(tokens_per_image, grid, scales),
             TokenizerProvenance(tokenizer, tokenizer_fingerprint),
+            begin_of_image,
         )
 
     def to_dict(self) -> dict:
-        return {
+        fields = {
             "codebook_size": self.ids.codebook_size,
             **self.tokens.to_fields(),
             "num_bpe_tokens": self.ids.num_bpe_tokens,
@@ -96,6 +99,7 @@ class VocabLayout:
             "tokenizer": self.provenance.tokenizer,
             "tokenizer_fingerprint": self.provenance.fingerprint,
         }
+        return fields if self.begin_of_image else fields | {"begin_of_image": False}  # older readers: always BOI
 
     @classmethod
     def from_model_config(cls, config) -> VocabLayout:

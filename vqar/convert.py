@@ -33,8 +33,10 @@ import yaml
 from torch import Tensor, nn
 from transformers.hf_argparser import HfArg
 
+from .convert_prior import VQ_FACTOR, build_llamagen_prior, infer_gpt_config, is_llamagen_gpt
 from .devices import resolve_device
 from .hub import PROVENANCE
+from .provenance import TokenizerProvenance
 from .tokenizer import TokenizerConfig, VQTokenizer
 from .tokenizer.blocks import AttnBlock
 
@@ -69,6 +71,14 @@ class ConvertArgs:
         default=None,
         help="where the converted model encodes and decodes one image as a check (default: the best present)",
     )
+    tokenizer: str | None = HfArg(
+        default=None, help="LlamaGen GPTs: the converted tokenizer folder the prior decodes with (recorded, checked)"
+    )
+    image_size: int | None = HfArg(
+        default=None,
+        help="LlamaGen GPTs: the images' side it was trained at (default: 384 if the file name says _384, else 256)",
+    )
+    heads: int | None = HfArg(default=None, help="LlamaGen GPTs of other sizes than LlamaGen's: the attention heads")
 
 
 # -- reading the checkpoint ---------------------------------------------------------------------
@@ -421,6 +431,49 @@ def _yaml_resolution(path: str | None, source: str, default: int) -> int:
     return int(ddconfig["resolution"])
 
 
+def convert_gpt(args: ConvertArgs, state: dict[str, Tensor]) -> Path:
+    """A LlamaGen c2i GPT as a vqar prior folder (`vqar.convert_prior`), linked to `args.tokenizer` if given."""
+    tokenizer = VQTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
+    factor = tokenizer.downsample_factor if tokenizer is not None else VQ_FACTOR
+    fields, name = infer_gpt_config(state, args.checkpoint, args.image_size, args.heads, factor)
+    provenance = TokenizerProvenance()
+    if tokenizer is not None:
+        _check_gpt_tokenizer(fields, tokenizer, args)
+        provenance = TokenizerProvenance(str(Path(args.tokenizer).resolve()), tokenizer.fingerprint)
+    prior, layout = build_llamagen_prior(state, fields, provenance)
+    output = Path(args.output)
+    prior.config.vqar_vocab = layout.saved_in(output).to_dict()
+    prior.save_pretrained(output)
+    digest = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
+    source = f"llamagen GPT-{name} checkpoint {Path(args.checkpoint).name} (sha256 {digest[:16]})"
+    (output / PROVENANCE).write_text(json.dumps({"source": source, "image_size": fields["image_size"]}, indent=2))
+    logger.info(
+        "LlamaGen GPT-%s: %d classes, %d x %d codes of %d",
+        name,
+        fields["classes"],
+        *[fields["grid"]] * 2,
+        fields["codes"],
+    )
+    return output
+
+
+def _check_gpt_tokenizer(fields: dict, tokenizer: VQTokenizer, args: ConvertArgs) -> None:
+    """Refuse a tokenizer whose codes are not the GPT's, or whose resolution gives another grid, naming both."""
+    grid, size = fields["grid"], fields["image_size"]
+    if tokenizer.codebook_size != fields["codes"]:
+        raise ValueError(
+            f"the GPT {args.checkpoint} models {fields['codes']} codes, the tokenizer {args.tokenizer} has "
+            f"{tokenizer.codebook_size}: link the VQ model LlamaGen trained it on"
+        )
+    theirs = tokenizer.config.resolution // tokenizer.downsample_factor
+    if theirs != grid:
+        raise ValueError(
+            f"the GPT {args.checkpoint} models {grid} x {grid} codes ({size} px), the tokenizer {args.tokenizer} was "
+            f"converted for {tokenizer.config.resolution} px ({theirs} x {theirs}): convert it with --resolution {size} "
+            f"(or give the GPT's --image-size)"
+        )
+
+
 @torch.inference_mode()
 def _check_runs(tokenizer: VQTokenizer, device) -> None:
     """One grey image through the converted model: a mapping that loads but does not run says so here."""
@@ -432,8 +485,11 @@ def _check_runs(tokenizer: VQTokenizer, device) -> None:
 
 
 def convert(args: ConvertArgs) -> Path:
-    """Convert `args.checkpoint` into the tokenizer folder `args.output`; returns the folder."""
+    """Convert `args.checkpoint` into a tokenizer folder (or, for a LlamaGen GPT, a prior folder) `args.output`;
+    returns the folder."""
     state = read_state_dict(args.checkpoint, args.trust_pickle)
+    if args.source == "llamagen" and is_llamagen_gpt(state):
+        return convert_gpt(args, state)
     weights, dropped, used_ema = _weights(state, args.ema)
     config = infer_config(args.source, weights, _yaml_resolution(args.config, args.source, args.resolution))
     tokenizer = VQTokenizer(config)

@@ -129,7 +129,7 @@ def _check_prompt_ids(layout: VocabLayout, prompt_ids: Tensor, bpe: VisualBPE | 
         raise ValueError(
             f"prompt_ids[:, 0] must be a class token or the null class ({ids.null_class}), got {conditions.tolist()}"
         )
-    if (prompt_ids[:, 1] != ids.boi).any():
+    if layout.codec.begin_of_image and (prompt_ids[:, 1] != ids.boi).any():
         raise ValueError(f"prompt_ids[:, 1] must be begin-of-image ({ids.boi}), got {prompt_ids[:, 1].tolist()}")
     _check_prefix(layout, prompt_ids[:, prompt_length:], len(prompt_ids), bpe)
     return prompt_ids

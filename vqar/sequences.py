@@ -1,7 +1,8 @@
 """The sequence codec: how a condition and an image's ids become one sequence of the prior, and back.
 
 A sequence is `[condition, BOI, image ids]` (DESIGN.md): the condition a class token or the null
-class, then begin-of-image, then the image's ids in the token layout's order. Raster priors model
+class, then begin-of-image, then the image's ids in the token layout's order. A prior converted from
+LlamaGen has no begin-of-image (`begin_of_image=False`): its class position predicts the first code. Raster priors model
 it token by token; with visual BPE the image's ids vary in number, so the sequence ends with EOI
 and is padded to `sequence_length`. A next-scale prior (multiscale tokens) reads the same
 sequence and predicts a scale at a time (`vqar.next_scale`).
@@ -17,8 +18,6 @@ from torch import Tensor
 from .layouts import TokenLayout
 from .vocab import IdSpace
 
-PROMPT_LENGTH = 2  # condition, BOI
-
 
 @dataclass(frozen=True)
 class SequenceCodec:
@@ -26,11 +25,12 @@ class SequenceCodec:
 
     ids: IdSpace
     tokens: TokenLayout
+    begin_of_image: bool = True  # a BOI id between the condition and the image (LlamaGen's priors have none)
 
     @property
     def prompt_length(self) -> int:
         """Ids before the image's: the condition and BOI."""
-        return PROMPT_LENGTH
+        return 1 + int(self.begin_of_image)
 
     @property
     def sequence_length(self) -> int:
@@ -46,7 +46,9 @@ class SequenceCodec:
         return torch.where(labels < 0, torch.full_like(tokens, self.ids.null_class), tokens)
 
     def prompt(self, conditions: Tensor) -> Tensor:
-        """Condition ids [B] -> the prompt [B, 2]: condition, BOI."""
+        """Condition ids [B] -> the prompt [B, prompt_length]: condition, BOI."""
+        if not self.begin_of_image:
+            return conditions[:, None]
         return torch.stack([conditions, torch.full_like(conditions, self.ids.boi)], dim=1)
 
     def to_sequence(self, labels: Tensor | None, image_ids: Tensor) -> Tensor:
