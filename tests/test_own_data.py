@@ -651,3 +651,21 @@ def test_a_tokenizer_encodes_smaller_images_at_their_size_and_the_prior_decodes_
     vqar("generate", "--prior", tmp_path / "prior" / "prior", "--output", tmp_path / "c", "--class", "a",
          "--prefix-image", prefix, "--prefix-rows", 3)  # fmt: skip
     assert Image.open(tmp_path / "c" / "0000.png").size == (16, 16)
+
+
+def test_generate_writes_the_codes_and_needs_no_tokenizer_for_codes_only(own_run, tmp_path):
+    prior = own_run / "prior" / "prior"
+    vqar("generate", "--prior", prior, "--class", "cats", "--num-images", 3, "--output", tmp_path / "g")
+    codes = np.load(tmp_path / "g" / "codes.npy")
+    tokenizer = VQTokenizer.from_pretrained(own_run / "tokenizer" / "tokenizer").eval()
+    assert codes.shape == (3, *tokenizer.token_shape) and np.issubdtype(codes.dtype, np.integer)
+    decoded = tokenizer.decode(torch.from_numpy(codes)).clamp(-1, 1)
+    png = np.asarray(Image.open(tmp_path / "g" / "0001.png"))
+    assert np.abs(((decoded[1].permute(1, 2, 0) + 1) * 127.5).round().numpy() - png).max() <= 1
+    alone = tmp_path / "alone" / "prior"
+    shutil.copytree(prior, alone)  # its tokenizer is not beside it
+    out, _ = vqar("generate", "--prior", alone, "--codes-only", "--class", "dogs", "--output", tmp_path / "c")
+    assert "wrote codes.npy to" in out and not list((tmp_path / "c").glob("*.png"))
+    assert np.load(tmp_path / "c" / "codes.npy").shape == (1, *tokenizer.token_shape)
+    _, err = vqar("generate", "--prior", alone, "--class", "dogs", "--output", tmp_path / "d", expect=1)
+    assert "pass its folder or Hub id with --tokenizer" in err

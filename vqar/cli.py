@@ -83,7 +83,12 @@ def _generate(argv: list[str]) -> None:
 
     args, sampling = _parse("generate", GenerateArgs.__doc__, (GenerateArgs, SamplingConfig), argv)
     paths = generate_to_folder(args, sampling)
-    print(f"wrote {len(paths)} images and grid.png to {args.output}")
+    images = sum(p.endswith(".png") for p in paths)
+    print(
+        f"wrote {images} images, grid.png and codes.npy to {args.output}"
+        if images
+        else f"wrote codes.npy to {args.output}"
+    )
 
 
 def _evaluate_generation(argv: list[str]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel
@@ -232,8 +233,13 @@ class GenerateArgs:
     )
     device: str | None = HfArg(default=None, help="cpu, cuda, cuda:N, mps (default: the best present)")
     dtype: str = HfArg(default="fp32", help="fp32, bf16 or fp16 (GPU) for the prior and the tokenizer")
+    codes_only: bool = HfArg(
+        default=False, help="write codes.npy only: no tokenizer needed (it is not at hand, or a pipeline decodes later)"
+    )
 
     def __post_init__(self):
+        if self.codes_only and self.prefix_image:
+            raise ValueError("--prefix-image needs the tokenizer to encode it: drop --codes-only")
         if (self.prefix_image is None) != (self.prefix_rows is None):
             raise ValueError(
                 "--prefix-image and --prefix-rows go together: the image to complete, and how many of its leading "
@@ -262,8 +268,9 @@ def load_tokenizer_for(prior: str, layout: VocabLayout, tokenizer: str | None = 
 
 
 def generate_to_folder(args: GenerateArgs, sampling: SamplingConfig | None = None) -> list[str]:
-    """`vqar generate`: load the prior and its tokenizer, sample, write the PNGs and a grid with a
-    row per class (named) or, completing an image, the source beside its completions."""
+    """`vqar generate`: load the prior and its tokenizer, sample, write `codes.npy` ([N, h, w] or [N, L]
+    ints), the PNGs and a grid with a row per class (named) or, completing an image, the source beside
+    its completions. With `codes_only`, the codes alone (no tokenizer is loaded). Returns the files."""
     from .ar import load_prior, load_prior_bpe
     from .data import read_image, save_images
     from .devices import resolve_device, resolve_dtype
@@ -277,19 +284,28 @@ def generate_to_folder(args: GenerateArgs, sampling: SamplingConfig | None = Non
         raise ValueError(
             f"the prior {args.prior} is unconditional (its tokens had no class labels): drop --class and --cfg-scale"
         )
-    tokenizer = load_tokenizer_for(args.prior, layout, args.tokenizer, allow_other=args.allow_other_tokenizer)
-    tokenizer.for_inference(device, dtype)
     bpe = load_prior_bpe(args.prior, layout)
-    side = layout.tokens.image_side(tokenizer.downsample_factor)  # the prior's grid may not be the tokenizer's
-    prefix = prefix_from_image(tokenizer, args.prefix_image, args.prefix_rows, side) if args.prefix_image else None
+    tokenizer = prefix = side = None
+    if not args.codes_only:
+        tokenizer = load_tokenizer_for(args.prior, layout, args.tokenizer, allow_other=args.allow_other_tokenizer)
+        tokenizer.for_inference(device, dtype)
+        side = layout.tokens.image_side(tokenizer.downsample_factor)  # the prior's grid may not be the tokenizer's
+    if args.prefix_image:
+        prefix = prefix_from_image(tokenizer, args.prefix_image, args.prefix_rows, side)
     per_class = args.num_images or (1 if args.classes else 8)
     classes = [c for c in args.classes for _ in range(per_class)] or None
     prompts = build_prompts(layout, classes=classes, num_images=None if classes else per_class, prefix=prefix, bpe=bpe)
-    images = generate_images(prior, tokenizer, layout, prompts, sampling, bpe, args.allow_other_tokenizer)
+    codes = generate_ids(prior, layout, prompts, sampling, bpe=bpe)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    codes_file = str(Path(args.output) / "codes.npy")
+    np.save(codes_file, codes.cpu().numpy())
+    if args.codes_only:
+        return [codes_file]
+    images = tokenizer.decode(codes.to(tokenizer.device)).clamp(-1, 1)
     labels = [layout.ids.class_names[layout.ids.class_index(c)] for c in args.classes] if args.classes else None
     source = boundary = None
     if prefix is not None:  # the grid shows the image completed, and where its kept part ends
         source = tokenizer.image_transform(side)(read_image(args.prefix_image))[None]
         boundary = tokenizer.token_layout.prefix_pixel_row(args.prefix_rows, tokenizer.downsample_factor)
     rows = len(args.classes) or 1
-    return save_images(images, args.output, rows=rows, labels=labels, first=source, mark_row=boundary)
+    return [codes_file, *save_images(images, args.output, rows=rows, labels=labels, first=source, mark_row=boundary)]
