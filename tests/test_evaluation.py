@@ -129,3 +129,37 @@ def test_flat_colour_error_is_the_worst_mean_colour_shift_in_8_bit_levels(monkey
     assert flat_colour_error(tokenizer) == pytest.approx(0.6 * 127.5, rel=1e-4)  # clamped at -1 for dark blue
     monkeypatch.setattr(tokenizer, "forward", lambda pixels: TokenizerOutput(reconstruction=pixels))
     assert flat_colour_error(tokenizer) == pytest.approx(0, abs=1e-3)
+
+
+def test_no_batch_outlives_its_step(monkeypatch):
+    """Memory flat in the number of images: neither the kept samples nor the codec's sample grid may hold a
+    reference into a streamed batch (a slice of one keeps the whole batch's memory alive)."""
+    from conftest import TINY_F2
+
+    from vqar import TokenizerConfig
+    from vqar.evaluation import reconstruction_metrics
+
+    def users(storage) -> int:  # references to a tensor's memory other than `storage` itself
+        return torch._C._storage_Use_Count(storage._cdata) - 1
+
+    monkeypatch.setattr("vqar.codecs.PROBE", 4)  # the codec holds its probe images until it chose a quality
+    tokenizer = VQTokenizer(TokenizerConfig(**TINY_F2))
+    codec = CodecAtRate("JPEG", 2000.0, keep=3)
+    seen, held = [], []
+
+    def batches():
+        for step in range(6):
+            # the previous batch is still the loop's; every earlier one must be gone
+            held.append(sum(users(storage) > 0 for storage in seen[: 2 * max(0, step - 1)]))
+            pixels = torch.rand(4, 3, 16, 16) * 2 - 1
+            seen.append(pixels.untyped_storage())
+            yield pixels
+
+    def measure(pixels, reconstructions, indices):
+        seen.append(reconstructions.untyped_storage())
+        codec.add(pixels)
+
+    measured = reconstruction_metrics(tokenizer, batches(), keep=3, on_batch=measure)
+    codec.summary()
+    assert len(measured.originals) == 3 and len(codec.samples()) == 3
+    assert held == [0] * 6

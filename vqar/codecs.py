@@ -82,7 +82,7 @@ class CodecAtRate:
         self.ssim += ssim(originals, decoded).sum().item()
         room = self.keep - sum(len(d) for d in self.decoded)
         if room > 0:
-            self.decoded.append(decoded[:room])
+            self.decoded.append(decoded[:room].clone())
 
     def summary(self) -> dict:
         """{quality, bits_per_image, psnr, ssim} over every image shown."""

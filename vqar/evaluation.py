@@ -89,9 +89,10 @@ def reconstruction_metrics(
         reconstruction = out.reconstruction.clamp(-1, 1)
         counts += code_histogram(out.indices, tokenizer.codebook_size)
         sums += torch.stack([*_batch_sums(tokenizer, pixels, reconstruction, out.indices, lpips, names), _n(pixels)])
-        room = max(0, keep - sum(len(k) for k in kept["originals"]))
-        kept["originals"].append(pixels[:room].float().cpu())
-        kept["reconstructions"].append(reconstruction[:room].float().cpu())
+        room = keep - sum(len(k) for k in kept["originals"])
+        if room > 0:  # cloned: a slice would keep the whole batch alive
+            kept["originals"].append(pixels[:room].float().cpu().clone())
+            kept["reconstructions"].append(reconstruction[:room].float().cpu().clone())
         if on_batch is not None:
             on_batch(pixels, reconstruction, out.indices)
     tokenizer.train(was_training)
