@@ -132,3 +132,62 @@ def test_train_bpe_on_tokens_shortens_sequences_and_round_trips(tokens_dir, tmp_
     dataset, _ = load_tokens(tokens_dir)
     codes = torch.tensor(dataset["eval"]["tokens"]).reshape(-1, 8, 8)
     assert torch.equal(bpe.decode(bpe.encode(codes)), codes.reshape(len(codes), -1))
+
+
+# -- fine-tuning a trained prior ----------------------------------------------------------------
+
+
+def _class_folder(root: Path, classes: dict[str, list[int]]) -> Path:
+    """An image folder: for each class, the bundled digits at the given indices."""
+    from vqar.data import load_source, read_image
+
+    digits = load_source("digits")
+    for name, indices in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in indices:
+            read_image(digits[i]["image"]).save(root / name / f"{i:04d}.png")
+    return root
+
+
+def test_a_prior_fine_tuned_on_new_classes_keeps_its_own_and_learns_the_new_ones(tokens_dir, tmp_path):
+    from vqar.ar import load_prior
+    from vqar.generation import SamplingConfig, build_prompts, generate_images, load_tokenizer_for
+    from vqar.training.train_prior import TokenBatches
+
+    run(prior_args(tokens_dir, tmp_path / "base", max_steps=2))
+    threes = [i for i in range(400) if i % 10 == 3]  # the digits dataset cycles through its classes
+    folder = _class_folder(tmp_path / "images", {"3": threes, "star": [i + 1 for i in threes]})
+    tokenizer = str(tokens_dir.parent / "tokenizer")
+    tokenize_dataset(TokenizeArgs(tokenizer=tokenizer, data=str(folder), output=str(tmp_path / "new"), num_workers=0))
+    base = tmp_path / "base" / "prior"
+    run(prior_args(tmp_path / "new", tmp_path / "tuned", max_steps=3, init_from=base, batch_size=8))
+
+    prior, layout = load_prior(str(tmp_path / "tuned" / "prior"))
+    _, base_layout = load_prior(str(base))
+    assert layout.ids.class_names == (*base_layout.ids.class_names, "star")
+    assert prior.config.vocab_size == layout.ids.vocab_size == base_layout.ids.vocab_size + 1
+    # the new tokens' labels land on the prior's own classes: "3" stays 3, "star" is appended
+    rows = [{"tokens": torch.zeros(64, dtype=torch.long), "label": label} for label in (0, 1, -1)]
+    labels = TokenBatches(layout, None, [layout.ids.class_index(n) for n in ("3", "star")])(rows)["labels"]
+    assert labels.tolist() == [3, 10, -1]
+    images = generate_images(
+        prior,
+        load_tokenizer_for(str(tmp_path / "tuned" / "prior"), layout),
+        layout,
+        build_prompts(layout, classes=["star", "7"]),
+        SamplingConfig(seed=0, cfg_scale=2.0),
+    )
+    assert images.shape == (2, 3, 16, 16)
+
+
+def test_fine_tuning_a_prior_on_another_tokenizers_codes_is_refused(tokens_dir, tmp_path):
+    from conftest import TINY_F2
+
+    from vqar import TokenizerConfig
+
+    run(prior_args(tokens_dir, tmp_path / "base", max_steps=1))
+    other = {**TINY_F2, "quantizer": {"kind": "fsq", "levels": [3, 3]}}
+    VQTokenizer(TokenizerConfig(**other)).save_pretrained(tmp_path / "other")
+    tokenize_dataset(TokenizeArgs(tokenizer=str(tmp_path / "other"), data="digits", output=str(tmp_path / "tokens")))
+    with pytest.raises(ValueError, match="models 25 codes .* hold 9 .*other codebooks"):
+        run(prior_args(tmp_path / "tokens", tmp_path / "tuned", init_from=tmp_path / "base" / "prior"))

@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from vqar import VQTokenizer
 from vqar.data import load_source
 from vqar.losses import LossConfig, TokenizerLoss, adaptive_weight
 from vqar.training.checkpoints import complete_checkpoints
@@ -351,3 +352,48 @@ def test_compile_wraps_the_model_but_ema_and_saving_see_the_module_itself(tmp_pa
         assert isinstance(run.model, torch._dynamo.eval_frame.OptimizedModule) == compile
         assert not isinstance(run.unwrapped, torch._dynamo.eval_frame.OptimizedModule)
         assert set(run.ema.shadow) <= set(run.unwrapped.state_dict())  # no "_orig_mod." prefixes
+
+
+# -- fine-tuning ------------------------------------------------------------------------------
+
+
+def _encoded_digits(folder) -> torch.Tensor:
+    from vqar.data import ImageDataset, ImageTransform, collate_images
+
+    images = ImageDataset(load_source("digits"), ImageTransform(16))
+    pixels = collate_images(images.__getitems__(list(range(32))))["pixels"]
+    return VQTokenizer.from_pretrained(folder).eval().encode(pixels)
+
+
+def test_a_decoder_only_fine_tune_keeps_every_code_and_the_priors_of_its_base(tmp_path):
+    base = tmp_path / "base" / "tokenizer"
+    run(tiny_args(tmp_path / "base", TINY_VQ, max_steps=3, adversarial_weight=0.5, disc_start=0))
+    run(tiny_args(tmp_path / "tuned", init_from=base, train="decoder", max_steps=3, ema_decay=0.9))
+    before, after = final_weights(tmp_path / "base"), final_weights(tmp_path / "tuned")
+    for name in before:
+        assert torch.equal(before[name], after[name]) != name.startswith("decoder."), name
+    assert torch.equal(_encoded_digits(base), _encoded_digits(tmp_path / "tuned" / "tokenizer"))
+    tuned = VQTokenizer.from_pretrained(tmp_path / "tuned" / "tokenizer")
+    assert tuned.fingerprint == VQTokenizer.from_pretrained(base).fingerprint
+
+
+def test_a_decoder_fine_tune_of_an_old_tokenizer_still_serves_the_priors_trained_on_it(tmp_path):
+    from vqar.ar import load_prior
+
+    legacy = REPO / "tests" / "fixtures" / "legacy"
+    run(tiny_args(tmp_path, init_from=legacy / "grid-tokenizer", train="decoder", max_steps=2))
+    tuned = VQTokenizer.from_pretrained(tmp_path / "tokenizer")
+    _, layout = load_prior(str(legacy / "grid-prior"))
+    layout.check_tokenizer(tuned)  # the prior recorded the base's scheme-1 fingerprint
+
+
+def test_fine_tuning_the_encoder_changes_the_codes_meaning_and_freezing_needs_a_base(tmp_path):
+    base = tmp_path / "base" / "tokenizer"
+    run(tiny_args(tmp_path / "base", max_steps=2))
+    run(tiny_args(tmp_path / "tuned", init_from=base, train="encoder,decoder", max_steps=2))
+    tuned = VQTokenizer.from_pretrained(tmp_path / "tuned" / "tokenizer")
+    assert not tuned.has_codes_of(VQTokenizer.from_pretrained(base).fingerprint)
+    with pytest.raises(ValueError, match="--init_from"):
+        run(tiny_args(tmp_path / "fresh", train="decoder"))
+    with pytest.raises(ValueError, match="encoder, quantizer, decoder"):
+        run(tiny_args(tmp_path / "typo", init_from=base, train="decodr"))

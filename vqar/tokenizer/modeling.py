@@ -154,7 +154,8 @@ class VQTokenizer(PreTrainedModel):
             )
         model.quantizer.reset_derived_buffers()
         _align(model)
-        model._trust_saved_fingerprint()
+        if not set(kwargs) & set(TokenizerConfig.__annotations__):  # no field overridden: config.json's holds
+            model._trust_saved_fingerprint()
         return (model, info) if want_info else model
 
     def _trust_saved_fingerprint(self) -> None:
@@ -287,6 +288,23 @@ class VQTokenizer(PreTrainedModel):
         self._fingerprint_cache = (fingerprints.tensors_key(state), fingerprint)
         return self
 
+    def freeze(self, parts: set[str]) -> None:
+        """Train only `parts` of {"encoder", "quantizer", "decoder"}: the others get no gradients and stay in
+        eval mode through `train()` (an EMA codebook would otherwise keep moving)."""
+        unknown = parts - set(TRAINABLE_PARTS)
+        if unknown or not parts:
+            raise ValueError(f"train must name some of {', '.join(TRAINABLE_PARTS)}, got {sorted(parts) or 'nothing'}")
+        self._frozen = tuple(p for p in TRAINABLE_PARTS if p not in parts)
+        for name in self._frozen:
+            getattr(self, name).requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in getattr(self, "_frozen", ()):
+            getattr(self, name).eval()
+        return self
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each residual, attention and transformer block's activations in the backward pass
         instead of keeping them (less memory for more compute), as transformers' models do. Parameter
@@ -373,6 +391,7 @@ class VQTokenizer(PreTrainedModel):
         return layout if H == W == resolution else layout.at_resolution(H, factor)
 
 
+TRAINABLE_PARTS = ("encoder", "quantizer", "decoder")
 CHECKPOINTED_BLOCKS = (ResnetBlock, AttnBlock, magvit2.ResBlock, TransformerBlock)
 
 

@@ -13,13 +13,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers.hf_argparser import HfArg
 
-from ..ar import CONFIG_KEY, VocabLayout, build_prior, image_nll, prior_loss
+from ..ar import (
+    CONFIG_KEY,
+    IDS_KEY,
+    VocabLayout,
+    build_prior,
+    image_nll,
+    load_prior,
+    plain_generation_config,
+    prior_loss,
+)
 from ..bpe import VisualBPE, load_bpe
 from ..data import image_grid, make_loader, share
 from ..generation import SamplingConfig, build_prompts, generate_images, load_tokenizer_for
@@ -55,6 +64,11 @@ class PriorArgs:
     )
     eval_batch_size: int = HfArg(default=128, help="sequences per held-out batch")
     eval_samples: int = HfArg(default=10, help="images sampled at each evaluation for TensorBoard; 0: none")
+    init_from: str | None = HfArg(
+        default=None,
+        help="a prior (trained or converted, folder or Hub id) to fine-tune on these tokens: the same codes and "
+        "token layout; classes it lacks are appended (its embedding grows)",
+    )
 
     def __post_init__(self):
         if not 0 <= self.label_dropout < 1:
@@ -73,16 +87,21 @@ def find_bpe(choice: str, manifest: TokensManifest) -> VisualBPE | None:
 
 class TokenBatches:
     """Collates `TokenRows` into a batch {"tokens": [B, L] long, "labels": [B]}: the image's codes,
-    or with visual BPE its ids (encoded here, a batch at a time, left-aligned and padded with -1)."""
+    or with visual BPE its ids (encoded here, a batch at a time, left-aligned and padded with -1).
+    `label_map`: the prior's class index of each of the tokens' classes (a fine-tuned prior keeps its own order)."""
 
-    def __init__(self, layout: VocabLayout, bpe: VisualBPE | None):
+    def __init__(self, layout: VocabLayout, bpe: VisualBPE | None, label_map: list[int] | None = None):
         self.layout, self.bpe = layout, bpe
+        self.label_map = torch.tensor(label_map, dtype=torch.long) if label_map else None
 
     def __call__(self, rows: list[dict]) -> dict:
         tokens = torch.stack([r["tokens"] for r in rows])
         if self.bpe is not None:
             tokens = self.bpe.encode(self.layout.tokens.unflatten(tokens), padded=True)
-        batch = {"tokens": tokens, "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
+        labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        if self.label_map is not None:
+            labels = torch.where(labels >= 0, self.label_map[labels.clamp_min(0)], labels)
+        batch = {"tokens": tokens, "labels": labels}
         if rows and "caption" in rows[0]:
             batch["captions"] = [r["caption"] for r in rows]
         return batch
@@ -107,11 +126,22 @@ class PriorRun(Run):
     eval_split: TokenRows = None
     args: PriorArgs = None
     tokenizer: torch.nn.Module | None = None  # decodes the evaluation samples (main process; None: no samples)
+    label_map: list[int] | None = None  # the prior's class of each of the tokens' classes (fine-tuning)
 
 
-def _sequences(args: PriorArgs, say=print) -> tuple[dict[str, TokenRows], VocabLayout, VisualBPE | None]:
-    """The token rows to train on (memory-mapped; the first `num_tokens` of each) and the layout of the
-    prior over them."""
+@dataclass
+class Sequences:
+    """What a prior trains on: the token rows (memory-mapped; the first `num_tokens` of each), the
+    layout of the prior over them, its visual BPE, and where the tokens' classes sit in the prior."""
+
+    rows: dict[str, TokenRows]
+    layout: VocabLayout
+    bpe: VisualBPE | None
+    label_map: list[int] | None = None
+    model: torch.nn.Module | None = None  # the prior fine-tuned (init_from), its embedding grown to the layout
+
+
+def _sequences(args: PriorArgs, say=print) -> Sequences:
     tokens, manifest = load_tokens(args.tokens)
     say(manifest.describe(args.tokens))
     bpe = find_bpe(args.bpe, manifest)
@@ -121,13 +151,45 @@ def _sequences(args: PriorArgs, say=print) -> tuple[dict[str, TokenRows], VocabL
         manifest, conditional=args.conditional and bool(manifest.class_names), bpe=bpe, num_tokens=args.num_tokens
     )
     rows = {name: TokenRows(split, args.num_tokens) for name, split in tokens.items()}
-    return rows, layout, bpe
+    if args.init_from:
+        return _fine_tuned(args, rows, layout, bpe, say)
+    return Sequences(rows, layout, bpe)
+
+
+def _fine_tuned(args: PriorArgs, rows: dict, tokens_layout: VocabLayout, bpe, say) -> Sequences:
+    """A trained prior, checked against the tokens, with the classes it lacks appended (ids after its own)."""
+    model, layout = load_prior(args.init_from)
+    ours, theirs = layout.ids, tokens_layout.ids
+    if (ours.codebook_size, ours.num_bpe_tokens) != (theirs.codebook_size, theirs.num_bpe_tokens):
+        raise ValueError(
+            f"the prior {args.init_from} models {ours.codebook_size} codes (+{ours.num_bpe_tokens} BPE ids), the tokens "
+            f"in {args.tokens} hold {theirs.codebook_size} (+{theirs.num_bpe_tokens}): other codebooks cannot be fine-tuned on"
+        )
+    if layout.tokens != tokens_layout.tokens:
+        raise ValueError(
+            f"the prior {args.init_from} models {layout.tokens.describe()}, the tokens in {args.tokens} are "
+            f"{tokens_layout.tokens.describe()}: tokenize at the prior's resolution"
+        )
+    known = set(ours.class_names)
+    added = [name for name in theirs.class_names if name not in known]
+    ids = replace(ours, class_names=(*ours.class_names, *added))
+    grown = replace(layout, ids=ids)
+    if added:
+        model.resize_token_embeddings(ids.vocab_size, mean_resizing=True)  # new class rows start at the mean
+        say(f"{args.init_from}: {len(added)} new classes appended after its {ours.num_classes}: {added[:8]}")
+    fingerprint = tokens_layout.provenance.fingerprint
+    if layout.provenance.fingerprint and fingerprint and fingerprint != layout.provenance.fingerprint:
+        logger.warning("the tokens were made by another tokenizer than the one %s was trained on", args.init_from)
+    grown = replace(grown, provenance=tokens_layout.provenance)  # the tokenizer that decodes what it learns now
+    label_map = [ids.class_index(name) for name in theirs.class_names] or None
+    return Sequences(rows, grown, bpe, label_map, model.train())
 
 
 def setup(args: PriorArgs, train: TrainConfig) -> PriorRun:
     accelerator = make_accelerator(train)
-    rows, layout, bpe = _sequences(args, say=accelerator.print)
-    model = build_prior(layout, args.model_type, args.size, **args.prior)
+    sequences = _sequences(args, say=accelerator.print)
+    rows, layout, bpe = sequences.rows, sequences.layout, sequences.bpe
+    model = sequences.model or build_prior(layout, args.model_type, args.size, **args.prior)
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the cache is for sampling; saved priors sample with it
@@ -135,7 +197,7 @@ def setup(args: PriorArgs, train: TrainConfig) -> PriorRun:
     if len(train_split) < train.batch_size * accelerator.num_processes:
         raise ValueError(f"{len(train_split)} training sequences cannot fill a batch of {train.batch_size}")
     sampler = EpochSampler(len(train_split), train.seed)
-    collate = TokenBatches(layout, bpe)
+    collate = TokenBatches(layout, bpe, sequences.label_map)
     loader = make_loader(train_split, train.batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
     optimizer = make_optimizer(model.parameters(), train)
     scheduler = make_scheduler(optimizer, train)
@@ -152,6 +214,7 @@ def setup(args: PriorArgs, train: TrainConfig) -> PriorRun:
         bpe=bpe,
         eval_split=rows["eval"],
         args=args,
+        label_map=sequences.label_map,
     )
     if accelerator.is_main_process and args.eval_samples:
         run.tokenizer = _sample_decoder(train.output_dir, layout, accelerator.device)
@@ -193,6 +256,7 @@ def evaluate_prior(
     rank: int = 0,
     world_size: int = 1,
     reduce=None,
+    label_map: list[int] | None = None,
 ) -> dict:
     """Held-out negative log-likelihood of the image tokens, in bits per token and per image.
 
@@ -201,7 +265,7 @@ def evaluate_prior(
     sharded model's collective forward passes line up."""
     was_training = model.training
     model.eval()
-    collate = TokenBatches(layout, bpe)
+    collate = TokenBatches(layout, bpe, label_map)
     rows = share(len(dataset), rank, world_size)
     longest = math.ceil(len(dataset) / world_size)
     batches = math.ceil(longest / batch_size)  # the longest share's batches, run on every process
@@ -238,6 +302,7 @@ def evaluate(run: PriorRun, step: int) -> dict:
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         reduce=lambda totals: accelerator.reduce(totals.to(accelerator.device), "sum").cpu(),
+        label_map=run.label_map,
     )
     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     if run.tokenizer is not None and accelerator.is_main_process and not run.sharded:
@@ -266,6 +331,8 @@ def summary(metrics: dict) -> str:
 def _save(run: PriorRun, prior, output: Path, state_dict: dict | None = None) -> dict:
     folder = output / "prior"
     setattr(prior.config, CONFIG_KEY, run.layout.saved_in(folder).to_dict())  # the tokenizer by a relative path
+    setattr(prior.config, IDS_KEY, run.layout.ids.special_ids())  # a fine-tuned prior may have grown classes
+    prior.generation_config = plain_generation_config(run.layout)
     prior.save_pretrained(folder, state_dict=state_dict)
     if run.bpe is not None:
         run.bpe.save(folder)  # the prior's ids mean nothing without it

@@ -35,6 +35,8 @@ from ..hub import PROVENANCE
 from ..losses import LossConfig, PerceptualLoss, TokenizerLoss, discriminator_accuracy
 from ..metrics import psnr
 from ..tokenizer import TokenizerConfig, VQTokenizer, load_preset
+from ..tokenizer import fingerprint as fingerprints
+from ..tokenizer.modeling import TRAINABLE_PARTS
 from .loop import EpochSampler, LoopHooks, Run, TrainData, begin_run, finish_run, log_image, run_loop, step_optimizer
 from .optim import NonFiniteStep, backward_and_check, make_accelerator, make_ema, make_optimizer, make_scheduler
 from .recipes import JSONDict, Share, TrainConfig, parse_recipe
@@ -51,6 +53,11 @@ class TokenizerModelArgs:
         default_factory=JSONDict, help="overrides of the preset's fields, JSON: '{\"channels\": 64}'"
     )
     init_from: str | None = HfArg(default=None, help="a trained tokenizer (folder or Hub id) to fine-tune instead")
+    train: str = HfArg(
+        default="encoder,quantizer,decoder",
+        help="the parts to train, comma-separated; `decoder` alone keeps every code's meaning (and every prior "
+        "trained on the codes) while the pixels improve",
+    )
     min_codebook_usage: float = HfArg(
         default=0.1, help="warn when held-out images use less than this share of the codes they could use"
     )
@@ -85,10 +92,27 @@ class DataArgs:
 
 
 def build_tokenizer(model: TokenizerModelArgs, data: DataArgs) -> VQTokenizer:
+    parts = {p.strip() for p in model.train.split(",") if p.strip()}
     if model.init_from:
-        return VQTokenizer.from_pretrained(model.init_from, resolution=data.resolution)
-    config = {**load_preset(model.preset), "resolution": data.resolution, **model.tokenizer}
-    return VQTokenizer(TokenizerConfig(**config))
+        tokenizer = VQTokenizer.from_pretrained(model.init_from, resolution=data.resolution)
+        if not parts & {"encoder", "quantizer"}:  # the codes keep their meaning: so does every prior trained on them
+            tokenizer.config.same_codes_as = _fingerprints_of(model.init_from, tokenizer)
+    else:
+        config = {**load_preset(model.preset), "resolution": data.resolution, **model.tokenizer}
+        tokenizer = VQTokenizer(TokenizerConfig(**config))
+    if parts != set(TRAINABLE_PARTS):
+        if not model.init_from:
+            raise ValueError(f"--train {model.train} fine-tunes a trained tokenizer: give it with --init_from DIR")
+        tokenizer.freeze(parts)
+    return tokenizer
+
+
+def _fingerprints_of(folder: str, tokenizer: VQTokenizer) -> list[str]:
+    """Every fingerprint a prior of the tokenizer in `folder` may have recorded: its own of either scheme (with
+    the config it was saved with: a fine-tune at another resolution is still its codes), and those it inherited."""
+    saved, state = TokenizerConfig.from_pretrained(folder), tokenizer.state_dict()
+    own = (fingerprints.code_fingerprint(saved, state), fingerprints.legacy_fingerprint(saved, state))
+    return list(dict.fromkeys([*own, *(saved.same_codes_as or [])]))
 
 
 def build_datasets(
@@ -171,7 +195,7 @@ def setup(
     rank, world = accelerator.process_index, accelerator.num_processes
     train_data, eval_data = build_datasets(data_args, train.seed, rank, world, say=accelerator.print)
     data = _training_loader(train_data, train, accelerator.num_processes)
-    optimizer = make_optimizer(tokenizer.parameters(), train)
+    optimizer = make_optimizer([p for p in tokenizer.parameters() if p.requires_grad], train)
     scheduler = make_scheduler(optimizer, train)
     tokenizer, optimizer, scheduler = accelerator.prepare(tokenizer, optimizer, scheduler)
     if data.sampler is not None:  # a stream is split among the processes already: accelerate must not shard it again
