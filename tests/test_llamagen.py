@@ -213,3 +213,24 @@ def test_bad_gpts_and_mismatched_tokenizers_are_refused_naming_both_sides(conver
         ValueError, match=r"models 12 x 12 codes \(24 px\), the tokenizer .* converted for 16 px \(8 x 8\)"
     ):
         convert(ConvertArgs(checkpoint=str(path), image_size=24, **base))
+
+
+def test_a_converted_gpt_fine_tunes_on_new_tokens_with_their_classes_appended(converted, tmp_path):
+    from vqar.training.encode_dataset import TokenizeArgs, tokenize_dataset
+    from vqar.training.recipes import TrainConfig, parse_recipe
+    from vqar.training.train_prior import PriorArgs, train_prior
+
+    root, _ = converted
+    tokens = tmp_path / "tokens"
+    tokenize_dataset(TokenizeArgs(tokenizer=str(root / "tokenizer"), data="digits", output=str(tokens), num_workers=0))
+    options = dict(tokens=tokens, init_from=root / "prior", output_dir=tmp_path / "tuned", max_steps=2, batch_size=8)
+    options |= dict(log_with="none", eval_every=0, save_every=0, eval_samples=0)
+    train_prior(*parse_recipe([f"--{k}={v}" for k, v in options.items()], (PriorArgs, TrainConfig)))
+
+    prior, layout = load_prior(str(tmp_path / "tuned" / "prior"))
+    _, base = load_prior(str(root / "prior"))
+    assert layout.ids.num_classes == 10 and layout.ids.class_names[: base.ids.num_classes] == base.ids.class_names
+    assert layout.begin_of_image == base.begin_of_image  # LlamaGen's sequences stay LlamaGen's
+    prompts = build_prompts(layout, classes=["9", "0"])
+    ids = generate_ids(prior, layout, prompts, SamplingConfig(seed=0, cfg_scale=4.0))
+    assert ids.shape == (2, GRID, GRID) and int(ids.max()) < CODES
