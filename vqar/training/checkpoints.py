@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -196,18 +197,26 @@ def load_newest_readable(
             state, why = load_checkpoint(accelerator, path, ema), None
         except UNREADABLE as error:
             state, why = None, " ".join(str(error).split())
-        readable = torch.tensor(float(why is None), device=accelerator.device)
+        unreadable = torch.tensor(float(why is not None), device=accelerator.device)
         if accelerator.num_processes > 1:  # every process resumes from the same one
-            readable = accelerator.reduce(readable, "min")
-        if readable.item() == 1:
+            unreadable = accelerator.reduce(unreadable, "sum")  # accelerate reduces by sum, mean or max only
+        if unreadable.item() == 0:
             return path, state
-        first_reason = first_reason or f"the newest, {path}: {why or 'unreadable on another process'}"
-        accelerator.print(f"checkpoint {path} cannot be read ({why or 'on another process'}); trying the one before")
+        if accelerator.num_processes > 1:  # the main process says the reason whichever process met it
+            why = _first_reason(accelerator, why)
+        first_reason = first_reason or f"the newest, {path}: {why}"
+        accelerator.print(f"checkpoint {path} cannot be read ({why}); trying the one before")
     if found:
         raise ValueError(
             f"none of the {len(found)} checkpoints in {checkpoints_dir(output_dir)} can be read ({first_reason})"
         )
     return None
+
+
+def _first_reason(accelerator: Accelerator, why: str | None) -> str | None:
+    """The first process's reason a checkpoint is unreadable, so the main process can name it."""
+    reasons = gather_object([why])
+    return next((f"on process {rank}: {reason}" for rank, reason in enumerate(reasons) if reason), None)
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMA | None) -> TrainerState:
