@@ -98,12 +98,14 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, T
             loaded = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as error:  # truncated, damaged, or needs arbitrary objects
         raise _unreadable(path, error, trust_pickle) from error
-    for key in ("state_dict", "model"):
+    for key in ("state_dict", "model", "module"):  # Lightning, DDP, DeepSpeed (FSDP: the bare state dict)
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
             break
     if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
-        raise ValueError(f"checkpoint {path} holds no state dict of tensors (looked for `state_dict` and `model`)")
+        raise ValueError(
+            f"checkpoint {path} holds no state dict of tensors (looked for `state_dict`, `model` and `module`)"
+        )
     return loaded
 
 
