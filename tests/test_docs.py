@@ -24,3 +24,11 @@ def test_every_guide_page_is_in_the_navigation():
     nav = (REPO / "mkdocs.yml").read_text()
     pages = sorted(str(p.relative_to(REPO / "docs")) for p in (REPO / "docs").rglob("*.md"))
     assert [page for page in pages if page not in nav] == []
+
+
+def test_the_design_pages_rooms_name_every_module_of_the_package():
+    """docs/design.md's repository layout is kept in step with the package: a new module gets its line."""
+    rooms = (REPO / "docs" / "design.md").read_text().split("## Repository layout")[1].split("## ")[0]
+    named = set(re.findall(r"\b(\w+)\.py\b", rooms))
+    modules = {p.stem for p in (REPO / "vqar").rglob("*.py") if p.stem not in ("__init__", "__main__")}
+    assert sorted(modules - named) == []

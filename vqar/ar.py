@@ -55,14 +55,20 @@ class VocabLayout:
     tokens: TokenLayout
     provenance: TokenizerProvenance = field(default_factory=TokenizerProvenance)
     begin_of_image: bool = True  # False: `[condition, codes]`, as LlamaGen's priors read them
+    text_length: int = 0  # text priors: the most text ids of a prompt (`vqar.text`)
 
     def __post_init__(self):
         if self.ids.uses_bpe and self.tokens.prior_order != NEXT_TOKEN:
             raise ValueError(f"{self.tokens.kind} tokens have no grid and no visual BPE (merges would cross scales)")
+        if self.ids.uses_text and (self.ids.uses_bpe or not self.begin_of_image or self.text_length < 1):
+            raise ValueError(
+                "a text prior reads `[text ids] BOI [codes]`: it needs text_length >= 1 and takes no visual BPE, got "
+                f"text_length={self.text_length}, num_bpe_tokens={self.ids.num_bpe_tokens}"
+            )
 
     @property
     def codec(self) -> SequenceCodec:
-        return SequenceCodec(self.ids, self.tokens, self.begin_of_image)
+        return SequenceCodec(self.ids, self.tokens, self.begin_of_image, self.text_length)
 
     # -- the saved form (`vqar_vocab`) ------------------------------------------------------
 
@@ -79,15 +85,18 @@ class VocabLayout:
         tokenizer: str = "",
         tokenizer_fingerprint: str = "",
         begin_of_image: bool = True,
+        num_text_tokens: int = 0,
+        text_length: int = 0,
     ) -> VocabLayout:
         """A layout from the flat fields `vqar_vocab` holds (those of every vqar version)."""
         if codebook_size < 2 or tokens_per_image < 1:
             raise ValueError(f"bad layout: codebook_size={codebook_size}, tokens_per_image={tokens_per_image}")
         return cls(
-            IdSpace(codebook_size, num_bpe_tokens, tuple(class_names)),
+            IdSpace(codebook_size, num_bpe_tokens, tuple(class_names), num_text_tokens),
             TokenLayout.from_fields(tokens_per_image, grid, scales),
             TokenizerProvenance(tokenizer, tokenizer_fingerprint),
             begin_of_image,
+            text_length,
         )
 
     def to_dict(self) -> dict:
@@ -99,7 +108,11 @@ class VocabLayout:
             "tokenizer": self.provenance.tokenizer,
             "tokenizer_fingerprint": self.provenance.fingerprint,
         }
-        return fields if self.begin_of_image else fields | {"begin_of_image": False}  # older readers: always BOI
+        if not self.begin_of_image:
+            fields["begin_of_image"] = False  # written only when False: older readers assume BOI
+        if self.ids.uses_text:
+            fields |= {"num_text_tokens": self.ids.num_text_tokens, "text_length": self.text_length}
+        return fields
 
     @classmethod
     def from_model_config(cls, config) -> VocabLayout:
@@ -189,25 +202,43 @@ PRIOR_SIZES = {
 }
 
 
-def _next_token_loss(model, layout: VocabLayout, sequences: Tensor, reduction: str) -> Tensor:
-    targets = sequences.masked_fill(~layout.codec.modelled_ids(sequences), -100)
-    logits = model(input_ids=sequences).logits[:, :-1].float()
-    return F.cross_entropy(logits.transpose(1, 2), targets[:, 1:], ignore_index=-100, reduction=reduction)
+def _next_token_loss(model, layout: VocabLayout, sequences: Tensor, reduction: str, text_weight: float) -> Tensor:
+    modelled = layout.codec.modelled_ids(sequences)
+    targets = sequences.masked_fill(~modelled, -100)
+    mask, positions = layout.codec.attention_inputs(sequences)
+    logits = model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits[:, :-1].float()
+    loss = F.cross_entropy(logits.transpose(1, 2), targets[:, 1:], ignore_index=-100, reduction=reduction)
+    if text_weight:  # each caption's ids after its first, and BOI: the text is modelled too
+        text = ~modelled & (sequences != layout.ids.pad) & (mask.cumsum(1) > 1)
+        text_targets = sequences.masked_fill(~text, -100)[:, 1:]
+        loss = loss + text_weight * F.cross_entropy(
+            logits.transpose(1, 2), text_targets, ignore_index=-100, reduction=reduction
+        )
+    return loss
 
 
-def _next_scale_loss(model, layout: VocabLayout, sequences: Tensor, reduction: str) -> Tensor:
-    codes = sequences[:, layout.codec.prompt_length :]
-    logits = next_scale_logits(model, list(layout.tokens.scales), layout.ids.boi, sequences[:, 0], codes).float()
+def _next_scale_loss(model, layout: VocabLayout, sequences: Tensor, reduction: str, text_weight: float) -> Tensor:
+    if text_weight:
+        raise ValueError("a next-scale prior models the image only: text_loss_weight must be 0")
+    prompt = sequences.shape[1] - layout.tokens.tokens_per_image
+    codes = sequences[:, prompt:]
+    conditions, pad = (sequences[:, :prompt], layout.ids.pad) if layout.ids.uses_text else (sequences[:, 0], None)
+    logits = next_scale_logits(model, list(layout.tokens.scales), layout.ids.boi, conditions, codes, pad).float()
     return F.cross_entropy(logits.transpose(1, 2), codes, reduction=reduction)
 
 
 PRIOR_LOSSES = {NEXT_TOKEN: _next_token_loss, NEXT_SCALE: _next_scale_loss}  # by `TokenLayout.prior_order`
 
 
-def prior_loss(model, layout: VocabLayout, sequences: Tensor, reduction: str = "mean") -> Tensor:
+def prior_loss(
+    model, layout: VocabLayout, sequences: Tensor, reduction: str = "mean", text_weight: float = 0.0
+) -> Tensor:
     """Cross-entropy in nats of the image ids (and EOI, with BPE) of sequences [B, S] from
-    `layout.codec.to_sequence`: token by token (raster), or each scale given the coarser ones (multiscale)."""
-    return PRIOR_LOSSES[layout.tokens.prior_order](model, layout, sequences, reduction)
+    `layout.codec.to_sequence`: token by token (raster), or each scale given the coarser ones (multiscale).
+    A text prior's `text_weight` adds the captions' own cross-entropy, so weighted."""
+    if text_weight and not layout.ids.uses_text:
+        raise ValueError("text_loss_weight is for text priors; this one has no text")
+    return PRIOR_LOSSES[layout.tokens.prior_order](model, layout, sequences, reduction, text_weight)
 
 
 @torch.inference_mode()
@@ -264,6 +295,50 @@ def plain_generation_config(layout: VocabLayout) -> GenerationConfig:
         eos_token_id=ids.eoi,
         pad_token_id=ids.pad,
     )
+
+
+def from_language_model(name: str, layout: VocabLayout, max_text_tokens: int):
+    """A text prior started from a causal language model (folder or Hub id) and its fast tokenizer, as
+    Liquid and Lumina-mGPT start theirs: the model's vocabulary becomes the prior's text range (its
+    embedding rows moved there, from `ids.first_text`), and the image codes and specials are new rows
+    before it, drawn around the mean of the model's own. -> (model, TextTokenizer, the text layout)."""
+    from transformers import AutoTokenizer
+
+    from .text import TextTokenizer, text_vocab_size
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{name} has no fast tokenizer (tokenizer.json): its ids cannot be moved into the prior's")
+    raw = tokenizer.backend_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(name)
+    rows = model.get_input_embeddings().weight.shape[0]
+    ids = replace(layout.ids, class_names=(), num_text_tokens=max(rows, text_vocab_size(raw)))
+    text = TextTokenizer.from_backend(raw, ids, max_text_tokens)
+    grown = replace(layout, ids=ids, text_length=text.text_length)
+    if getattr(model.config, "max_position_embeddings", grown.codec.sequence_length) < grown.codec.sequence_length:
+        raise ValueError(
+            f"{name} reads at most {model.config.max_position_embeddings} positions; a prompt and an image take "
+            f"{grown.codec.sequence_length}: lower --max_text_tokens or use another model"
+        )
+    model.resize_token_embeddings(ids.vocab_size, mean_resizing=False)
+    embeddings, output = model.get_input_embeddings().weight, model.get_output_embeddings()
+    _move_rows(embeddings, rows, ids.first_text)
+    if output is not None and output.weight is not embeddings:
+        _move_rows(output.weight, rows, ids.first_text)
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = ids.boi, ids.eoi, ids.pad
+    setattr(model.config, CONFIG_KEY, grown.to_dict())
+    setattr(model.config, IDS_KEY, ids.special_ids())
+    model.generation_config = plain_generation_config(grown)
+    return model, text, grown
+
+
+@torch.no_grad()
+def _move_rows(weight: Tensor, rows: int, first: int) -> None:
+    """A grown embedding [V, d] whose first `rows` rows are a language model's: move them to start at
+    `first`; every other row is drawn from a normal around their mean, with their spread."""
+    theirs = weight[:rows].clone()
+    weight.copy_(theirs.mean(0) + theirs.std() * torch.randn_like(weight))
+    weight[first : first + rows] = theirs
 
 
 def load_prior(path: str, **kwargs) -> tuple[PreTrainedModel, VocabLayout]:

@@ -7,6 +7,10 @@
   `ImageFolder` and `datasets`' imagefolder read them;
 - a folder written by `datasets`' `save_to_disk` (a Dataset, or a DatasetDict and `split`);
 - a parquet file, or a glob of them;
+- `shapes`: 6,000 captioned 32 px images of coloured shapes (`vqar.shapes`, drawn offline);
+- webdataset tar shards, a glob or a brace range (`shards/{000000..000099}.tar`): `KEY.jpg|png|webp`
+  with `KEY.cls` (an integer label) or `KEY.json` (its `label`, `caption`/`text`/`prompt`), and
+  `KEY.txt` (the caption), as 1d-tokenizer and the Infinity forks feed their training;
 - anything else that does not look like a path is a Hugging Face Hub dataset id. A path that
   does not exist is an error naming it; the Hub is never asked about it.
 
@@ -21,9 +25,12 @@ from __future__ import annotations
 import glob
 import importlib
 import io
+import json
 import logging
 import numbers
 import os
+import re
+import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +53,9 @@ PHOTO_NAMES = (
     "motorcycle",
 )
 IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+SOURCE_HELP = "digits | photos | shapes | image folder | *.parquet | *.tar shards | saved dataset | Hub id"
 
 
 class UnreadableImage(ValueError):
@@ -88,7 +98,13 @@ def _photos() -> datasets.Dataset:
     return datasets.Dataset.from_dict({"image": images, "name": list(PHOTO_NAMES)}, features=features)
 
 
-BUNDLED_SOURCES = {"digits": _digits, "photos": _photos}
+def _shapes() -> datasets.Dataset:
+    from .shapes import shapes_dataset  # drawn on first use: 6,000 images in about ten seconds
+
+    return shapes_dataset()
+
+
+BUNDLED_SOURCES = {"digits": _digits, "photos": _photos, "shapes": _shapes}
 
 
 STREAM_SHARDS = 64  # a local source streams as this many shards: enough to divide among processes and workers
@@ -114,19 +130,143 @@ def _image_folder(root: Path) -> datasets.Dataset:
 
 
 def _read_metadata(path: Path) -> list[dict]:
-    """The rows of one metadata file (csv, jsonl or parquet), with types inferred as `datasets` does."""
+    """The rows of one metadata file (csv, jsonl or parquet), with types inferred as `datasets` does.
+    Bytes that are not UTF-8 in a csv or jsonl file become U+FFFD, counted in a warning."""
     import pyarrow.csv
     import pyarrow.json
     import pyarrow.parquet
 
     readers = {".csv": pyarrow.csv.read_csv, ".jsonl": pyarrow.json.read_json, ".parquet": pyarrow.parquet.read_table}
     try:
-        table = readers[path.suffix](str(path))
+        table = readers[path.suffix](str(path) if path.suffix == ".parquet" else _as_utf8(path))
     except Exception as error:  # a malformed file: say which
         raise ValueError(f"cannot read the metadata file {path}: {type(error).__name__}: {error}") from error
     if "file_name" not in table.column_names:
         raise ValueError(f"metadata file {path} has no `file_name` column (the image's path relative to it)")
     return table.to_pylist()
+
+
+def _as_utf8(path: Path) -> io.BytesIO:
+    """A text file's bytes as valid UTF-8, whatever it held."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if replaced:
+        logger.warning("%s: %d byte sequence(s) that are not UTF-8 read as U+FFFD", path, replaced)
+    return io.BytesIO(text.encode("utf-8"))
+
+
+# -- webdataset tar shards ------------------------------------------------------------------
+
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def _is_tar_source(source: str) -> bool:
+    return source.endswith(".tar") or (source.endswith("}") and ".tar{" in source)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a/{000..002}.tar` -> a/000.tar, a/001.tar, a/002.tar (zero padding kept); `{x,y}` lists too."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    numbers_range = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numbers_range:
+        first, last = numbers_range.groups()
+        choices = [str(i).zfill(len(first)) for i in range(int(first), int(last) + 1)]
+    else:
+        choices = body.split(",")
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+
+
+def tar_shards(source: str) -> list[str]:
+    """The shard files a tar source names (brace ranges and globs), sorted; an error when there are none."""
+    files = sorted({f for pattern in expand_braces(source) for f in glob.glob(os.path.expanduser(pattern))})
+    if not files:
+        raise FileNotFoundError(f"no tar shards match {source!r} (braces such as {{000..099}} and globs are expanded)")
+    return files
+
+
+def _tar_examples(shards: list[str], stamps: list[str] | None = None):
+    """Examples {"image": {"bytes", "path"}, "label", "caption"} of webdataset shards, in order: the
+    files of one example are consecutive members sharing the key (the name up to its first dot).
+    `stamps` (each shard's size and time) is unused here: it makes `datasets`' cache key follow the
+    shards' content, so that a rewritten shard is read again."""
+    for shard in shards:
+        try:
+            with tarfile.open(shard) as tar:
+                key, parts = None, {}
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, _, name = member.name.rpartition("/")
+                    stem, _, extension = name.partition(".")
+                    if (folder, stem) != key and parts:
+                        yield _tar_example(shard, key, parts)
+                        parts = {}
+                    key = (folder, stem)
+                    parts[extension.lower()] = tar.extractfile(member).read()
+                if parts:
+                    yield _tar_example(shard, key, parts)
+        except tarfile.TarError as error:
+            raise ValueError(f"{shard} is not a readable tar shard: {error}") from error
+
+
+def _tar_example(shard: str, key: tuple[str, str], parts: dict[str, bytes]) -> dict:
+    name = "/".join(filter(None, key))
+    extension = next((e for e in TAR_IMAGE_EXTENSIONS if e in parts), None)
+    meta = _json_part(parts.get("json"), shard, name)
+    label = parts["cls"].decode("utf-8", errors="replace").strip() if "cls" in parts else meta.get("label")
+    caption = parts.get("txt")
+    caption = caption.decode("utf-8", errors="replace") if caption is not None else None
+    caption = caption or next((meta[c] for c in CAPTION_COLUMNS if isinstance(meta.get(c), str)), None)
+    return {
+        "image": {"bytes": parts.get(extension), "path": f"{shard}:{name}.{extension or '(no image file)'}"},
+        "label": int(label) if isinstance(label, int) or (isinstance(label, str) and label.isdigit()) else -1,
+        "caption": caption,
+    }
+
+
+def _json_part(raw: bytes | None, shard: str, name: str) -> dict:
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError:
+        logger.warning("%s: %s.json is not JSON; its label and caption are ignored", shard, name)
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _webdataset(source: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
+    """Tar shards as a dataset (written to `datasets`' cache once) or a stream with one shard per file;
+    the label and caption columns are kept only when the first example has them."""
+    shards = tar_shards(source)
+    first = next(_tar_examples(shards[:1]), None)
+    if first is None:
+        raise ValueError(f"the tar shard {shards[0]} holds no files")
+    if first["image"]["bytes"] is None:
+        raise ValueError(
+            f"the first example of {shards[0]} has no image (expected KEY.{'|'.join(TAR_IMAGE_EXTENSIONS)})"
+        )
+    features = {
+        "image": datasets.Image(decode=False),
+        "label": datasets.Value("int64"),
+        "caption": datasets.Value("string"),
+    }
+    build = datasets.IterableDataset.from_generator if streaming else datasets.Dataset.from_generator
+    stamps = [f"{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in shards]
+    dataset = build(
+        _tar_examples, gen_kwargs={"shards": shards, "stamps": stamps}, features=datasets.Features(features)
+    )
+    dropped = [c for c, present in (("label", first["label"] >= 0), ("caption", first["caption"])) if not present]
+    dataset = dataset.remove_columns(dropped) if dropped else dataset
+    if "label" in dataset.column_names and isinstance(dataset, datasets.Dataset):  # class ids as classes, as digits has
+        names = [str(i) for i in range(max(dataset["label"]) + 1)]
+        dataset = dataset.cast_column("label", datasets.ClassLabel(names=names))
+    return dataset
 
 
 def _with_metadata(root: Path, paths: list[Path], metadata: list[Path]) -> datasets.Dataset:
@@ -220,6 +360,8 @@ def load_source(
     elif os.path.isdir(source):
         root = Path(source)
         dataset = _saved_dataset(root, split) if _is_saved_dataset(root) else _image_folder(root)
+    elif _is_tar_source(source):
+        dataset = _webdataset(source, streaming)
     elif source.endswith(".parquet"):
         files = sorted(glob.glob(source))
         if not files:
@@ -294,7 +436,7 @@ def describe_source(dataset, name: str) -> str:
         counts = np.bincount(np.asarray(dataset["label"], dtype=np.int64).clip(0), minlength=len(names))
         shown = ", ".join(f"{n}: {c:,}" for n, c in zip(names[:12], counts[:12]))
         line += f", {len(names)} classes ({shown}{', ...' if len(names) > 12 else ''})"
-    else:
+    elif "caption" not in dataset.column_names:
         line += ", no class labels (a `label` column, class subfolders or metadata labels give them)"
     if "caption" in dataset.column_names:
         captions = sum(bool(c and str(c).strip()) for c in dataset["caption"])

@@ -32,7 +32,16 @@ from tqdm.auto import tqdm
 from transformers.hf_argparser import HfArg
 
 from .codecs import CODEC_FORMATS, CodecAtRate
-from .data import ImageDataset, collate_images, image_grid, load_source, make_loader, report_unreadable, split_holdout
+from .data import (
+    SOURCE_HELP,
+    ImageDataset,
+    collate_images,
+    image_grid,
+    load_source,
+    make_loader,
+    report_unreadable,
+    split_holdout,
+)
 from .devices import resolve_device, resolve_dtype
 from .fid import FeatureStats, InceptionFeatures, fid
 from .losses import PerceptualLoss, lpips_missing_reason
@@ -174,7 +183,7 @@ class EvaluateArgs:
     """The rate-distortion-modelability report of a tokenizer (and its prior)."""
 
     tokenizer: str = HfArg(help="a trained tokenizer: folder or Hub id")
-    data: str = HfArg(default="photos", help="digits | photos | image folder | *.parquet | saved dataset | Hub id")
+    data: str = HfArg(default="photos", help=SOURCE_HELP)
     output: str = HfArg(default="outputs/evaluate", help="folder for report.json, report.md and samples.png")
     prior: str | None = HfArg(default=None, help="a prior trained on this tokenizer: adds its bits per image")
     allow_other_tokenizer: bool = HfArg(default=False, help="evaluate the prior with a tokenizer it was not trained on")
@@ -190,6 +199,10 @@ class EvaluateArgs:
     num_workers: int = HfArg(default=2, help="DataLoader processes decoding images while the tokenizer runs")
     device: str | None = HfArg(default=None, help="cpu, cuda, cuda:N, mps (default: the best present)")
     dtype: str = HfArg(default="fp32", help="fp32, bf16 or fp16 (GPU) for the tokenizer; the quantizer stays fp32")
+    prompt_images: int = HfArg(
+        default=96, help="a text prior on --data shapes: images per CFG scale for seen and for held-out prompts"
+    )
+    prompt_cfg_scales: str = HfArg(default="0,1,2,4", help="CFG scales of the prompt-following score (0: unprompted)")
 
 
 class PriorRate:
@@ -307,8 +320,40 @@ def evaluate_tokenizer(args: EvaluateArgs) -> dict:
                 codec.add(pixels)
         report |= {f"{name}_at_prior_rate": codec.summary() for name, codec in at_prior.items()}
     report |= {"images": measured.images, "resolution": resolution, "tokenizer": args.tokenizer, "data": args.data}
+    if rate is not None and rate.layout.ids.uses_text:
+        report |= _prompt_following(args, rate, tokenizer)
     _write(Path(args.output), report, measured.originals, measured.reconstructions, codecs["jpeg"].samples())
     return report
+
+
+def _prompt_following(args: EvaluateArgs, rate: PriorRate, tokenizer) -> dict:
+    """A text prior's prompt-following score on `shapes` (`vqar.shapes.prompt_following`), or why there is none."""
+    if args.data != "shapes":
+        return {"prompt_following_missing_reason": "prompt following is scored on --data shapes (its detector)"}
+    from .shapes import prompt_following
+    from .text import load_text_tokenizer
+
+    try:
+        scales = tuple(float(s) for s in args.prompt_cfg_scales.split(","))
+    except ValueError as error:
+        raise ValueError(
+            f"--prompt-cfg-scales takes numbers such as 0,1,2,4, got {args.prompt_cfg_scales!r}"
+        ) from error
+    text = load_text_tokenizer(args.prior, rate.layout)
+    rows = prompt_following(rate.prior, tokenizer, rate.layout, text, num_images=args.prompt_images, cfg_scales=scales)
+    return {"prompt_following": rows}
+
+
+def format_prompt_following(rows: list[dict]) -> str:
+    """The prompt-following rows as a Markdown table: accuracy per attribute by CFG scale, the ceiling, chance."""
+    from .shapes import ATTRIBUTES
+
+    lines = ["| prompts | CFG | " + " | ".join(ATTRIBUTES) + " | all four |", "|---" * (len(ATTRIBUTES) + 3) + "|"]
+    for row in rows:
+        scale = row.get("source") or f"{row['cfg_scale']:g}" + (" (unprompted)" if row["cfg_scale"] == 0 else "")
+        cells = " | ".join(f"{row[a]:.2f}" for a in (*ATTRIBUTES, "all"))
+        lines.append(f"| {row['combinations']} | {scale} | {cells} |")
+    return "\n".join(lines)
 
 
 def _pixels(dataset: ImageDataset, args: EvaluateArgs, what: str):
@@ -377,7 +422,8 @@ def format_table(report: dict) -> str:
 def _write(output: Path, report: dict, originals, reconstructions, jpeg) -> None:
     output.mkdir(parents=True, exist_ok=True)
     (output / "report.json").write_text(json.dumps(report, indent=2))
-    notes = [f"- {key}: {report[key]}" for key in ("lpips_missing_reason", "rfid_missing_reason") if key in report]
+    reasons = ("lpips_missing_reason", "rfid_missing_reason", "prompt_following_missing_reason")
+    notes = [f"- {key}: {report[key]}" for key in reasons if key in report]
     if "psnr_at_tokens" in report:
         notes.insert(
             0,
@@ -389,6 +435,8 @@ def _write(output: Path, report: dict, originals, reconstructions, jpeg) -> None
         f"{report['resolution']} px, tokenizer `{report['tokenizer']}`.\n\n{format_table(report)}\n\n"
         "Rows of samples.png: originals, reconstructions, JPEG at the matched rate.\n"
     )
+    if "prompt_following" in report:
+        text += "\n## Prompt following\n\n" + format_prompt_following(report["prompt_following"]) + "\n"
     (output / "report.md").write_text(text + ("\n" + "\n".join(notes) + "\n" if notes else ""))
     n = min(8, len(originals))
     image_grid([originals[:n], reconstructions[:n], jpeg[:n]]).save(output / "samples.png")

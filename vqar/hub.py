@@ -24,6 +24,7 @@ from .evaluation import format_table
 from .layouts import NEXT_SCALE, TokenLayout
 
 WEIGHT_FILES = ("config.json", "model.safetensors", "generation_config.json", "visual_bpe.json")
+TEXT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vqar_text.json")
 CARD_METRICS = ("psnr", "ssim", "lpips", "rfid", "bits_per_image", "codebook_usage", "prior_bits_per_image")
 PROVENANCE = "vqar_provenance.json"  # in a tokenizer folder: {"base_model": Hub id fine-tuned from, "source": ...}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -137,7 +138,9 @@ def prior_card(repo_id: str, tokenizer_repo: str, config: dict, metrics: dict, l
     tokens = TokenLayout.from_fields(layout["tokens_per_image"], layout.get("grid"), layout.get("scales"))
     results = [
         EvalResult(
-            task_type="class-conditional-image-generation"
+            task_type="text-to-image"
+            if ids.get("text")
+            else "class-conditional-image-generation"
             if config["vqar_vocab"]["class_names"]
             else "unconditional-image-generation",
             dataset_type="tokens",
@@ -150,6 +153,8 @@ def prior_card(repo_id: str, tokenizer_repo: str, config: dict, metrics: dict, l
         if metrics.get(name) is not None
     ]
     names = layout["class_names"]
+    if ids.get("text"):
+        return _text_prior_card(repo_id, tokenizer_repo, config, metrics, license, results, tokens)
     # the Hub has no class-conditional pipeline: only an unconditional prior takes that tag
     pipeline = None if names else "unconditional-image-generation"
     kind = "class-conditional-image-generation" if names else "unconditional-image-generation"
@@ -219,13 +224,68 @@ images = generate_images(prior, tokenizer, layout, build_prompts(layout, num_ima
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body).content
 
 
+def _text_prior_card(repo_id, tokenizer_repo, config, metrics, license, results, tokens) -> str:
+    """A text-to-image prior's card: the prompt through `AutoTokenizer`, the codes through `generate`."""
+    layout = config["vqar_vocab"]
+    tags = ["vqar", "image-generation", "text-to-image", "autoregressive", config.get("model_type", "llama")]
+    data = _metadata(repo_id, None, tags, license, results)
+    bits = f"{metrics['bits_per_image']:.4g}" if metrics.get("bits_per_image") is not None else "n/a"
+    shape = tokens.shape
+    reshape = f".reshape(1, {', '.join(map(str, shape))})" if len(shape) > 1 else ""
+    body = f"""
+# {repo_id}
+
+A text-to-image autoregressive prior over the tokens of the image tokenizer
+[{tokenizer_repo}](https://huggingface.co/{tokenizer_repo}): {layout["tokens_per_image"]} codes per image
+({tokens.describe()}) from a codebook of {layout["codebook_size"]}, trained with [vqar](https://github.com/vqar/vqar).
+Held-out: {bits} bits per image. One vocabulary holds the text tokens and the image codes: a sequence is
+`[caption's text ids, begin-of-image, codes]`, and the empty caption (begin-of-image alone) is the
+unconditional prompt of classifier-free guidance.
+
+![samples](samples.png)
+
+## With plain transformers (no vqar needed)
+
+```python
+import transformers
+tokenizer = transformers.AutoTokenizer.from_pretrained("{repo_id}")  # the prompt: text ids, then begin-of-image
+prior = transformers.AutoModelForCausalLM.from_pretrained("{repo_id}")
+inputs = tokenizer(["a red circle on the left"], return_tensors="pt", padding=True)
+codes = prior.generate(**inputs, guidance_scale=3.0)[:, inputs["input_ids"].shape[1]:]  # image codes only
+```
+
+`generation_config` suppresses every id that is not an image code and sets the number of new tokens.
+Guidance contrasts each prompt with its last id, begin-of-image: the empty caption. To steer away
+from a caption instead, pass `negative_prompt_ids=tokenizer(["blurry"], return_tensors="pt")["input_ids"]`.
+The codes decode to pixels with the tokenizer (vqar's):
+
+```python
+from vqar import VQTokenizer
+images = VQTokenizer.from_pretrained("{tokenizer_repo}").decode(codes{reshape})  # [1, 3, H, W] in [-1, 1]
+```
+
+## With vqar
+
+```python
+from vqar.ar import load_prior
+from vqar.generation import SamplingConfig, generate_images, load_tokenizer_for
+from vqar.text import load_text_tokenizer
+
+prior, layout = load_prior("{repo_id}")
+tokenizer, text = load_tokenizer_for("{repo_id}", layout), load_text_tokenizer("{repo_id}", layout)
+images = generate_images(prior, tokenizer, layout, ["a red circle on the left"], SamplingConfig(cfg_scale=3), text=text)
+```
+"""
+    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body).content
+
+
 def stage(model_dir: str | Path, card: str, output: str | Path, extra: tuple[Path, ...] = ()) -> Path:
     """Write the exact folder that would be uploaded: model files, README.md, extra files."""
     model_dir, output = Path(model_dir), Path(output)
     if not (model_dir / "model.safetensors").is_file():
         raise FileNotFoundError(f"{model_dir} holds no model.safetensors; give a folder written by save_pretrained")
     output.mkdir(parents=True, exist_ok=True)
-    for name in WEIGHT_FILES:
+    for name in WEIGHT_FILES + TEXT_TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, output / name)
     for path in extra:

@@ -21,6 +21,10 @@ and top-p — so they differ only in speed:
 Classifier-free guidance (Ho & Salimans 2022) runs batched in all three: conditional and
 unconditional rows in one batch, one forward pass per step, both taking the same token.
 
+A text prior's prompts are left-padded to the longest (`vqar.text`): every loop passes the rows'
+attention mask (pads unseen) and position ids (pads uncounted), so a prompt samples the same
+image alone or beside longer ones, and a batch of mixed lengths is one batch.
+
 A next-scale prior over multiscale tokens (VAR) has a loop of its own, `decode_next_scale`: one
 forward pass per scale, the KV cache holding the coarser scales, every token of a scale sampled
 at once from the same transformed distribution.
@@ -42,7 +46,8 @@ from transformers.hf_argparser import HfArg
 from .ar import VocabLayout
 from .bpe import VisualBPE
 from .layouts import NEXT_SCALE, NEXT_TOKEN
-from .next_scale import as_attention_mask, block_causal_mask, next_scale_inputs, scale_boundaries
+from .next_scale import as_attention_mask, block_causal_mask, next_scale_inputs, scale_boundaries, without_pads
+from .sequences import padded_attention
 
 
 @dataclass
@@ -177,14 +182,44 @@ class ImageTokenSampler(LogitsProcessor):
 # -- the loops ----------------------------------------------------------------------------------
 
 
+@dataclass
+class PromptPadding:
+    """The left pads of a batch of prompt rows [R, P] and what they imply for the positions after
+    them: an attention mask over the whole sequence, and each position's id (pads uncounted).
+    `None` from `of` for priors whose prompts have no pads (class and unconditional priors)."""
+
+    pads: Tensor  # [R] pads before each row's prompt
+    keep: Tensor  # [R, P] bool: the prompt's counted ids
+
+    @classmethod
+    def of(cls, batch: Tensor, layout: VocabLayout) -> PromptPadding | None:
+        if not layout.ids.uses_text:
+            return None
+        keep = batch != layout.ids.pad
+        return cls((~keep).sum(1), keep)
+
+    def mask(self, length: int) -> Tensor:
+        """The attention mask [R, length] of the prompt and `length - P` positions after it (all counted)."""
+        rows, prompt = self.keep.shape
+        after = torch.ones(rows, length - prompt, dtype=torch.long, device=self.keep.device)
+        return torch.cat([self.keep.long(), after], dim=1)
+
+    def positions(self, start: int, stop: int) -> Tensor:
+        """Position ids [R, stop - start] of absolute sequence indices [start, stop)."""
+        index = torch.arange(start, stop, device=self.keep.device)[None] - self.pads[:, None]
+        return index.clamp_min(0)
+
+
 def decode_with_generate(
     prior: PreTrainedModel, batch: Tensor, new_tokens: int, picker: TokenPicker, use_cache: bool = True
 ) -> Tensor:
-    """The reference: transformers' generate() with the picker as its one logits processor."""
+    """The reference: transformers' generate() with the picker as its one logits processor (it takes
+    the positions of left-padded prompts from their attention mask itself)."""
     layout, budget = picker.layout, picker.budget
+    padding = PromptPadding.of(batch, layout)
     return prior.generate(
         input_ids=batch,
-        attention_mask=torch.ones_like(batch),
+        attention_mask=padding.mask(batch.shape[1]) if padding is not None else torch.ones_like(batch),
         max_new_tokens=new_tokens,
         min_new_tokens=0 if budget else new_tokens,
         do_sample=False,
@@ -206,20 +241,37 @@ def decode_static(prior: PreTrainedModel, batch: Tensor, new_tokens: int, picker
         (len(batch), prompt + new_tokens), picker.layout.ids.pad, dtype=torch.long, device=batch.device
     )
     sequences[:, :prompt] = batch
-    logits = _last_logits(prior, batch, cache)
+    padding = PromptPadding.of(batch, picker.layout)
+    mask = padding.mask(prompt + new_tokens) if padding is not None else None  # one shape for every step
+    logits = _last_logits(prior, batch, cache, mask, padding.positions(0, prompt) if padding is not None else None)
     for position in range(prompt, prompt + new_tokens):
         token = picker.pick(logits, sequences[:, :position])
         sequences[:, position] = token
         if picker.budget is not None and position % 8 == 0 and (sequences == picker.layout.ids.eoi).any(1).all():
             return _pad_after_end(sequences[:, : position + 1], picker.layout)  # a sync every 8 steps, not each
         if position + 1 < prompt + new_tokens:
-            logits = step(token[:, None], cache)
+            positions = padding.positions(position, position + 1) if padding is not None else None
+            logits = step(token[:, None], cache, mask, positions)
     return _pad_after_end(sequences, picker.layout) if picker.budget is not None else sequences
 
 
-def _last_logits(prior: PreTrainedModel, input_ids: Tensor, cache: StaticCache) -> Tensor:
-    """[R, T] ids after the cache -> the logits of the last position [R, V]."""
-    return prior(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+def _last_logits(
+    prior: PreTrainedModel,
+    input_ids: Tensor,
+    cache: StaticCache,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+) -> Tensor:
+    """[R, T] ids after the cache -> the logits of the last position [R, V] (a text prior's padded
+    prompts: with their mask over the whole cache and their position ids)."""
+    return prior(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
 
 
 def _pad_after_end(sequences: Tensor, layout: VocabLayout) -> Tensor:
@@ -272,11 +324,11 @@ def _step_function(prior: PreTrainedModel, compile: bool):
         _COMPILED[prior] = _CompiledStep(torch.compile(eager, dynamic=False))
     compiled = _COMPILED[prior]
 
-    def step(token: Tensor, cache: StaticCache) -> Tensor:
+    def step(token: Tensor, cache: StaticCache, mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
         if compiled.step is not None:
             length = int(cache.get_seq_length())
             try:
-                return compiled.step(token, cache)
+                return compiled.step(token, cache, mask, positions)
             except Exception as error:  # no compiler, an unsupported op: sample eagerly
                 warnings.warn(
                     f"torch.compile is unavailable here ({type(error).__name__}: {error}); sampling eagerly",
@@ -284,7 +336,7 @@ def _step_function(prior: PreTrainedModel, compile: bool):
                 )
                 compiled.step = None
                 cache.crop(-(int(cache.get_seq_length()) - length))  # undo a half-done update, if any
-        return eager(token, cache)
+        return eager(token, cache, mask, positions)
 
     return step
 
@@ -296,15 +348,22 @@ def decode_next_scale(prior: PreTrainedModel, batch: Tensor, picker: TokenPicker
     upsampled) and samples all its tokens; without the cache each pass re-reads the whole sequence."""
     layout, rows = picker.layout, len(batch)
     scales, prompt_length = list(layout.tokens.scales), layout.codec.prompt_length
+    if layout.ids.uses_text:  # the caption's block ends with BOI, left-padded to the batch's longest
+        prompt_length = int((batch[0] == layout.ids.boi).nonzero().max()) + 1
     ends = scale_boundaries(scales)
-    conditions, codes = batch[:, 0], batch[:, prompt_length:]
+    conditions, codes = batch[:, :prompt_length] if layout.ids.uses_text else batch[:, 0], batch[:, prompt_length:]
+    condition = prompt_length if layout.ids.uses_text else 1  # ids of the condition block
     cache = DynamicCache(config=prior.config) if use_cache else None
     fed = 0  # input positions the cache holds
     for k in range(ends.index(codes.shape[1]), len(scales)):
-        inputs = next_scale_inputs(scales, layout.ids.boi, conditions, codes)  # [R, 1 + ends[k + 1]]
+        inputs = next_scale_inputs(scales, layout.ids.boi, conditions, codes)  # [R, condition + ends[k + 1]]
         new = slice(fed if use_cache else 0, inputs.shape[1])
-        mask = as_attention_mask(prior, block_causal_mask(scales, batch.device, new), rows)
+        allowed = block_causal_mask(scales, batch.device, new, condition)
         positions = torch.arange(new.start, new.stop, device=batch.device)[None].expand(rows, -1)
+        if layout.ids.uses_text:
+            keep = inputs != layout.ids.pad
+            allowed, positions = without_pads(allowed, keep, new), padded_attention(keep)[1][:, new]
+        mask = as_attention_mask(prior, allowed, rows)
         logits = prior(
             input_ids=inputs[:, new],
             attention_mask=mask,
@@ -344,13 +403,20 @@ def decode_jacobi(
     prompt, end = batch.shape[1], batch.shape[1] + new_tokens
     window_size = picker.sampling.jacobi_window
     cache = StaticCache(config=prior.config, max_cache_len=end + window_size)
+    padding = PromptPadding.of(batch, picker.layout)
+    mask = padding.mask(end + window_size) if padding is not None else None
+
+    def forward(ids: Tensor, start: int):  # ids at sequence indices [start, start + n)
+        positions = padding.positions(start, start + ids.shape[1]) if padding is not None else None
+        return prior(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+
     if prompt > 1:
-        prior(input_ids=batch[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
+        forward(batch[:, :-1], 0)
     window = _JacobiWindow(picker, len(batch) // (2 if picker.sampling.uses_cfg else 1), batch.device)
     pieces, known = [batch], prompt
     while known < end:
         drafts = window.drafts(min(window_size - 1, end - known))
-        logits = prior(input_ids=torch.cat([pieces[-1][:, -1:], drafts], dim=1), cache=cache, use_cache=True).logits
+        logits = forward(torch.cat([pieces[-1][:, -1:], drafts], dim=1), known - 1).logits
         stats.forward_passes += 1
         accepted = window.verify(logits)  # [R, kept + 1]
         cache.crop(-(drafts.shape[1] + 1 - accepted.shape[1]))  # forget the states of rejected drafts

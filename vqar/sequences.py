@@ -1,7 +1,11 @@
 """The sequence codec: how a condition and an image's ids become one sequence of the prior, and back.
 
 A sequence is `[condition, BOI, image ids]` (DESIGN.md): the condition a class token or the null
-class, then begin-of-image, then the image's ids in the token layout's order. A prior converted from
+class, then begin-of-image, then the image's ids in the token layout's order. A text-conditional
+prior's condition is a caption's text ids instead, of any length up to `text_length`: sequences of a
+batch are left-padded with the pad id, which attention skips and positions do not count
+(`attention_inputs`), so a prompt reads the same alone or in a batch; the empty caption (only BOI
+left) is the unconditional prompt. A prior converted from
 LlamaGen has no begin-of-image (`begin_of_image=False`): its class position predicts the first code. Raster priors model
 it token by token; with visual BPE the image's ids vary in number, so the sequence ends with EOI
 and is padded to `sequence_length`. A next-scale prior (multiscale tokens) reads the same
@@ -26,11 +30,12 @@ class SequenceCodec:
     ids: IdSpace
     tokens: TokenLayout
     begin_of_image: bool = True  # a BOI id between the condition and the image (LlamaGen's priors have none)
+    text_length: int = 0  # text priors: the most text ids a prompt holds (captions are cut to it)
 
     @property
     def prompt_length(self) -> int:
-        """Ids before the image's: the condition and BOI."""
-        return 1 + int(self.begin_of_image)
+        """Ids before the image's: the condition (a class, or at most `text_length` text ids) and BOI."""
+        return (self.text_length if self.ids.uses_text else 1) + int(self.begin_of_image)
 
     @property
     def sequence_length(self) -> int:
@@ -58,6 +63,10 @@ class SequenceCodec:
         `condition, BOI, ids, EOI` padded with the pad id.
         """
         ids = self.tokens.flatten(image_ids).long()
+        if self.ids.uses_text:  # a text prior's unconditional sequence: the empty caption, BOI alone
+            if labels is not None:
+                raise ValueError("a text prior is conditioned on captions, not labels: use text_sequence")
+            return self.text_sequence(torch.full((ids.shape[0], 1), self.ids.boi, device=ids.device), ids)
         prompt = self.prompt(self.conditions(labels, ids.shape[0]).to(ids.device))
         if not self.ids.uses_bpe:
             self.ids.check_image_ids(ids)
@@ -84,13 +93,39 @@ class SequenceCodec:
             images = images.masked_fill(ended | (images == self.ids.pad), -1)
             self.ids.check_image_ids(images[images >= 0])
             return sequences[:, 0], images
+        if self.ids.uses_text:  # a left-padded text prompt of any length, then the image
+            images = sequences[:, -self.tokens.tokens_per_image :]
+            self.ids.check_image_ids(images)
+            return sequences[:, : -self.tokens.tokens_per_image], self.tokens.unflatten(images)
         if images.shape[1] != self.tokens.tokens_per_image:
             raise ValueError(f"sequences must be [B, {self.sequence_length}], got {tuple(sequences.shape)}")
         self.ids.check_image_ids(images)
         return sequences[:, 0], self.tokens.unflatten(images)
 
+    def text_sequence(self, prompts: Tensor, image_ids: Tensor) -> Tensor:
+        """Text prompts [B, P] (left-padded, ending with BOI: `vqar.text.TextTokenizer.prompts`) and image
+        ids [B, N] or [B, *shape] -> sequences [B, P + N]."""
+        ids = self.tokens.flatten(image_ids).long()
+        self.ids.check_image_ids(ids)
+        return torch.cat([prompts.to(ids.device), ids], dim=1)
+
     def modelled_ids(self, sequences: Tensor) -> Tensor:
         """Bool [B, S]: the positions whose ids the prior predicts (the image's, and EOI with BPE)."""
         modelled = sequences != self.ids.pad
-        modelled[:, : self.prompt_length] = False
+        prompt = sequences.shape[1] - self.tokens.tokens_per_image if self.ids.uses_text else self.prompt_length
+        modelled[:, :prompt] = False
         return modelled
+
+    def attention_inputs(self, sequences: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """(attention mask [B, S], position ids [B, S]) for sequences with a left-padded text prompt: the
+        pads are not attended to and not counted; (None, None) for every other prior (nothing to skip)."""
+        if not self.ids.uses_text:
+            return None, None
+        return padded_attention(sequences != self.ids.pad)
+
+
+def padded_attention(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """A bool [B, S] of the ids that count (left pads excluded) -> (attention mask [B, S] long, position
+    ids [B, S]): each id's position is the number of counted ids before it."""
+    mask = keep.long()
+    return mask, (mask.cumsum(1) - 1).clamp_min(0)

@@ -217,9 +217,17 @@ class TokenRows(torch.utils.data.Dataset):
         codes, labels = self.codes(indices), self.labels[indices]
         rows = [{"tokens": torch.from_numpy(c), "label": int(label)} for c, label in zip(codes, labels)]
         if self.captions is not None:
-            for row, i in zip(rows, indices):
-                row["caption"] = self.captions[i].as_py() or ""
+            for row, caption in zip(rows, self.captions.take(np.asarray(indices, dtype=np.int64)).to_pylist()):
+                row["caption"] = caption or ""
         return rows
+
+    def caption_list(self, limit: int | None = None) -> list[str]:
+        """The first `limit` captions (all by default; "" where a row has none): what a text tokenizer learns
+        from. Empty without captions."""
+        if self.captions is None:
+            return []
+        captions = self.captions if limit is None else self.captions.slice(0, limit)
+        return [c or "" for c in captions.to_pylist()]
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]

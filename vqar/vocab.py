@@ -3,7 +3,9 @@
     [0, K)              image codes of the tokenizer (K = codebook size)
     [K, K+M)            visual-BPE merged tokens (M = 0 without BPE)
     K+M .. K+M+3        begin-of-image, end-of-image, pad, null class (the CFG "no class")
-    K+M+4 ..            the conditions: one token per class
+    K+M+4 ..            the conditions: one token per class (C classes)
+    K+M+4+C ..          the text tokens of a text-conditional prior (T of them; its text tokenizer
+                        gives them, offset to here: `vqar.text`)
 
 `IdSpace` is the only owner of this arithmetic. How a condition and an image become a sequence of
 these ids is `vqar.sequences`; which tokenizer the codes come from is `vqar.provenance`.
@@ -23,7 +25,8 @@ NUM_SPECIALS = 4  # begin-of-image, end-of-image, pad, null class
 
 @dataclass(frozen=True)
 class IdSpace:
-    """The ids of a prior: codes, visual-BPE tokens, the four specials, then one token per class.
+    """The ids of a prior: codes, visual-BPE tokens, the four specials, one token per class, then the
+    text tokens (a prior takes classes or text, not both).
 
     >>> ids = IdSpace(codebook_size=125, class_names=("cat", "dog"))
     >>> ids.boi, ids.null_class, ids.class_token([1]).tolist(), ids.vocab_size
@@ -32,14 +35,19 @@ class IdSpace:
 
     codebook_size: int
     num_bpe_tokens: int = 0
-    class_names: tuple[str, ...] = ()  # empty: unconditional
+    class_names: tuple[str, ...] = ()  # empty: unconditional (or text-conditional)
+    num_text_tokens: int = 0  # > 0: a text-conditional prior
 
     def __post_init__(self):
         object.__setattr__(self, "class_names", tuple(self.class_names))
         if self.codebook_size < 2:
             raise ValueError(f"bad layout: codebook_size={self.codebook_size} (at least 2 codes)")
-        if self.num_bpe_tokens < 0:
-            raise ValueError(f"num_bpe_tokens must be >= 0, got {self.num_bpe_tokens}")
+        if self.num_bpe_tokens < 0 or self.num_text_tokens < 0:
+            raise ValueError(
+                f"num_bpe_tokens and num_text_tokens must be >= 0, got {self.num_bpe_tokens}, {self.num_text_tokens}"
+            )
+        if self.class_names and self.num_text_tokens:
+            raise ValueError("a prior is conditioned on classes or on text, not both")
 
     # -- ranges -----------------------------------------------------------------------------
 
@@ -77,8 +85,16 @@ class IdSpace:
         return len(self.class_names)
 
     @property
-    def vocab_size(self) -> int:
+    def first_text(self) -> int:
         return self.first_condition + self.num_classes
+
+    @property
+    def uses_text(self) -> bool:
+        return self.num_text_tokens > 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self.first_text + self.num_text_tokens
 
     # -- classes ----------------------------------------------------------------------------
 
@@ -118,4 +134,5 @@ class IdSpace:
     def special_ids(self) -> dict:
         """The ids a prompt is made of, for users of plain transformers: saved in the config as `vqar_ids`."""
         classes = {name: self.first_condition + i for i, name in enumerate(self.class_names)}
-        return {"boi": self.boi, "eoi": self.eoi, "pad": self.pad, "null_class": self.null_class, "classes": classes}
+        ids = {"boi": self.boi, "eoi": self.eoi, "pad": self.pad, "null_class": self.null_class, "classes": classes}
+        return ids | ({"text": [self.first_text, self.vocab_size]} if self.uses_text else {})

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers.hf_argparser import HfArg
 
 from ..data import (
+    SOURCE_HELP,
     ImageDataset,
     ImageTransform,
     class_names,
@@ -61,7 +62,7 @@ class TokenizeArgs:
     """Encode a data source with a trained tokenizer into a tokens folder."""
 
     tokenizer: str = HfArg(help="a trained tokenizer: folder or Hub id")
-    data: str = HfArg(help="digits | photos | image folder | *.parquet | saved dataset | Hub id")
+    data: str = HfArg(help=SOURCE_HELP)
     output: str = HfArg(help="the tokens folder to write")
     split: str = HfArg(default="train", help="the split of a Hub dataset")
     image_column: str | None = HfArg(default=None, help="default: the first Image column (or 'image', 'img')")

@@ -10,6 +10,7 @@ gives the unconditional predictions classifier-free guidance needs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ from ..ar import (
     IDS_KEY,
     VocabLayout,
     build_prior,
+    from_language_model,
     image_nll,
     load_prior,
     plain_generation_config,
@@ -32,6 +34,7 @@ from ..ar import (
 from ..bpe import VisualBPE, load_bpe
 from ..data import image_grid, make_loader, share
 from ..generation import SamplingConfig, build_prompts, generate_images, load_tokenizer_for
+from ..text import TextTokenizer, text_vocab_size, train_bpe
 from ..tokens import TokenRows, TokensManifest, load_tokens
 from .loop import EpochSampler, LoopHooks, Run, TrainData, begin_run, finish_run, log_image, run_loop, step_optimizer
 from .optim import backward_and_check, make_accelerator, make_ema, make_optimizer, make_scheduler
@@ -69,10 +72,34 @@ class PriorArgs:
         help="a prior (trained or converted, folder or Hub id) to fine-tune on these tokens: the same codes and "
         "token layout; classes it lacks are appended (its embedding grows)",
     )
+    captions: str = HfArg(
+        default="auto",
+        help='"auto": a text-conditional prior when the tokens have captions (one vocabulary: text ids, BOI, '
+        'codes); "off": ignore them',
+    )
+    caption_dropout: float = HfArg(default=0.1, help="share of captions replaced by the empty one, for CFG")
+    max_text_tokens: int = HfArg(default=64, help="captions are cut to this many text tokens (counted, said once)")
+    text_vocab_size: int | None = HfArg(
+        default=None, help="the byte-level BPE trained on the captions (default: chosen for them, 256 + 2 x words)"
+    )
+    init_from_lm: str | None = HfArg(
+        default=None,
+        help="a causal language model (folder or Hub id) whose weights and tokenizer start the text prior: the "
+        "image codes and specials extend its embeddings",
+    )
+    text_loss_weight: float = HfArg(
+        default=0.0, help="also train on the captions' text, with this weight (0: images only)"
+    )
 
     def __post_init__(self):
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
+        if self.captions not in ("auto", "off"):
+            raise ValueError(f'captions must be "auto" or "off", got {self.captions!r}')
+        if self.max_text_tokens < 1:
+            raise ValueError(f"max_text_tokens must be >= 1, got {self.max_text_tokens}")
 
 
 # -- data -----------------------------------------------------------------------------------
@@ -88,10 +115,17 @@ def find_bpe(choice: str, manifest: TokensManifest) -> VisualBPE | None:
 class TokenBatches:
     """Collates `TokenRows` into a batch {"tokens": [B, L] long, "labels": [B]}: the image's codes,
     or with visual BPE its ids (encoded here, a batch at a time, left-aligned and padded with -1).
-    `label_map`: the prior's class index of each of the tokens' classes (a fine-tuned prior keeps its own order)."""
+    `label_map`: the prior's class index of each of the tokens' classes (a fine-tuned prior keeps its own order).
+    With a text tokenizer, also "text": the captions' prompts [B, P] (text ids, BOI; left-padded)."""
 
-    def __init__(self, layout: VocabLayout, bpe: VisualBPE | None, label_map: list[int] | None = None):
-        self.layout, self.bpe = layout, bpe
+    def __init__(
+        self,
+        layout: VocabLayout,
+        bpe: VisualBPE | None,
+        label_map: list[int] | None = None,
+        text: TextTokenizer | None = None,
+    ):
+        self.layout, self.bpe, self.text = layout, bpe, text
         self.label_map = torch.tensor(label_map, dtype=torch.long) if label_map else None
 
     def __call__(self, rows: list[dict]) -> dict:
@@ -104,11 +138,23 @@ class TokenBatches:
         batch = {"tokens": tokens, "labels": labels}
         if rows and "caption" in rows[0]:
             batch["captions"] = [r["caption"] for r in rows]
+            if self.text is not None:
+                batch["text"] = self.text.prompts(batch["captions"])
         return batch
 
 
-def training_sequences(layout: VocabLayout, tokens: torch.Tensor, labels: torch.Tensor, label_dropout: float):
-    """Sequences [B, 2 + N] (`layout.codec.to_sequence`) with a share `label_dropout` of the labels dropped."""
+def training_sequences(layout: VocabLayout, batch: dict, label_dropout: float, caption_dropout: float = 0.0):
+    """Sequences [B, 2 + N] (`layout.codec.to_sequence`) with a share `label_dropout` of the labels dropped;
+    a text prior's [B, P + N], with a share `caption_dropout` of the captions made empty (BOI alone)."""
+    tokens = batch["tokens"]
+    if layout.ids.uses_text:
+        prompts = batch["text"]
+        if caption_dropout > 0:
+            dropped = torch.rand(len(prompts), device=prompts.device) < caption_dropout
+            caption = torch.arange(prompts.shape[1], device=prompts.device) < prompts.shape[1] - 1  # all but BOI
+            prompts = prompts.masked_fill(dropped[:, None] & caption[None], layout.ids.pad)
+        return layout.codec.text_sequence(prompts, tokens)
+    labels = batch["labels"]
     if label_dropout > 0:
         labels = torch.where(torch.rand(labels.shape, device=labels.device) < label_dropout, -1, labels)
     return layout.codec.to_sequence(labels, tokens)
@@ -127,6 +173,7 @@ class PriorRun(Run):
     args: PriorArgs = None
     tokenizer: torch.nn.Module | None = None  # decodes the evaluation samples (main process; None: no samples)
     label_map: list[int] | None = None  # the prior's class of each of the tokens' classes (fine-tuning)
+    text: TextTokenizer | None = None  # a text prior's captions -> prompts
 
 
 @dataclass
@@ -139,21 +186,61 @@ class Sequences:
     bpe: VisualBPE | None
     label_map: list[int] | None = None
     model: torch.nn.Module | None = None  # the prior fine-tuned (init_from), its embedding grown to the layout
+    text: TextTokenizer | None = None  # a text prior's
 
 
-def _sequences(args: PriorArgs, say=print) -> Sequences:
+def _sequences(args: PriorArgs, say=print, output_dir: str | None = None, accelerator=None) -> Sequences:
     tokens, manifest = load_tokens(args.tokens)
     say(manifest.describe(args.tokens))
     bpe = find_bpe(args.bpe, manifest)
-    if args.conditional and not manifest.class_names:
-        logger.info("the tokens in %s have no class labels: training an unconditional prior", args.tokens)
-    layout = VocabLayout.from_manifest(
-        manifest, conditional=args.conditional and bool(manifest.class_names), bpe=bpe, num_tokens=args.num_tokens
-    )
+    text = args.captions == "auto" and manifest.has_captions and not args.init_from
+    if text and manifest.class_names:
+        say(f"{args.tokens} has captions and class labels: a text-conditional prior (--captions off: by class)")
+    conditional = args.conditional and bool(manifest.class_names) and not text
+    if args.conditional and not manifest.class_names and not text:
+        logger.info("the tokens in %s have no class labels nor captions: training an unconditional prior", args.tokens)
+    layout = VocabLayout.from_manifest(manifest, conditional=conditional, bpe=bpe, num_tokens=args.num_tokens)
     rows = {name: TokenRows(split, args.num_tokens) for name, split in tokens.items()}
     if args.init_from:
         return _fine_tuned(args, rows, layout, bpe, say)
+    if text:
+        return _text_conditioned(args, rows, layout, bpe, say, output_dir, accelerator)
+    if args.init_from_lm:
+        raise ValueError(f"--init_from_lm starts a text prior, but the tokens in {args.tokens} have no captions")
     return Sequences(rows, layout, bpe)
+
+
+TEXT_TOKENIZER_FOLDER = "text-tokenizer"  # in the run's output: every process, and a resumed run, reads the same
+
+
+def _text_conditioned(args: PriorArgs, rows: dict, layout: VocabLayout, bpe, say, output_dir, accelerator) -> Sequences:
+    """The text tokenizer (trained on the captions by the main process, or a language model's), the layout
+    with its text ids, and with `init_from_lm` the language model grown to the layout."""
+    if bpe is not None:
+        raise ValueError(
+            f"a text prior takes no visual BPE, and {args.tokens} comes with one: train it with --bpe none"
+        )
+    if args.init_from_lm:
+        model, text, grown = from_language_model(args.init_from_lm, layout, args.max_text_tokens)
+        say(f"{args.init_from_lm}: a text prior from its weights and tokenizer ({text.ids.num_text_tokens:,} text ids)")
+        return Sequences(rows, grown, None, model=model.train(), text=text)
+    saved = Path(output_dir or ".") / TEXT_TOKENIZER_FOLDER
+    with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+        if not (saved / "tokenizer.json").is_file():
+            captions = rows["train"].caption_list(limit=500_000)
+            raw = train_bpe(captions, args.text_vocab_size)
+            ids = replace(layout.ids, num_text_tokens=text_vocab_size(raw))
+            TextTokenizer.from_backend(raw, ids, args.max_text_tokens).save(saved)
+        text = TextTokenizer.load_saved(saved, layout.ids)
+    say(
+        f"text prior: a byte-level BPE of {text.ids.num_text_tokens:,} tokens trained on the captions ({saved}), "
+        f"captions cut to {text.max_text_tokens} tokens, {args.caption_dropout:.0%} dropped for CFG"
+    )
+    return Sequences(rows, text_layout(layout, text), None, text=text)
+
+
+def text_layout(layout: VocabLayout, text: TextTokenizer) -> VocabLayout:
+    return replace(layout, ids=text.ids, text_length=text.text_length)
 
 
 def _fine_tuned(args: PriorArgs, rows: dict, tokens_layout: VocabLayout, bpe, say) -> Sequences:
@@ -187,7 +274,7 @@ def _fine_tuned(args: PriorArgs, rows: dict, tokens_layout: VocabLayout, bpe, sa
 
 def setup(args: PriorArgs, train: TrainConfig) -> PriorRun:
     accelerator = make_accelerator(train)
-    sequences = _sequences(args, say=accelerator.print)
+    sequences = _sequences(args, say=accelerator.print, output_dir=train.output_dir, accelerator=accelerator)
     rows, layout, bpe = sequences.rows, sequences.layout, sequences.bpe
     model = sequences.model or build_prior(layout, args.model_type, args.size, **args.prior)
     if train.gradient_checkpointing:
@@ -197,7 +284,7 @@ def setup(args: PriorArgs, train: TrainConfig) -> PriorRun:
     if len(train_split) < train.batch_size * accelerator.num_processes:
         raise ValueError(f"{len(train_split)} training sequences cannot fill a batch of {train.batch_size}")
     sampler = EpochSampler(len(train_split), train.seed)
-    collate = TokenBatches(layout, bpe, sequences.label_map)
+    collate = TokenBatches(layout, bpe, sequences.label_map, sequences.text)
     loader = make_loader(train_split, train.batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
     optimizer = make_optimizer(model.parameters(), train)
     scheduler = make_scheduler(optimizer, train)
@@ -215,6 +302,7 @@ def setup(args: PriorArgs, train: TrainConfig) -> PriorRun:
         eval_split=rows["eval"],
         args=args,
         label_map=sequences.label_map,
+        text=sequences.text,
     )
     if accelerator.is_main_process and args.eval_samples:
         run.tokenizer = _sample_decoder(train.output_dir, layout, accelerator.device)
@@ -234,8 +322,8 @@ def _sample_decoder(output_dir: str, layout: VocabLayout, device) -> torch.nn.Mo
 
 
 def train_step(run: PriorRun, batch: dict) -> dict[str, torch.Tensor]:
-    ids = training_sequences(run.layout, batch["tokens"], batch["labels"], run.args.label_dropout)
-    loss = prior_loss(run.model, run.layout, ids)
+    ids = training_sequences(run.layout, batch, run.args.label_dropout, run.args.caption_dropout)
+    loss = prior_loss(run.model, run.layout, ids, text_weight=run.args.text_loss_weight)
     backward_and_check(run.accelerator, loss, run.model.parameters(), run.optimizer, run.train.grad_clip)
     step_optimizer(run)
     # bits per token: the held-out figure's unit (the loss is in nats; with label dropout on)
@@ -257,6 +345,7 @@ def evaluate_prior(
     world_size: int = 1,
     reduce=None,
     label_map: list[int] | None = None,
+    text: TextTokenizer | None = None,
 ) -> dict:
     """Held-out negative log-likelihood of the image tokens, in bits per token and per image.
 
@@ -265,7 +354,7 @@ def evaluate_prior(
     sharded model's collective forward passes line up."""
     was_training = model.training
     model.eval()
-    collate = TokenBatches(layout, bpe, label_map)
+    collate = TokenBatches(layout, bpe, label_map, text)
     rows = share(len(dataset), rank, world_size)
     longest = math.ceil(len(dataset) / world_size)
     batches = math.ceil(longest / batch_size)  # the longest share's batches, run on every process
@@ -274,7 +363,8 @@ def evaluate_prior(
         chunk = rows[b * batch_size : (b + 1) * batch_size]
         counted = len(chunk) > 0
         batch = collate(dataset.__getitems__(list(chunk or rows[-1:] or [0])))
-        ids = layout.codec.to_sequence(batch["labels"].to(model.device), batch["tokens"].to(model.device))
+        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        ids = training_sequences(layout, batch, 0.0)  # nothing dropped
         nats, tokens = image_nll(model, layout, ids)
         if counted:
             totals += torch.tensor([nats, tokens, len(ids)], dtype=torch.float64)
@@ -303,6 +393,7 @@ def evaluate(run: PriorRun, step: int) -> dict:
         world_size=accelerator.num_processes,
         reduce=lambda totals: accelerator.reduce(totals.to(accelerator.device), "sum").cpu(),
         label_map=run.label_map,
+        text=run.text,
     )
     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     if run.tokenizer is not None and accelerator.is_main_process and not run.sharded:
@@ -315,11 +406,16 @@ def evaluate(run: PriorRun, step: int) -> dict:
 
 
 def _samples(run: PriorRun) -> torch.Tensor:
+    """One per class (cycling), or for a text prior one per held-out caption (the first ones)."""
     layout, count = run.layout, run.args.eval_samples
     classes = [i % layout.ids.num_classes for i in range(count)] if layout.ids.num_classes else None
-    prompts = build_prompts(layout, classes=classes, num_images=None if classes else count, bpe=run.bpe)
+    texts = run.eval_split.caption_list(limit=count) if run.text is not None else None
+    prompts = build_prompts(
+        layout, classes=classes, texts=texts, text=run.text, num_images=None if classes or texts else count, bpe=run.bpe
+    )
     was_training = run.unwrapped.training
-    images = generate_images(run.unwrapped.eval(), run.tokenizer, layout, prompts, SamplingConfig(seed=0), bpe=run.bpe)
+    sampling = SamplingConfig(seed=0, cfg_scale=3.0 if run.text is not None else 1.0)
+    images = generate_images(run.unwrapped.eval(), run.tokenizer, layout, prompts, sampling, bpe=run.bpe)
     run.unwrapped.train(was_training)
     return images
 
@@ -336,6 +432,8 @@ def _save(run: PriorRun, prior, output: Path, state_dict: dict | None = None) ->
     prior.save_pretrained(folder, state_dict=state_dict)
     if run.bpe is not None:
         run.bpe.save(folder)  # the prior's ids mean nothing without it
+    if run.text is not None:
+        run.text.save(folder)  # nor a text prior's without its text tokenizer
     return {"parameters": sum(p.numel() for p in prior.parameters())}
 
 

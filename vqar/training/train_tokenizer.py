@@ -18,6 +18,7 @@ import torch
 from transformers.hf_argparser import HfArg
 
 from ..data import (
+    SOURCE_HELP,
     ImageDataset,
     ImageTransform,
     StreamingImageDataset,
@@ -67,7 +68,7 @@ class TokenizerModelArgs:
 class DataArgs:
     """The images, and how they are cut to the training resolution."""
 
-    data: str = HfArg(default="digits", help="digits | photos | image folder | *.parquet | saved dataset | Hub id")
+    data: str = HfArg(default="digits", help=SOURCE_HELP)
     split: str = HfArg(default="train", help="the split of a Hub dataset")
     image_column: str | None = HfArg(default=None, help="default: the first Image column (or 'image', 'img')")
     label_column: str | None = HfArg(default=None, help="default: the first ClassLabel column (or 'label')")
