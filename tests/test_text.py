@@ -348,3 +348,32 @@ def test_prompt_following_scores_every_scale_and_group_beside_the_ceiling_and_ch
     ]  # fmt: skip
     assert all(0 <= r[a] <= 1 for r in rows for a in (*ATTRIBUTES, "all"))
     assert rows[-1]["colour"] == pytest.approx(1 / 6)
+
+
+def test_the_text_prior_cards_plain_transformers_lines_run_as_written_without_vqar(text_prior, tmp_path):
+    import re
+
+    from vqar.hub import prior_card, stage
+
+    _, _, _, folder = text_prior
+    staged = tmp_path / "staged"
+    config = json.loads((folder / "config.json").read_text())
+    card = prior_card(str(staged), "me/shapes", config, {"bits_per_image": 80.0})
+    stage(folder, card, staged)
+    assert {p.name for p in staged.iterdir()} >= {"tokenizer.json", "tokenizer_config.json", "vqar_text.json"}
+    assert "text-to-image" in card.split("---")[1]
+    plain = re.findall(r"```python\n(.*?)```", card, re.S)[0]
+    assert plain.count("\n") == 5  # the import and four lines
+    blocked = textwrap.dedent("""
+        import sys
+        class NoVqar:
+            def find_spec(self, name, path=None, target=None):
+                if name == "vqar" or name.startswith("vqar."):
+                    raise ImportError("vqar is not installed")
+        sys.meta_path.insert(0, NoVqar())
+    """)
+    check = "\nprint(list(codes.shape), int(codes.max()), 'vqar' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", blocked + plain + check], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[:2] == ["[1,", "16]"] and int(done.stdout.split()[2]) < 25
+    assert done.stdout.split()[3] == "False"
