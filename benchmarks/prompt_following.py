@@ -11,7 +11,7 @@ OUTPUT (later runs at the same commit reuse it; `--reuse` at any commit, said as
   unprompted, the chance line), 1, 2 and 4; the detector of `vqar.shapes` reads colour, shape,
   position and count back from each image. Beside them, the detector's accuracy on real renders
   (the ceiling) and on the tokenizer's reconstructions of them (what the codes can carry), and chance;
-- a sample grid, OUTPUT/prompt_grid.png: a row per prompt (its label), seen combinations then held-out;
+- a sample grid, OUTPUT/prompt_grid.png: a row per prompt (its label), seen combinations then held-out, CFG 2;
 - left padding against per-length groups: 64 prompts of mixed lengths sampled as one left-padded
   batch, and as one batch per prompt length, images/s of each (best of 3, timed in turn).
 """
@@ -37,6 +37,11 @@ from vqar.text import load_text_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 SCALES = (0.0, 1.0, 2.0, 4.0)
+GRID_SCENES = [  # four seen colour-shape pairs, then four held out of training
+    Scene("red", "circle", "left", 1), Scene("blue", "triangle", "top", 2), Scene("yellow", "square", "bottom", 1),
+    Scene("white", "circle", "right", 2), Scene("red", "triangle", "left", 1), Scene("green", "circle", "top", 2),
+    Scene("blue", "square", "bottom", 1), Scene("purple", "circle", "right", 2),
+]  # fmt: skip
 
 
 def train(output: Path) -> dict[str, float]:
@@ -70,10 +75,11 @@ def reconstruction_ceiling(tokenizer, scenes: list[Scene]) -> dict[str, float]:
 
 
 def sample_grid(prior, tokenizer, layout, text, path: Path, per_prompt: int = 6) -> list[str]:
-    """Four seen and four held-out prompts, `per_prompt` samples each at CFG 4, a row per prompt."""
-    prompts = [s.canonical_prompt() for s in evaluation_scenes(False, 4) + evaluation_scenes(True, 4)]
+    """Four seen and four held-out prompts (colours, shapes, halves and counts spread), `per_prompt`
+    samples each at CFG 2, a row per prompt."""
+    prompts = [scene.canonical_prompt() for scene in GRID_SCENES]
     asked = [p for p in prompts for _ in range(per_prompt)]
-    images = generate_images(prior, tokenizer, layout, asked, SamplingConfig(cfg_scale=4.0, seed=0), text=text)
+    images = generate_images(prior, tokenizer, layout, asked, SamplingConfig(cfg_scale=2.0, seed=0), text=text)
     rows = list(images.split(per_prompt))
     image_grid(rows, labels=[("held out: " if i >= 4 else "") + p for i, p in enumerate(prompts)]).save(path)
     return prompts

@@ -30,7 +30,7 @@ REUSING = {
     "prompt_following",
 }  # scripts that train, and may reuse a run with --reuse
 ORDER = [  # RESULTS.md's order: what a reader looks for first
-    "quality", "recipes_1d", "next_scale", "bpe_prior", "prompt_following", "convert_parity", "prior_parity", "generation_speed",
+    "quality", "recipes_1d", "next_scale", "bpe_prior", "prompt_following", "steps", "convert_parity", "prior_parity", "generation_speed",
     "tokenizer_speed",
     "training_speed", "bpe_speed", "scale_plan", "scale_io", "gpu_check", "evaluate_generation",
 ]  # fmt: skip

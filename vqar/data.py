@@ -244,7 +244,9 @@ def _webdataset(source: str, streaming: bool) -> datasets.Dataset | datasets.Ite
     """Tar shards as a dataset (written to `datasets`' cache once) or a stream with one shard per file;
     the label and caption columns are kept only when the first example has them."""
     shards = tar_shards(source)
-    first = next(_tar_examples(shards[:1]), None)
+    examples = _tar_examples(shards[:1])
+    first = next(examples, None)
+    examples.close()  # the shard's file with it
     if first is None:
         raise ValueError(f"the tar shard {shards[0]} holds no files")
     if first["image"]["bytes"] is None:
