@@ -1,13 +1,15 @@
 """Data at scale on this machine: tokenize throughput, and memory flat in the number of images.
 
-    python benchmarks/scale_io.py [--small 20000 --large 200000] [--evaluate-images 5000]
+    python benchmarks/scale_io.py [--small 20000 --large 200000] [--evaluate-images 5000] [--parts memory,...]
 
 1. `vqar tokenize` of 20,000 16 px digits from a parquet file (PNG bytes decoded in a DataLoader
    worker, Arrow shards written) against the tokenizer's own `encode` of the same images already
    in memory, same batch size: tokenize images/s / encode images/s (target >= 0.8).
-2. Peak memory (Linux VmHWM of the process, no DataLoader workers so that all of it is counted)
-   of `vqar tokenize` and of `vqar train-prior` (50 steps, held-out evaluation included) on 20,000
-   and on 200,000 images: the growth from the one to the other (target <= 60 MB).
+2. Peak memory of `vqar tokenize` and of `vqar train-prior` (50 steps, held-out evaluation included)
+   on 20,000 and on 200,000 images, no DataLoader workers so that all of it is counted: the growth
+   from the one to the other (target <= 60 MB). Twice: the whole process (Linux VmHWM, which also
+   counts the pages of memory-mapped token and Arrow files it read: cache the kernel takes back when
+   it needs it), and the anonymous memory the process holds itself (RssAnon, sampled every 10 ms).
 3. Peak memory of `vqar evaluate` on 5,000 structured 256 px images (target <= 2 GB).
 
 Each measurement runs in a fresh child process (`--one`), one at a time: nothing else may share
@@ -31,6 +33,25 @@ from summary import recorded
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "outputs" / "bench-scale-io"
 TOKENIZER = {"channel_multipliers": [1, 2], "latent_channels": 3, "quantizer": {"kind": "fsq", "levels": [5, 5, 5]}}
+
+
+class AnonymousPeak:
+    """The largest RssAnon of this process, sampled every 10 ms on a thread: the memory the process itself
+    holds. VmHWM also counts the pages of memory-mapped files it has read (token shards, a dataset's
+    Arrow cache), which the kernel drops when it needs the memory; this does not."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self.running = 0.0, True
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while self.running:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon"):
+                    self.peak = max(self.peak, int(line.split()[1]) / 1024)
+            time.sleep(0.01)
 
 
 def peak_mib() -> float:
@@ -174,42 +195,56 @@ def child(*argv) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def memory_rows(args) -> None:
+    """Peak memory of tokenize and train-prior at the small and the large count: the whole process (VmHWM)
+    and what it holds itself (anonymous memory, sampled)."""
+    memory = {}
+    for count in (args.small, args.large):
+        memory["tokenize", count] = child("tokenize", count, args.batch, 0)
+        memory["prior", count] = child("prior", count)
+    for kind, what in (("tokenize", "vqar tokenize"), ("prior", "vqar train-prior, 50 steps")):
+        for key, how in (("peak_mib", "peak memory"), ("peak_anonymous_mib", "peak anonymous memory")):
+            small, large = memory[kind, args.small][key], memory[kind, args.large][key]
+            print(
+                f"| {what}: {how} at {args.large:,} images | {large:,.0f} MiB | at {args.small:,}: {small:,.0f} MiB | "
+                f"+{large - small:,.0f} MiB | <= +60 MB |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=20_000)
     parser.add_argument("--large", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--evaluate-images", type=int, default=5000)
+    parser.add_argument("--parts", default="throughput,memory,evaluate", help="which measurements, comma-separated")
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         kind, *rest = args.one
         functions = {"throughput": one_throughput, "tokenize": one_tokenize, "prior": one_train_prior}
         functions["evaluate"] = one_evaluate
-        print(json.dumps(functions[kind](*map(int, rest))))
+        anonymous = AnonymousPeak()
+        print(json.dumps(functions[kind](*map(int, rest)) | {"peak_anonymous_mib": anonymous.peak}))
         return
     torch.set_num_threads(2)
+    parts = args.parts.split(",")
     for count in (args.small, args.large):
         digits_parquet(count)
     tokenizer_folder()
-    rates = child("throughput", args.small, args.batch, 1)
-    encode, tokenize = rates["encode"], rates["tokenize"]
     print("\n| measure | value | baseline | ratio | target |\n|---|---|---|---|---|")
-    print(
-        f"| vqar tokenize, {args.small:,} 16 px digits from parquet (1 decoding worker; the whole command) | "
-        f"{tokenize:,.0f} images/s | the tokenizer's encode of the same images in memory: {encode:,.0f} images/s | "
-        f"{tokenize / encode:.2f} | >= 0.8 |"
-    )
-    memory = {}
-    for count in (args.small, args.large):
-        memory["tokenize", count] = child("tokenize", count, args.batch, 0)["peak_mib"]
-        memory["prior", count] = child("prior", count)["peak_mib"]
-    for kind, what in (("tokenize", "vqar tokenize"), ("prior", "vqar train-prior, 50 steps")):
-        small, large = memory[kind, args.small], memory[kind, args.large]
+    if "throughput" in parts:
+        rates = child("throughput", args.small, args.batch, 1)
+        encode, tokenize = rates["encode"], rates["tokenize"]
         print(
-            f"| {what}: peak memory at {args.large:,} images | {large:,.0f} MiB | at {args.small:,}: {small:,.0f} MiB | "
-            f"+{large - small:,.0f} MiB | <= +60 MB |"
+            f"| vqar tokenize, {args.small:,} 16 px digits from parquet (1 decoding worker; the whole command) | "
+            f"{tokenize:,.0f} images/s | the tokenizer's encode of the same images in memory: {encode:,.0f} images/s "
+            f"| {tokenize / encode:.2f} | >= 0.8 |"
         )
+    if "memory" in parts:
+        memory_rows(args)
+    if "evaluate" not in parts:
+        return
     evaluate = child("evaluate", args.evaluate_images)
     print(
         f"| vqar evaluate, {args.evaluate_images:,} images at 256 px: peak memory | {evaluate['peak_mib']:,.0f} MiB | "

@@ -32,6 +32,7 @@ from vqar.shapes import (
     shapes_dataset,
 )
 from vqar.text import TextTokenizer, load_text_tokenizer, text_vocab_size, train_bpe
+from vqar.tokens import TokenRows, load_tokens
 from vqar.training.train_prior import text_layout, training_sequences
 
 CAPTIONS = [scene.caption(np.random.default_rng(i)) for i, scene in enumerate(all_scenes() * 3)]
@@ -217,7 +218,8 @@ def test_a_captioned_folder_trains_a_text_prior_that_vqar_generate_prompts(tmp_p
         render_name = f"{i:03d}.png"
         shapes_image = shapes_dataset(32, seed=5)[i]["image"]
         shapes_image.save(images / render_name)
-        rows.append({"file_name": render_name, "caption": scene.caption(np.random.default_rng(i))})
+        caption = scene.caption(np.random.default_rng(i)) + (" and then" * 40 if i % 4 == 0 else "")
+        rows.append({"file_name": render_name, "caption": caption})  # every fourth one over the 64-token limit
     (images / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     VQTokenizer(TokenizerConfig(**{**TINY_F2, "resolution": 16})).save_pretrained(tmp_path / "tokenizer")
     said = vqar("tokenize", "--tokenizer", tmp_path / "tokenizer", "--data", images, "--output", tmp_path / "tokens")
@@ -228,6 +230,9 @@ def test_a_captioned_folder_trains_a_text_prior_that_vqar_generate_prompts(tmp_p
     assert (prior_folder / "tokenizer.json").is_file()
     _, layout = load_prior(str(prior_folder))
     assert layout.ids.uses_text and layout.ids.num_classes == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    long_ones = sum(" and then" in c for c in TokenRows(load_tokens(tmp_path / "tokens")[0]["train"]).caption_list())
+    assert metrics["captions_cut"] == long_ones >= 1 and metrics["captions_with_bad_bytes"] == 0
     out = tmp_path / "samples"
     (tmp_path / "prompts.txt").write_text("a red circle on the left\n\ntwo blue squares at the top\n")
     vqar("generate", "--prior", prior_folder, "--prompts", tmp_path / "prompts.txt", "--prompt", "a white square",

@@ -172,7 +172,8 @@ class TextTokenizer:
         cut, bad = sum(bool(e.overflowing) for e in encodings), sum(b for _, b in cleaned)
         if cut and not self.truncated:
             logger.warning(
-                "captions longer than %d text tokens are cut to it (counted in the run's summary)", self.max_text_tokens
+                "captions longer than %d text tokens are cut to that length (said once, each one counted)",
+                self.max_text_tokens,
             )
         if bad and not self.replaced:
             logger.warning("captions holding bytes that are not UTF-8 are read with U+FFFD in their place (counted)")

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -174,6 +174,7 @@ class PriorRun(Run):
     tokenizer: torch.nn.Module | None = None  # decodes the evaluation samples (main process; None: no samples)
     label_map: list[int] | None = None  # the prior's class of each of the tokens' classes (fine-tuning)
     text: TextTokenizer | None = None  # a text prior's captions -> prompts
+    captions: dict = field(default_factory=dict)  # how many captions were cut or cleaned
 
 
 @dataclass
@@ -187,6 +188,7 @@ class Sequences:
     label_map: list[int] | None = None
     model: torch.nn.Module | None = None  # the prior fine-tuned (init_from), its embedding grown to the layout
     text: TextTokenizer | None = None  # a text prior's
+    captions: dict = field(default_factory=dict)  # a text prior's caption counts, for metrics.json
 
 
 def _sequences(args: PriorArgs, say=print, output_dir: str | None = None, accelerator=None) -> Sequences:
@@ -223,7 +225,7 @@ def _text_conditioned(args: PriorArgs, rows: dict, layout: VocabLayout, bpe, say
     if args.init_from_lm:
         model, text, grown = from_language_model(args.init_from_lm, layout, args.max_text_tokens)
         say(f"{args.init_from_lm}: a text prior from its weights and tokenizer ({text.ids.num_text_tokens:,} text ids)")
-        return Sequences(rows, grown, None, model=model.train(), text=text)
+        return Sequences(rows, grown, None, model=model.train(), text=text, captions=_caption_counts(text, rows, say))
     saved = Path(output_dir or ".") / TEXT_TOKENIZER_FOLDER
     with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
         if not (saved / "tokenizer.json").is_file():
@@ -236,7 +238,21 @@ def _text_conditioned(args: PriorArgs, rows: dict, layout: VocabLayout, bpe, say
         f"text prior: a byte-level BPE of {text.ids.num_text_tokens:,} tokens trained on the captions ({saved}), "
         f"captions cut to {text.max_text_tokens} tokens, {args.caption_dropout:.0%} dropped for CFG"
     )
-    return Sequences(rows, text_layout(layout, text), None, text=text)
+    return Sequences(rows, text_layout(layout, text), None, text=text, captions=_caption_counts(text, rows, say))
+
+
+def _caption_counts(text: TextTokenizer, rows: dict, say) -> dict:
+    """The training captions read once at the start: how many are cut, how many had bytes that were not
+    UTF-8 (said in a line, and kept for metrics.json)."""
+    captions = rows["train"].caption_list(limit=500_000)
+    text.encode(captions)
+    counts = {"captions": len(captions), "captions_cut": text.truncated, "captions_with_bad_bytes": text.replaced}
+    if text.truncated or text.replaced:
+        say(
+            f"captions: {text.truncated:,} of {len(captions):,} cut to {text.max_text_tokens} text tokens, "
+            f"{text.replaced:,} with bytes that are not UTF-8 (read as U+FFFD)"
+        )
+    return counts
 
 
 def text_layout(layout: VocabLayout, text: TextTokenizer) -> VocabLayout:
@@ -303,6 +319,7 @@ def setup(args: PriorArgs, train: TrainConfig) -> PriorRun:
         args=args,
         label_map=sequences.label_map,
         text=sequences.text,
+        captions=sequences.captions,
     )
     if accelerator.is_main_process and args.eval_samples:
         run.tokenizer = _sample_decoder(train.output_dir, layout, accelerator.device)
@@ -414,7 +431,9 @@ def _samples(run: PriorRun) -> torch.Tensor:
         layout, classes=classes, texts=texts, text=run.text, num_images=None if classes or texts else count, bpe=run.bpe
     )
     was_training = run.unwrapped.training
-    sampling = SamplingConfig(seed=0, cfg_scale=3.0 if run.text is not None else 1.0)
+    sampling = SamplingConfig(
+        seed=0, cfg_scale=2.0 if run.text is not None else 1.0
+    )  # shapes follow prompts best at 1-2
     images = generate_images(run.unwrapped.eval(), run.tokenizer, layout, prompts, sampling, bpe=run.bpe)
     run.unwrapped.train(was_training)
     return images
@@ -434,7 +453,7 @@ def _save(run: PriorRun, prior, output: Path, state_dict: dict | None = None) ->
         run.bpe.save(folder)  # the prior's ids mean nothing without it
     if run.text is not None:
         run.text.save(folder)  # nor a text prior's without its text tokenizer
-    return {"parameters": sum(p.numel() for p in prior.parameters())}
+    return {"parameters": sum(p.numel() for p in prior.parameters()), **run.captions}
 
 
 # -- the run --------------------------------------------------------------------------------
