@@ -207,7 +207,7 @@ def memory_rows(args) -> None:
             small, large = memory[kind, args.small][key], memory[kind, args.large][key]
             print(
                 f"| {what}: {how} at {args.large:,} images | {large:,.0f} MiB | at {args.small:,}: {small:,.0f} MiB | "
-                f"+{large - small:,.0f} MiB | <= +60 MB |"
+                f"{large - small:+,.0f} MiB | <= +60 MB |"
             )
 
 
