@@ -3,6 +3,7 @@
     python benchmarks/run_all.py                    (what `make bench` runs: every script)
     python benchmarks/run_all.py --only quality,scale_plan [--reuse]
     python benchmarks/run_all.py --results-only     (RESULTS.md from the records as they are)
+    python benchmarks/run_all.py --record-log NAME LOG COMMIT   (the tables of a kept log of an earlier run)
 
 Each script prints its own tables and saves them, every row with the commit, the machine and the
 date it was measured at, or the commit of the earlier run it reuses, in `benchmarks/results/`
@@ -34,6 +35,24 @@ ORDER = [  # RESULTS.md's order: what a reader looks for first
     "tokenizer_speed",
     "training_speed", "bpe_speed", "scale_plan", "scale_io", "gpu_check", "evaluate_generation",
 ]  # fmt: skip
+SECTIONS = {  # a heading per script: what the docs link to
+    "quality": "Quality per bit",
+    "recipes_1d": "1D tokens",
+    "next_scale": "Next-scale priors",
+    "bpe_prior": "Visual BPE on the digits",
+    "prompt_following": "Text prompts on shapes",
+    "steps": "How many steps",
+    "convert_parity": "Converted tokenizers",
+    "prior_parity": "Converted LlamaGen priors",
+    "generation_speed": "Sampling speed",
+    "tokenizer_speed": "Tokenizer speed",
+    "training_speed": "Training speed",
+    "bpe_speed": "Visual BPE speed",
+    "scale_plan": "Scale plan",
+    "scale_io": "Data at scale",
+    "gpu_check": "GPU check",
+    "evaluate_generation": "Generation metrics",
+}
 INTRO = """# Measured results
 
 Written by `python benchmarks/run_all.py` from the records in `benchmarks/results/`; every row
@@ -49,8 +68,10 @@ def write_results(path: Path = HERE / "RESULTS.md") -> Path:
     names = [n for n in ORDER if n in records] + sorted(set(records) - set(ORDER))
     parts = [INTRO]
     for name in names:
+        parts.append(f"## {SECTIONS.get(name, name)}\n")
         for table in records[name].values():
-            parts.append(f"## {table['title']}\n")
+            title = "" if table["title"].startswith("|") else table["title"]  # records kept before titles were fixed
+            parts.append(f"### {title or name}\n")
             if table.get("command"):
                 parts.append(f"`{table['command']}`\n")
             if table.get("notes"):
@@ -68,9 +89,20 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated script names (without .py)")
     parser.add_argument("--reuse", action="store_true", help="let training scripts show runs of another commit")
     parser.add_argument("--results-only", action="store_true", help="only write RESULTS.md from the records")
+    parser.add_argument(
+        "--record-log",
+        nargs=3,
+        metavar=("NAME", "LOG", "COMMIT"),
+        help="record the tables script NAME printed into LOG in an earlier run at COMMIT (shown as reused from it)",
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
-    if args.results_only:
+    if args.record_log:
+        from summary import record_log
+
+        name, log, commit = args.record_log
+        print(f"recorded {record_log(name, Path(log).read_text(), commit)} table(s) of {name} from {log}")
+    if args.results_only or args.record_log:
         print(f"wrote {write_results()}")
         return
     scripts = sorted(p for p in HERE.glob("*.py") if p.name not in SKIP)

@@ -232,7 +232,8 @@ def main() -> None:
     for count in (args.small, args.large):
         digits_parquet(count)
     tokenizer_folder()
-    print("\n| measure | value | baseline | ratio | target |\n|---|---|---|---|---|")
+    print(f"\nData at scale on this machine ({', '.join(parts)}):\n")
+    print("| measure | value | baseline | ratio | target |\n|---|---|---|---|---|")
     if "throughput" in parts:
         rates = child("throughput", args.small, args.batch, 1)
         encode, tokenize = rates["encode"], rates["tokenize"]

@@ -136,7 +136,9 @@ def tables_in(text: str) -> list[tuple[str, list[str], list[list[str]]]]:
     i = 0
     while i < len(lines):
         if lines[i].startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
-            title = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+            # the nearest line of prose above (a table printed right after another has none of its own)
+            above = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+            title = "" if above.startswith("|") else above
             columns = [c.strip() for c in lines[i].strip("|").split("|")]
             rows, i = [], i + 2
             while i < len(lines) and lines[i].startswith("|"):
@@ -146,6 +148,18 @@ def tables_in(text: str) -> list[tuple[str, list[str], list[list[str]]]]:
         else:
             i += 1
     return found
+
+
+def record_log(benchmark: str, text: str, measured_at: str) -> int:
+    """Record the tables of a script's saved output (what it printed, a log kept from an earlier run) as
+    reused from the commit it ran at; returns how many. For runs too long to repeat for a record."""
+    found = tables_in(text)
+    for n, (title, columns, rows) in enumerate(found):
+        table = Table(benchmark, title or f"table {n + 1}", columns)
+        for cells in rows:
+            table.add(cells, reused_from=measured_at)
+        table.save(key=f"{n + 1}: {title}")
+    return len(found)
 
 
 @contextlib.contextmanager

@@ -133,6 +133,12 @@ class ScriptedFeatures(Features):
             ) from error
         self.name = f"features:{Path(path).name}"
 
+    def train(self, mode: bool = True) -> ScriptedFeatures:
+        """A saved network stays as it was saved: an exported program has no train mode to switch to
+        (`.train()` raises on it), and a TorchScript one is evaluated in eval mode."""
+        self.training = mode
+        return self
+
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         device = next(iter(self.net.parameters()), torch.empty(0)).device
         out = self.net((images.float().clamp(-1, 1).to(device) + 1) / 2)
@@ -142,7 +148,7 @@ class ScriptedFeatures(Features):
 
 
 def feature_network(spec: str, *, download: bool = True) -> Features:
-    """`inception`, `dinov2`, or a path to a TorchScript file."""
+    """`inception`, `dinov2`, or a path to a TorchScript file or a `torch.export` program (.pt2)."""
     if spec == "inception":
         return InceptionFeatures(download=download)
     if spec == "dinov2":
