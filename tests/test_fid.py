@@ -157,6 +157,8 @@ def test_evaluate_generation_writes_the_adm_npz_the_statistics_and_a_report(tiny
         assert samples.shape == (20, 16, 16, 3)
     with np.load(tmp_path / "one" / "reference_stats.npz") as stats:  # the reference in the chosen space
         assert stats["mu"].shape == (8,) and stats["sigma"].shape == (8, 8)
+    floor = report["settings"]["reference_split_half_fid"]  # the reference's two halves: 150 digits each
+    assert 0 < floor < min(row["fid"] for row in report["rows"])  # an untrained prior is far from it
     assert (tmp_path / "one" / "fid_vs_cfg.png").is_file() and "| 2 | 20 |" in (
         tmp_path / "one" / "report.md"
     ).read_text()

@@ -382,3 +382,20 @@ def test_the_text_prior_cards_plain_transformers_lines_run_as_written_without_vq
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[:2] == ["[1,", "16]"] and int(done.stdout.split()[2]) < 25
     assert done.stdout.split()[3] == "False"
+
+
+def test_evaluate_generation_draws_a_text_priors_images_from_a_prompts_file(text_prior, tmp_path):
+    _, _, _, folder = text_prior
+    VQTokenizer(TokenizerConfig(**{**TINY_F2, "resolution": 8})).save_pretrained(tmp_path / "tokenizer")
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    program = torch.export.export(net, (torch.zeros(2, 3, 8, 8),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    torch.export.save(program, str(tmp_path / "features.pt2"))
+    (tmp_path / "prompts.txt").write_text("a red circle on the left\n\ntwo blue squares at the top\n")
+    command = ["evaluate-generation", "--prior", folder, "--tokenizer", tmp_path / "tokenizer", "--reference", "shapes",
+               "--reference_images", 40, "--features", tmp_path / "features.pt2", "--num_images", 6, "--batch_size", 4,
+               "--cfg_scales", "1,2", "--output", tmp_path / "out"]  # fmt: skip
+    vqar(*command, "--prompts", tmp_path / "prompts.txt")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["cfg_scale"] for r in report["rows"]] == [1.0, 2.0] and all(r["num_images"] == 6 for r in report["rows"])
+    said = vqar(*command, expect=1)
+    assert "takes text prompts: give --prompts FILE" in said

@@ -34,9 +34,11 @@ from ..generation_metrics import (
     class_balanced,
     read_adm_images,
     scores,
+    split_half_fid,
     to_uint8_hwc,
     write_report,
 )
+from ..text import load_text_tokenizer
 from .launch import check_launch
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,9 @@ class EvaluateGenerationArgs:
     device: str | None = HfArg(default=None, help="cpu, cuda, cuda:N, mps (default: the best present)")
     dtype: str = HfArg(default="fp32", help="fp32, bf16 or fp16 (GPU) for the prior and the tokenizer")
     allow_other_tokenizer: bool = HfArg(default=False, help="decode with a tokenizer the prior was not trained on")
+    prompts: str | None = HfArg(
+        default=None, help="a text prior's prompts, a UTF-8 file of one per line, cycled over the images"
+    )
 
     def __post_init__(self):
         if self.num_images < 2 or self.batch_size < 1:
@@ -92,6 +97,9 @@ class Evaluation:
     tokenizer: torch.nn.Module
     bpe: object
     network: torch.nn.Module
+    text: object = None  # a text prior's text tokenizer
+    prompts: list[str] | None = None  # and the prompts its images are drawn from
+    floor: float | None = None  # FID between the reference's two halves (when it has images)
 
 
 def setup(args: EvaluateGenerationArgs, sampling: SamplingConfig) -> Evaluation:
@@ -103,12 +111,32 @@ def setup(args: EvaluateGenerationArgs, sampling: SamplingConfig) -> Evaluation:
     dtype = resolve_dtype(args.dtype, device)
     prior, layout = load_prior(args.prior)
     prior.to(device=device, dtype=dtype)
-    if layout.ids.num_classes == 0 and any(s != 1 for s in args.scales):
+    if layout.ids.num_classes == 0 and not layout.ids.uses_text and any(s != 1 for s in args.scales):
         raise ValueError(f"the prior {args.prior} is unconditional: CFG needs classes; use --cfg-scales 1")
+    text, prompts = load_text_tokenizer(args.prior, layout), _read_prompts(args, layout)
     tokenizer = load_tokenizer_for(args.prior, layout, args.tokenizer, allow_other=args.allow_other_tokenizer)
     tokenizer.for_inference(device, dtype)
     network = feature_network(args.features).to(device).eval()
-    return Evaluation(args, sampling, state, prior, layout, tokenizer, load_prior_bpe(args.prior, layout), network)
+    bpe = load_prior_bpe(args.prior, layout)
+    return Evaluation(args, sampling, state, prior, layout, tokenizer, bpe, network, text, prompts)
+
+
+def _read_prompts(args: EvaluateGenerationArgs, layout) -> list[str] | None:
+    """A text prior's prompts from --prompts; an error for a text prior without them, or prompts for another."""
+    if not layout.ids.uses_text:
+        if args.prompts:
+            raise ValueError(f"the prior {args.prior} is not text-conditional: drop --prompts")
+        return None
+    if not args.prompts:
+        raise ValueError(f"the prior {args.prior} takes text prompts: give --prompts FILE (one per line)")
+    try:
+        lines = Path(args.prompts).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as error:
+        raise ValueError(f"cannot read the prompts file {args.prompts}: {error.strerror or error}") from error
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"the prompts file {args.prompts} holds no prompt (one per line)")
+    return prompts
 
 
 # -- the reference -------------------------------------------------------------------------------
@@ -143,8 +171,10 @@ def reference_features(run: Evaluation) -> tuple[ReferenceStats, np.ndarray | No
     for batch in tqdm(batches, desc="reference features", disable=not state.is_main_process):
         local.add(run.network, batch.to(run.tokenizer.device))
     merged = _gather(state, local)
-    features = merged.all_features()[:PR_REFERENCE_LIMIT] if merged is not None else None
-    return (merged.reference(args.features) if merged is not None else None), features
+    if merged is None:
+        return None, None
+    run.floor = split_half_fid(merged)
+    return merged.reference(args.features), merged.all_features()[:PR_REFERENCE_LIMIT]
 
 
 def _gather(state: PartialState, local: FeatureSet) -> FeatureSet | None:
@@ -176,10 +206,13 @@ def sample_and_score(run: Evaluation, scale: float, archive: SampleArchive) -> F
     for rows in tqdm(mine, desc=f"CFG {scale:g}", disable=not state.is_main_process):
         batch_index = rows.start // args.batch_size
         sampling = dataclasses.replace(run.sampling, cfg_scale=scale, seed=base_seed + batch_index)
+        texts = [run.prompts[i % len(run.prompts)] for i in rows] if run.prompts else None
         prompts = build_prompts(
             layout,
             classes=[classes[i] for i in rows] if classes else None,
-            num_images=None if classes else len(rows),
+            texts=texts,
+            text=run.text,
+            num_images=None if classes or texts else len(rows),
             bpe=run.bpe,
         )
         images = generate_images(
@@ -224,6 +257,8 @@ def evaluate_generation(args: EvaluateGenerationArgs, sampling: SamplingConfig |
         "processes": state.num_processes,
         "device": str(run.tokenizer.device),
         "reference_images": reference.count,
+        # the floor: a generator of the reference's own distribution, with half its images, scores this
+        "reference_split_half_fid": run.floor,
     }
     write_report(output, rows, settings)
     return {"rows": rows, "settings": settings}
