@@ -19,6 +19,7 @@ The docs page "How many steps" shows the table. Later runs at the same commit re
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -65,6 +66,14 @@ def train(name: str, output: Path, every: int) -> None:
     (folder / "prior.log").write_text(log)
 
 
+def prior_evaluations(folder: Path) -> dict[int, tuple[float, ...]]:
+    """step -> (bits/token, bits/image) of the prior's evaluations, the last one from its metrics.json."""
+    found = evaluations((folder / "prior.log").read_text())
+    final = json.loads((folder / "prior-run" / "metrics.json").read_text())
+    found.setdefault(final["steps"], (final["bits_per_token"], final["bits_per_image"]))
+    return found
+
+
 def evaluations(log: str) -> dict[int, tuple[float, ...]]:
     """step -> (PSNR,) or (bits/token, bits/image), from a run's printed evaluation lines."""
     found = {}
@@ -87,7 +96,7 @@ def checkpoints(folder: Path):
 
 def digits_rows(folder: Path) -> list[list[str]]:
     tokenizer_psnr = evaluations((folder / "tokenizer.log").read_text())
-    prior_bits = evaluations((folder / "prior.log").read_text())
+    prior_bits = prior_evaluations(folder)
     _, layout = load_prior(str(folder / "prior-run" / "prior"))
     tokenizer = load_tokenizer_for(str(folder / "prior-run" / "prior"), layout).eval()
     classifier, ceiling = fit_digit_classifier(tokenizer.config.resolution)
@@ -104,7 +113,7 @@ def digits_rows(folder: Path) -> list[list[str]]:
 
 def shapes_rows(folder: Path) -> list[list[str]]:
     tokenizer_psnr = evaluations((folder / "tokenizer.log").read_text())
-    prior_bits = evaluations((folder / "prior.log").read_text())
+    prior_bits = prior_evaluations(folder)
     _, layout = load_prior(str(folder / "prior-run" / "prior"))
     prior_folder = folder / "prior-run" / "prior"
     tokenizer, text = load_tokenizer_for(str(prior_folder), layout).eval(), load_text_tokenizer(prior_folder, layout)
