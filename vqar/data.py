@@ -99,7 +99,7 @@ def _photos() -> datasets.Dataset:
 
 
 def _shapes() -> datasets.Dataset:
-    from .shapes import shapes_dataset  # drawn on first use: 6,000 images in about ten seconds
+    from .shapes import shapes_dataset  # drawn on first use: 6,000 images in a few seconds
 
     return shapes_dataset()
 
