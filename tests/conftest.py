@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +11,23 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+WITHOUT_VQAR = """import sys
+class NoVqar:
+    def find_spec(self, name, path=None, target=None):
+        if name == "vqar" or name.startswith("vqar."):
+            raise ImportError("vqar is not installed")
+sys.meta_path.insert(0, NoVqar())
+"""
+
+
+def run_without_vqar(code: str, timeout: int = 240) -> str:
+    """Run Python `code` in a fresh interpreter where `import vqar` fails, as for a user of plain
+    transformers; returns its stdout (the run must succeed)."""
+    done = subprocess.run([sys.executable, "-c", WITHOUT_VQAR + code], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
 
 CPU_PRESETS = ["vq-cpu", "fsq-cpu", "lfq-cpu", "bsq-cpu"]
 GPU_PRESETS = ["vqgan-f16-16k", "lfq-f16-256k", "fsq-f16-64k", "bsq-f16-18bit"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_F2
+from conftest import TINY_F2, run_without_vqar
 from PIL import Image
 
 from vqar import TokenizerConfig, VQTokenizer
@@ -415,21 +415,14 @@ def test_tokenize_and_evaluate_prepare_images_as_training_evaluated_them(tmp_pat
 
 def test_a_prior_generates_with_plain_transformers_and_vqar_not_installed(own_run):
     script = textwrap.dedent(f"""
-        import sys
-        class NoVqar:
-            def find_spec(self, name, path=None, target=None):
-                if name == "vqar" or name.startswith("vqar."):
-                    raise ImportError("vqar is not installed")
-        sys.meta_path.insert(0, NoVqar())
         import torch, transformers
         prior = transformers.AutoModelForCausalLM.from_pretrained({str(own_run / "prior" / "prior")!r})
         ids = prior.config.vqar_ids
         codes = prior.generate(torch.tensor([[ids["classes"]["dogs"], ids["boi"]]]))[:, 2:]
         print(list(codes.shape), int(codes.min()), int(codes.max()), "vqar" in sys.modules)
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-2000:]
-    shape, low, high, imported = done.stdout.split("]")[0] + "]", *done.stdout.split("]")[1].split()
+    stdout = run_without_vqar(script)
+    shape, low, high, imported = stdout.split("]")[0] + "]", *stdout.split("]")[1].split()
     assert shape == "[1, 64]" and 0 <= int(low) and int(high) < 25 and imported == "False"
 
 
@@ -567,8 +560,6 @@ def test_every_snippet_of_the_model_cards_runs_as_written_against_the_hub(own_ru
     blocks, in order, in a fresh process, as a reader of the card would."""
     import os
     import re
-    import subprocess
-    import sys
 
     import yaml
     from hub_server import LoopbackHub
@@ -620,8 +611,6 @@ def test_a_resolution_off_the_tokenizers_factor_suggests_the_nearest_that_work(t
 def test_the_package_imports_from_the_folder_that_holds_the_clone(tmp_path):
     """`python -c "from vqar import ..."` one folder above a clone named vqar: the clone folder must not
     be taken for a namespace package (the Makefile installs in setuptools' compat editable mode)."""
-    import subprocess
-    import sys
 
     (tmp_path / "vqar").symlink_to(Path(__file__).resolve().parent.parent)
     code = "from vqar import VQTokenizer; print(VQTokenizer.__module__)"

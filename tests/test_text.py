@@ -4,8 +4,6 @@ transformers, the bundled `shapes` set and its detector, and what bad captions a
 import io
 import json
 import logging
-import subprocess
-import sys
 import tarfile
 import textwrap
 from dataclasses import replace
@@ -13,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_F2
+from conftest import TINY_F2, run_without_vqar
 from PIL import Image
 
 from vqar import TokenizerConfig, VQTokenizer
@@ -94,12 +92,6 @@ def test_the_id_layout_round_trips_with_text_through_the_saved_prior(text_prior)
 def test_plain_transformers_generate_image_codes_only_from_the_prior_folder_without_vqar(text_prior):
     prior, layout, text, folder = text_prior
     script = textwrap.dedent(f"""
-        import sys
-        class NoVqar:
-            def find_spec(self, name, path=None, target=None):
-                if name == "vqar" or name.startswith("vqar."):
-                    raise ImportError("vqar is not installed")
-        sys.meta_path.insert(0, NoVqar())
         import json, torch, transformers
         tokenizer = transformers.AutoTokenizer.from_pretrained({str(folder)!r})
         prior = transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r})
@@ -109,9 +101,8 @@ def test_plain_transformers_generate_image_codes_only_from_the_prior_folder_with
         print(json.dumps({{"prompt": inputs["input_ids"].tolist(), "plain": plain.tolist(), "guided": guided.tolist(),
                           "vqar": "vqar" in sys.modules}}))
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    stdout = run_without_vqar(script)
+    out = json.loads(stdout.strip().splitlines()[-1])
     assert out["vqar"] is False
     assert out["prompt"] == text.prompts(MIXED[:2]).tolist()  # the same prompt ids as vqar's, left-padded
     for codes in (out["plain"], out["guided"]):
@@ -369,19 +360,9 @@ def test_the_text_prior_cards_plain_transformers_lines_run_as_written_without_vq
     assert "text-to-image" in card.split("---")[1]
     plain = re.findall(r"```python\n(.*?)```", card, re.S)[0]
     assert plain.count("\n") == 5  # the import and four lines
-    blocked = textwrap.dedent("""
-        import sys
-        class NoVqar:
-            def find_spec(self, name, path=None, target=None):
-                if name == "vqar" or name.startswith("vqar."):
-                    raise ImportError("vqar is not installed")
-        sys.meta_path.insert(0, NoVqar())
-    """)
-    check = "\nprint(list(codes.shape), int(codes.max()), 'vqar' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", blocked + plain + check], capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[:2] == ["[1,", "16]"] and int(done.stdout.split()[2]) < 25
-    assert done.stdout.split()[3] == "False"
+    printed = run_without_vqar(plain + "\nprint(list(codes.shape), int(codes.max()), 'vqar' in sys.modules)").split()
+    assert printed[:2] == ["[1,", "16]"] and int(printed[2]) < 25
+    assert printed[3] == "False"
 
 
 def test_evaluate_generation_draws_a_text_priors_images_from_a_prompts_file(text_prior, tmp_path):

@@ -344,13 +344,7 @@ class GenerateArgs:
 
     def __post_init__(self):
         if self.prompts:
-            try:
-                lines = Path(self.prompts).read_text(encoding="utf-8", errors="replace").splitlines()
-            except OSError as error:
-                raise ValueError(f"cannot read the prompts file {self.prompts}: {error.strerror or error}") from error
-            self.prompt = [*self.prompt, *(line.strip() for line in lines if line.strip())]
-            if not self.prompt:
-                raise ValueError(f"the prompts file {self.prompts} holds no prompt (one per line)")
+            self.prompt = [*self.prompt, *read_prompts_file(self.prompts)]
         if self.prompt and self.classes:
             raise ValueError("give --prompt (a text prior) or --class (a class prior), not both")
         if self.codes_only and self.prefix_image:
@@ -360,6 +354,18 @@ class GenerateArgs:
                 "--prefix-image and --prefix-rows go together: the image to complete, and how many of its leading "
                 "token rows (grid tokenizers) or tokens (1D) to keep"
             )
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """Text prompts from a UTF-8 file, one per line (blank lines skipped; bad bytes read as U+FFFD)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as error:
+        raise ValueError(f"cannot read the prompts file {path}: {error.strerror or error}") from error
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"the prompts file {path} holds no prompt (one per line)")
+    return prompts
 
 
 def load_tokenizer_for(prior: str, layout: VocabLayout, tokenizer: str | None = None, *, allow_other: bool = False):

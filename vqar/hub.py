@@ -128,7 +128,7 @@ indices = tokenizer.encode(images)
 reconstructions = tokenizer.decode(indices)
 ```
 """
-    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body).content
+    return _card(data, body)
 
 
 def prior_card(repo_id: str, tokenizer_repo: str, config: dict, metrics: dict, license: str | None = None) -> str:
@@ -168,8 +168,7 @@ def prior_card(repo_id: str, tokenizer_repo: str, config: dict, metrics: dict, l
         else "Unconditional: the prompt is the null class, then begin-of-image."
     )
     bits = f"{metrics['bits_per_image']:.4g}" if metrics.get("bits_per_image") is not None else "n/a"
-    shape = tokens.shape
-    reshape = f".reshape(1, {', '.join(map(str, shape))})" if len(shape) > 1 else ""  # a grid's rows and columns
+    decode = _decode_snippet(tokenizer_repo, tokens)
     bpe = (
         "\nIt models visual-BPE ids (`visual_bpe.json`): plain `generate` cannot keep each image to exactly one "
         "image's codes; sample with vqar.\n"
@@ -203,12 +202,7 @@ ids = prior.config.vqar_ids  # begin-of-image, the null class, one token per cla
 codes = prior.generate(torch.tensor([[{condition}, ids["boi"]]]))[:, 2:]  # generation_config: image codes only
 ```
 
-The codes decode to pixels with the tokenizer (vqar's):
-
-```python
-from vqar import VQTokenizer
-images = VQTokenizer.from_pretrained("{tokenizer_repo}").decode(codes{reshape})  # [1, 3, H, W] in [-1, 1]
-```
+{decode}
 
 ## With vqar
 
@@ -221,6 +215,22 @@ tokenizer = load_tokenizer_for("{repo_id}", layout)
 images = generate_images(prior, tokenizer, layout, build_prompts(layout, num_images=4), SamplingConfig(seed=0))
 ```
 """
+    return _card(data, body)
+
+
+def _decode_snippet(tokenizer_repo: str, tokens: TokenLayout) -> str:
+    """A prior card's lines that decode the generated codes [1, L] with the tokenizer (reshaped to a grid's rows)."""
+    shape = tokens.shape
+    reshape = f".reshape(1, {', '.join(map(str, shape))})" if len(shape) > 1 else ""
+    return f"""The codes decode to pixels with the tokenizer (vqar's):
+
+```python
+from vqar import VQTokenizer
+images = VQTokenizer.from_pretrained("{tokenizer_repo}").decode(codes{reshape})  # [1, 3, H, W] in [-1, 1]
+```"""
+
+
+def _card(data: ModelCardData, body: str) -> str:
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body).content
 
 
@@ -230,8 +240,7 @@ def _text_prior_card(repo_id, tokenizer_repo, config, metrics, license, results,
     tags = ["vqar", "image-generation", "text-to-image", "autoregressive", config.get("model_type", "llama")]
     data = _metadata(repo_id, None, tags, license, results)
     bits = f"{metrics['bits_per_image']:.4g}" if metrics.get("bits_per_image") is not None else "n/a"
-    shape = tokens.shape
-    reshape = f".reshape(1, {', '.join(map(str, shape))})" if len(shape) > 1 else ""
+    decode = _decode_snippet(tokenizer_repo, tokens)
     body = f"""
 # {repo_id}
 
@@ -257,12 +266,7 @@ codes = prior.generate(**inputs, guidance_scale=3.0)[:, inputs["input_ids"].shap
 `generation_config` suppresses every id that is not an image code and sets the number of new tokens.
 Guidance contrasts each prompt with its last id, begin-of-image: the empty caption. To steer away
 from a caption instead, pass `negative_prompt_ids=tokenizer(["blurry"], return_tensors="pt")["input_ids"]`.
-The codes decode to pixels with the tokenizer (vqar's):
-
-```python
-from vqar import VQTokenizer
-images = VQTokenizer.from_pretrained("{tokenizer_repo}").decode(codes{reshape})  # [1, 3, H, W] in [-1, 1]
-```
+{decode}
 
 ## With vqar
 
@@ -276,7 +280,7 @@ tokenizer, text = load_tokenizer_for("{repo_id}", layout), load_text_tokenizer("
 images = generate_images(prior, tokenizer, layout, ["a red circle on the left"], SamplingConfig(cfg_scale=3), text=text)
 ```
 """
-    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body).content
+    return _card(data, body)
 
 
 def stage(model_dir: str | Path, card: str, output: str | Path, extra: tuple[Path, ...] = ()) -> Path:

@@ -25,7 +25,7 @@ from transformers.hf_argparser import HfArg
 from ..data import ImageDataset, collate_images, load_source, make_loader, share
 from ..devices import resolve_device, resolve_dtype
 from ..fid import ReferenceStats, feature_network
-from ..generation import SamplingConfig, build_prompts, generate_images, load_tokenizer_for
+from ..generation import SamplingConfig, build_prompts, generate_images, load_tokenizer_for, read_prompts_file
 from ..generation_metrics import (
     PR_REFERENCE_LIMIT,
     FeatureSet,
@@ -129,14 +129,7 @@ def _read_prompts(args: EvaluateGenerationArgs, layout) -> list[str] | None:
         return None
     if not args.prompts:
         raise ValueError(f"the prior {args.prior} takes text prompts: give --prompts FILE (one per line)")
-    try:
-        lines = Path(args.prompts).read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError as error:
-        raise ValueError(f"cannot read the prompts file {args.prompts}: {error.strerror or error}") from error
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise ValueError(f"the prompts file {args.prompts} holds no prompt (one per line)")
-    return prompts
+    return read_prompts_file(args.prompts)
 
 
 # -- the reference -------------------------------------------------------------------------------
