@@ -54,6 +54,7 @@ def _sharded_run(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         shifted = max((full[k] - (reference[k] + 0.5)).abs().max().item() for k in full)
         Path(out).write_text(json.dumps({"metrics": metrics, "shifted": shifted, "sharded": ema.sharded}))
+    dist.barrier()  # tear gloo down together: a rank that leaves while its peer still talks can abort in C++
     dist.destroy_process_group()
 
 
